@@ -1,0 +1,77 @@
+"""Two-view augmentation on batches of 2D images, in torch (any device).
+
+nnU-Net's data loader already augments each sample once; contrastive methods need two views of
+the same image. ``intensity_view`` changes intensities only (pixel labels stay aligned, as the
+local losses need); ``spatial_view`` adds a random flip, rotation, scale and crop, as SimCLR's
+global loss wants (Hu et al.'s code: brightness, gamma, noise, crop, elastic, rotation, scale).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ViewAugmentation:
+    brightness: float = 0.2          # multiplicative factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.2            # contrast factor drawn from [1 - c, 1 + c]
+    gamma: float = 0.3               # gamma drawn from [1 - g, 1 + g] (on min-max scaled values)
+    noise_std: float = 0.1           # Gaussian noise std, relative to each image's std
+    rotation_degrees: float = 20.0
+    scale: float = 0.2               # zoom factor drawn from [1 - s, 1 + s]
+    translate: float = 0.1           # shift as a fraction of the image size
+    flip_p: float = 0.5
+
+    def __post_init__(self):
+        for name in ("brightness", "contrast", "gamma", "scale"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"ViewAugmentation.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.noise_std < 0 or self.rotation_degrees < 0 or not 0 <= self.flip_p <= 1:
+            raise ValueError("ViewAugmentation: noise_std and rotation_degrees must be >= 0 and flip_p in [0, 1]")
+
+
+def _uniform(n: int, spread: float, like: torch.Tensor) -> torch.Tensor:
+    return 1 + (torch.rand(n, device=like.device, dtype=like.dtype) * 2 - 1) * spread
+
+
+def intensity_view(x: torch.Tensor, aug: ViewAugmentation = ViewAugmentation()) -> torch.Tensor:
+    """Random brightness, contrast, gamma and noise per image. x: (B, C, H, W) -> same shape."""
+    x = x.float()
+    b = x.shape[0]
+    dims = tuple(range(1, x.ndim))
+    shape = (b,) + (1,) * (x.ndim - 1)
+    mean = x.mean(dims, keepdim=True)
+    x = (x - mean) * _uniform(b, aug.contrast, x).view(shape) + mean
+    x = x * _uniform(b, aug.brightness, x).view(shape)
+    low, high = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    span = (high - low).clamp(min=1e-6)
+    x = ((x - low) / span).clamp(0, 1) ** _uniform(b, aug.gamma, x).view(shape) * span + low
+    std = x.std(dims, keepdim=True).clamp(min=1e-6)
+    return x + torch.randn_like(x) * std * aug.noise_std
+
+
+def random_affine_grid(x: torch.Tensor, aug: ViewAugmentation) -> torch.Tensor:
+    """Sampling grid of a random flip + rotation + scale + shift per image of x: (B, C, H, W)."""
+    b = x.shape[0]
+    angle = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(aug.rotation_degrees)
+    zoom = _uniform(b, aug.scale, angle)
+    flip = torch.where(torch.rand(b, device=x.device) < aug.flip_p, -1.0, 1.0)
+    shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * aug.translate * 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    return F.affine_grid(theta, list(x.shape), align_corners=False)
+
+
+def spatial_view(x: torch.Tensor, aug: ViewAugmentation = ViewAugmentation()) -> torch.Tensor:
+    """Random flip, rotation, zoom and shift, then intensity changes. x: (B, C, H, W)."""
+    grid = random_affine_grid(x.float(), aug)
+    warped = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return intensity_view(warped, aug)
+
+
+def two_views(x: torch.Tensor, spatial: bool, aug: ViewAugmentation = ViewAugmentation()):
+    """Two independently augmented views of the batch x: (B, C, H, W)."""
+    view = spatial_view if spatial else intensity_view
+    return view(x, aug), view(x, aug)

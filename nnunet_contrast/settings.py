@@ -1,0 +1,86 @@
+"""Hyperparameters in nnU-Net's idiom: a block ``nnunet_contrast`` inside a configuration of the
+plans file, filled from presets in ``plans/`` (paper defaults) and overridden per plans file.
+
+Resolution order (later wins): the presets a trainer names (``plans/base.json``, then its
+method's preset), then the ``nnunet_contrast`` block of the configuration the run uses.
+"""
+import copy
+import json
+from pathlib import Path
+from typing import Iterable, List
+
+from nnunet_contrast.resources import bundled_dir
+
+SETTINGS_KEY = "nnunet_contrast"
+
+
+def preset_path(name: str) -> Path:
+    path = bundled_dir("plans") / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in bundled_dir("plans").glob("*.json"))
+        raise ValueError(f"unknown preset '{name}'; choose one of {known}")
+    return path
+
+
+def load_preset(name: str) -> dict:
+    """A preset: a partial plans file (``{"configurations": {"2d": {...}}}``)."""
+    preset = json.loads(preset_path(name).read_text())
+    preset.pop("description", None)
+    return preset
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` updated recursively with ``override`` (new dict; inputs untouched)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def preset_settings(names: Iterable[str], configuration: str = "2d") -> dict:
+    settings: dict = {}
+    for name in names:
+        block = load_preset(name).get("configurations", {}).get(configuration, {}).get(SETTINGS_KEY, {})
+        settings = deep_merge(settings, block)
+    return settings
+
+
+def _same_kind(default, value) -> bool:
+    """Whether ``value`` may replace ``default``: same type, except that an int may set a float."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def _check_against(defaults: dict, override: dict, where: str, errors: List[str]) -> None:
+    for key, value in override.items():
+        path = f"{where}.{key}"
+        if key not in defaults:
+            errors.append(f"unknown setting {path} (known here: {sorted(defaults)})")
+        elif isinstance(defaults[key], dict):
+            if not isinstance(value, dict):
+                errors.append(f"{path} must be a mapping")
+            else:
+                _check_against(defaults[key], value, path, errors)
+        elif not _same_kind(defaults[key], value):
+            errors.append(f"{path} must be of type {type(defaults[key]).__name__}, got {value!r}")
+
+
+def resolve_settings(configuration_dict: dict, presets: Iterable[str], configuration: str = "2d") -> dict:
+    """Defaults from ``presets`` overridden by ``configuration_dict[SETTINGS_KEY]``; unknown keys or
+    wrong types raise one ValueError naming each of them."""
+    defaults = preset_settings(presets, configuration)
+    override = configuration_dict.get(SETTINGS_KEY, {}) or {}
+    # Settings of other methods may sit in the same plans file; only check the sections we use.
+    relevant = {k: v for k, v in override.items() if k in defaults}
+    errors: List[str] = []
+    _check_against(defaults, relevant, SETTINGS_KEY, errors)
+    if errors:
+        raise ValueError("invalid nnunet_contrast settings in the plans file: " + "; ".join(errors)
+                         + ". Fix the plans file or regenerate it with 'nnunet-contrast plans'")
+    return deep_merge(defaults, relevant)

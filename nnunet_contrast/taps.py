@@ -1,0 +1,73 @@
+"""Feature taps on nnU-Net's U-Nets (dynamic_network_architectures: PlainConvUNet,
+ResidualEncoderUNet, ...): the encoder's bottleneck and the output of a decoder stage.
+
+They rely on the structure every nnU-Net U-Net shares: ``network.encoder(x)`` returns the skips
+(bottleneck last) and ``network.decoder.stages`` holds the decoder stages, last = full resolution.
+"""
+from contextlib import contextmanager
+from typing import Dict, Iterator, Tuple
+
+import torch
+from torch import nn
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain network inside DDP and torch.compile wrappers."""
+    if hasattr(network, "module") and isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    return getattr(network, "_orig_mod", network)
+
+
+def check_unet(network: nn.Module) -> None:
+    net = unwrap_network(network)
+    if not (hasattr(net, "encoder") and hasattr(getattr(net, "decoder", None), "stages")):
+        raise TypeError(f"{type(net).__name__} is not one of nnU-Net's U-Nets (needs .encoder and "
+                        f".decoder.stages); nnunet-contrast trainers need such a network")
+
+
+def encoder_channels(network: nn.Module) -> int:
+    """Channels of the bottleneck (the encoder's last stage)."""
+    net = unwrap_network(network)
+    return int(net.encoder.output_channels[-1])
+
+
+def decoder_channels(network: nn.Module, stage: int = -1) -> int:
+    """Channels of decoder stage ``stage`` (-1: the last, full-resolution one)."""
+    net = unwrap_network(network)
+    conv = [m for m in net.decoder.stages[stage].modules() if isinstance(m, nn.modules.conv._ConvNd)][-1]
+    return int(conv.out_channels)
+
+
+def bottleneck_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's deepest feature map for input ``x`` (encoder only, no decoder)."""
+    return unwrap_network(network).encoder(x)[-1]
+
+
+@contextmanager
+def tap_decoder_stage(network: nn.Module, stage: int = -1) -> Iterator[Dict[str, torch.Tensor]]:
+    """Record the output of a decoder stage during the forward passes inside the block.
+
+    Usage::
+
+        with tap_decoder_stage(net) as tap:
+            seg = net(x)
+        features = tap["features"]
+    """
+    record: Dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        record["features"] = output
+
+    handle = unwrap_network(network).decoder.stages[stage].register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def forward_with_decoder_features(network: nn.Module, x: torch.Tensor,
+                                  stage: int = -1) -> Tuple[object, torch.Tensor]:
+    """(segmentation output, features of decoder stage ``stage``) in one forward pass."""
+    with tap_decoder_stage(network, stage) as tap:
+        output = network(x)
+    return output, tap["features"]

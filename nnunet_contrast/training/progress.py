@@ -1,0 +1,58 @@
+"""nnU-Net's training log and progress.png, extended with the contrastive loss and the stage."""
+import io
+import math
+from os.path import join
+from typing import Sequence
+
+from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+CONTRAST_KEYS = ("contrast_loss", "stage")
+
+
+class ContrastLocalLogger(LocalLogger):
+    """nnU-Net's LocalLogger with two more per-epoch entries; progress.png gets a fourth panel."""
+
+    def __init__(self, stage_names: Sequence[str], verbose: bool = False):
+        super().__init__(verbose)
+        for key in CONTRAST_KEYS:
+            self.my_fantastic_logging[key] = []
+        self.stage_names = list(stage_names)
+
+    def plot_progress_png(self, output_folder):
+        super().plot_progress_png(output_folder)
+        from PIL import Image
+
+        path = join(output_folder, "progress.png")
+        with Image.open(path) as base:
+            panel = self._contrast_panel(base.width)
+            combined = Image.new("RGB", (base.width, base.height + panel.height), "white")
+            combined.paste(base.convert("RGB"), (0, 0))
+        combined.paste(panel, (0, combined.height - panel.height))
+        combined.save(path)
+
+    def _contrast_panel(self, width_px: int):
+        import matplotlib.pyplot as plt
+        from PIL import Image
+
+        epochs = min(len(v) for v in self.my_fantastic_logging.values())
+        losses = self.my_fantastic_logging["contrast_loss"][:epochs]
+        stages = self.my_fantastic_logging["stage"][:epochs]
+        fig, ax = plt.subplots(1, 1, figsize=(width_px / 100, 12), dpi=100)
+        colours = ["tab:orange", "tab:purple", "tab:green", "tab:red", "tab:cyan"]
+        for index, name in enumerate(self.stage_names):
+            xs = [e for e, s in enumerate(stages) if s == index]
+            if xs:
+                ax.axvspan(min(xs) - 0.5, max(xs) + 0.5, alpha=0.15, color=colours[index % len(colours)],
+                           label=f"stage: {name}")
+        points = [(e, v) for e, v in enumerate(losses) if not math.isnan(v)]
+        if points:
+            ax.plot(*zip(*points), color="b", marker="o", linewidth=4, label="contrastive loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("contrastive loss")
+        ax.legend(loc=(0, 1), ncol=len(self.stage_names) + 1)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        plt.close(fig)
+        buffer.seek(0)
+        return Image.open(buffer).convert("RGB")

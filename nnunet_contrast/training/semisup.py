@@ -1,0 +1,181 @@
+"""nnUNetTrainer with a semi-supervised split, an unlabelled pool and settings from the plans."""
+import json
+import os
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.semisup.data import ImagesOnly, UnionDataset, folder_dataset
+from nnunet_contrast.semisup.split import fold_split
+from nnunet_contrast.semisup.unlabeled import unlabeled_folder
+from nnunet_contrast.settings import resolve_settings
+
+SETTINGS_FILE = "nnunet_contrast_settings.json"
+
+
+class SemiSupervisedTrainer(nnUNetTrainer):
+    """Trains on the labelled cases of the split and offers unlabelled batches (images only).
+
+    * ``presets``: the files in ``plans/`` that give this trainer's default settings.
+    * ``uses_unlabeled``: build a loader over the unlabelled pool (``next_unlabeled_images``).
+    * ``requires_unlabeled``: fail at start when the unlabelled pool is empty.
+    * The budget (epochs, iterations, checkpoint interval) comes from the settings.
+    """
+
+    presets = ("base",)
+    uses_unlabeled = True
+    requires_unlabeled = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if len(self.configuration_manager.patch_size) != 2:
+            raise UserInputError(f"{type(self).__name__} trains 2D networks only, but configuration "
+                                 f"'{configuration}' is {len(self.configuration_manager.patch_size)}D: train "
+                                 f"the 2d configuration (nnUNetv2_train DATASET 2d FOLD -tr {type(self).__name__})")
+        self.settings = resolve_settings(self.configuration_manager.configuration, self.presets)
+        self.apply_budget(self.settings["budget"])
+        self.labeled_keys: List[str] = []
+        self.unlabeled_keys: List[str] = []
+        self.dataloader_unlabeled: Optional[ImagesOnly] = None
+        self._building_unlabeled_loader = False
+
+    # ----------------------------------------------------------------- settings
+    def apply_budget(self, budget: dict) -> None:
+        self.num_epochs = budget["num_epochs"]
+        self.num_iterations_per_epoch = budget["num_iterations_per_epoch"]
+        self.num_val_iterations_per_epoch = budget["num_val_iterations_per_epoch"]
+        self.save_every = budget["save_every"]
+
+    def report_settings(self) -> None:
+        text = json.dumps(self.settings, indent=2)
+        self.print_to_log_file(f"nnunet-contrast settings of {type(self).__name__}:\n{text}", add_timestamp=False)
+        if self.local_rank == 0:
+            Path(self.output_folder, SETTINGS_FILE).write_text(text + "\n")
+
+    # ----------------------------------------------------------------- data
+    @property
+    def split_file(self) -> Path:
+        return Path(self.preprocessed_dataset_folder_base, self.settings["semisup"]["split_file"])
+
+    def added_unlabeled_dataset(self):
+        return folder_dataset(unlabeled_folder(Path(self.preprocessed_dataset_folder)))
+
+    def do_split(self):
+        """nnU-Net's split, with the training cases reduced to the labelled ones of our split."""
+        train_keys, val_keys = super().do_split()
+        added = self.added_unlabeled_dataset()
+        n_added = len(added.identifiers) if added is not None else 0
+        if self.split_file.is_file():
+            split = json.loads(self.split_file.read_text())
+            self.labeled_keys, self.unlabeled_keys = fold_split(split, self.fold, train_keys, str(self.split_file))
+            self.print_to_log_file(f"Semi-supervised split {self.split_file.name}: {len(self.labeled_keys)} labelled "
+                                   f"and {len(self.unlabeled_keys)} unlabelled training cases, plus {n_added} added "
+                                   f"unlabelled image(s); {len(val_keys)} validation cases as nnU-Net defines them.")
+        else:
+            self.labeled_keys, self.unlabeled_keys = list(train_keys), []
+            self.print_to_log_file(f"No semi-supervised split file ({self.split_file}): all {len(train_keys)} training "
+                                   f"cases count as labelled; the unlabelled pool is the {n_added} added unlabelled "
+                                   f"image(s). Create a split with 'nnunet-contrast split'.")
+        if self.requires_unlabeled and not self.unlabeled_keys and n_added == 0:
+            raise UserInputError(f"{type(self).__name__} needs unlabelled images but found none: create a split with "
+                                 f"'nnunet-contrast split' or add images with 'nnunet-contrast add-unlabeled'")
+        return self.labeled_keys, val_keys
+
+    def unlabeled_dataset(self):
+        parts = [folder_dataset(Path(self.preprocessed_dataset_folder), self.unlabeled_keys)
+                 if self.unlabeled_keys else None, self.added_unlabeled_dataset()]
+        parts = [p for p in parts if p is not None]
+        return UnionDataset(parts) if parts else None
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self._building_unlabeled_loader:
+            return self.unlabeled_dataset(), dataset_val
+        return dataset_tr, dataset_val
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        return max(1, int(round(self.batch_size * self.settings["semisup"]["unlabeled_batch_ratio"])))
+
+    def get_dataloaders(self):
+        loaders = super().get_dataloaders()
+        self.dataloader_unlabeled = self.build_unlabeled_loader()
+        return loaders
+
+    def build_unlabeled_loader(self) -> Optional[ImagesOnly]:
+        """nnU-Net's training loader and augmentation over the unlabelled pool, images only.
+
+        Foreground oversampling is switched off: it would pick crops using the hidden labels.
+        """
+        if not self.uses_unlabeled or self.unlabeled_dataset() is None:
+            return None
+        saved = self.batch_size, self.oversample_foreground_percent
+        self.batch_size, self.oversample_foreground_percent = self.unlabeled_batch_size, 0.0
+        self._building_unlabeled_loader = True
+        try:
+            loader, spare_val_loader = super().get_dataloaders()
+        finally:
+            self.batch_size, self.oversample_foreground_percent = saved
+            self._building_unlabeled_loader = False
+        if isinstance(spare_val_loader, NonDetMultiThreadedAugmenter):
+            spare_val_loader._finish()
+        return ImagesOnly(loader)
+
+    def next_unlabeled_images(self) -> Optional[torch.Tensor]:
+        if self.dataloader_unlabeled is None:
+            return None
+        return next(self.dataloader_unlabeled)["data"]
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_extras(self) -> dict:
+        """What a subclass adds to nnU-Net's checkpoint under the key ``nnunet_contrast``."""
+        return {}
+
+    def restore_extras(self, extras: dict, current_epoch: int) -> None:
+        """Runs before nnU-Net restores weights and optimizer state from a checkpoint."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus our extras, written atomically: an interrupted save leaves
+        the previous checkpoint intact. Heads stay outside ``network_weights``, so
+        nnUNetv2_predict and ``-pretrained_weights`` see a plain nnU-Net network."""
+        tmp = f"{filename}.tmp{os.getpid()}"
+        try:
+            super().save_checkpoint(tmp)
+            if not os.path.isfile(tmp):  # checkpointing disabled, or not rank 0
+                return
+            extras = self.checkpoint_extras()
+            if extras:
+                checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
+                checkpoint["nnunet_contrast"] = extras
+                torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
+        finally:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError(f"{type(self).__name__}.load_checkpoint expects a checkpoint file name")
+        checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        self.restore_extras(checkpoint.get("nnunet_contrast", {}), checkpoint["current_epoch"])
+        super().load_checkpoint(filename_or_checkpoint)
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_start(self):
+        super().on_train_start()
+        self.report_settings()
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.dataloader_unlabeled is not None:
+            self.dataloader_unlabeled.finish()
+
+

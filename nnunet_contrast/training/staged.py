@@ -1,0 +1,163 @@
+"""A trainer whose run is a sequence of stages: contrastive pretraining stages, then nnU-Net's
+own supervised training ("finetune") with its loss, deep supervision, SGD and poly schedule.
+
+Each pretraining stage has its own optimizer (Adam); the stage of the optimizer is saved in the
+checkpoint so that ``nnUNetv2_train ... --c`` resumes mid-stage exactly where it stopped.
+"""
+import math
+from typing import Dict, List, NamedTuple
+
+import numpy as np
+import torch
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, nn
+
+from nnunet_contrast.training.progress import ContrastLocalLogger
+from nnunet_contrast.training.semisup import SemiSupervisedTrainer
+
+FINETUNE = "finetune"
+
+
+class Stage(NamedTuple):
+    name: str
+    epochs: int
+
+
+class ConstantSchedule:
+    """The learning rate of a pretraining stage stays as set (nnU-Net calls ``step(epoch)``)."""
+
+    def step(self, *_):
+        pass
+
+
+class ShiftedSchedule:
+    """nnU-Net's poly schedule over the fine-tuning epochs only."""
+
+    def __init__(self, schedule, first_epoch: int):
+        self.schedule, self.first_epoch = schedule, first_epoch
+
+    def step(self, epoch=None):
+        self.schedule.step(None if epoch is None else epoch - self.first_epoch)
+
+
+class StagedContrastTrainer(SemiSupervisedTrainer):
+    """Subclasses define ``pretraining_stages``, ``build_heads``, ``stage_parameters`` and
+    ``contrast_loss``; fine-tuning is nnU-Net's own ``train_step``."""
+
+    method_key = ""  # the settings section of the method, e.g. "supconlocal"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.method_settings = self.settings[self.method_key]
+        self.stages: List[Stage] = [s for s in self.pretraining_stages() if s.epochs > 0]
+        self.finetune_start = sum(s.epochs for s in self.stages)
+        self.stages.append(Stage(FINETUNE, self.num_epochs))
+        self.num_epochs = self.finetune_start + self.num_epochs
+        self.current_stage = None
+        self._heads = None
+        self.logger.local_logger = ContrastLocalLogger([s.name for s in self.stages])
+
+    # ------------------------------------------------------------ to define
+    def pretraining_stages(self) -> List[Stage]:
+        raise NotImplementedError
+
+    def build_heads(self) -> nn.ModuleDict:
+        raise NotImplementedError
+
+    def stage_parameters(self, stage: str) -> List[nn.Parameter]:
+        raise NotImplementedError
+
+    def contrast_loss(self, stage: str, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ stages
+    @property
+    def heads(self) -> nn.ModuleDict:
+        if self._heads is None:
+            self._heads = self.build_heads().to(self.device)
+        return self._heads
+
+    def stage_at(self, epoch: int) -> str:
+        end = 0
+        for stage in self.stages:
+            end += stage.epochs
+            if epoch < end:
+                return stage.name
+        return FINETUNE
+
+    def stage_optimizer(self, stage: str):
+        if stage == FINETUNE:
+            total, self.num_epochs = self.num_epochs, self.stages[-1].epochs
+            try:
+                optimizer, schedule = super().configure_optimizers()
+            finally:
+                self.num_epochs = total
+            return optimizer, ShiftedSchedule(schedule, self.finetune_start)
+        optimizer = torch.optim.Adam(self.stage_parameters(stage), lr=self.method_settings["pretrain_lr"],
+                                     weight_decay=self.method_settings["pretrain_weight_decay"])
+        return optimizer, ConstantSchedule()
+
+    def configure_optimizers(self):
+        return self.stage_optimizer(self.stage_at(self.current_epoch))
+
+    def enter_stage(self, stage: str) -> None:
+        self.optimizer, self.lr_scheduler = self.stage_optimizer(stage)
+        self.current_stage = stage
+        # checkpoint_best is chosen on pseudo Dice, which means nothing before fine-tuning
+        self._best_ema = None if stage == FINETUNE else math.inf
+        self.print_to_log_file(f"Entering stage '{stage}' at epoch {self.current_epoch}")
+
+    # ------------------------------------------------------------ nnU-Net hooks
+    def on_train_epoch_start(self):
+        stage = self.stage_at(self.current_epoch)
+        if stage != self.current_stage:
+            self.enter_stage(stage)
+        self.heads.train()
+        super().on_train_epoch_start()
+        self.print_to_log_file(f"Stage: {stage}")
+
+    def train_step(self, batch: dict) -> dict:
+        if self.current_stage == FINETUNE:
+            return super().train_step(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss = self.contrast_loss(self.current_stage, batch)
+        self.backward_and_step(loss)
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's update (gradient scaling on CUDA, clipping at 12) over the stage's parameters."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.optimizer.step()
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        contrast = float(np.mean(collate_outputs(train_outputs)["loss"])) \
+            if self.current_stage != FINETUNE else float("nan")
+        self.logger.log("contrast_loss", contrast, self.current_epoch)
+        self.logger.log("stage", [s.name for s in self.stages].index(self.current_stage), self.current_epoch)
+        if self.current_stage != FINETUNE:
+            self.print_to_log_file(f"contrastive loss ({self.current_stage}): {np.round(contrast, 4)}")
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_extras(self) -> Dict:
+        return {"heads": self.heads.state_dict(), "optimizer_stage": self.current_stage,
+                "settings": self.settings}
+
+    def restore_extras(self, extras: Dict, current_epoch: int) -> None:
+        stage = extras.get("optimizer_stage") or self.stage_at(current_epoch)
+        self.optimizer, self.lr_scheduler = self.stage_optimizer(stage)
+        self.current_stage = stage
+        if "heads" in extras:
+            self.heads.load_state_dict(extras["heads"])
