@@ -15,8 +15,6 @@ Equations (Hu et al., MICCAI 2021; docs/methods.md section 1):
 
 The library computes in float32; tolerances are set for that.
 """
-import math
-
 import pytest
 import torch
 
@@ -66,19 +64,22 @@ def loop_supcon_sum(pixels, tau: float, form: str, background: int = 0):
         positives = [p for p in range(n) if p != i and ys[p] == ys[i]]
         if not positives:
             continue
+        sim = {}  # s_ia for a != i, one dot product per pair
         denominator = torch.zeros((), dtype=torch.float64)
         for a in range(n):
             if a != i:
-                denominator = denominator + torch.exp(torch.dot(z[i], z[a]) / tau)
+                sim[a] = torch.dot(z[i], z[a]) / tau
+                denominator = denominator + torch.exp(sim[a])
         if form == "supcon":
+            log_denominator = torch.log(denominator)
             acc = torch.zeros((), dtype=torch.float64)
             for p in positives:
-                acc = acc + (torch.dot(z[i], z[p]) / tau - torch.log(denominator))
+                acc = acc + (sim[p] - log_denominator)
             l_i = -acc / len(positives)
         elif form == "paper":
             numerator = torch.zeros((), dtype=torch.float64)
             for p in positives:
-                numerator = numerator + torch.exp(torch.dot(z[i], z[p]) / tau)
+                numerator = numerator + torch.exp(sim[p])
             l_i = -torch.log(numerator / denominator) / len(positives)
         else:
             raise AssertionError(form)
@@ -158,10 +159,6 @@ def assert_matches(lib_value, ref_value, lib_grads, ref_grads, value_tol=VALUE_T
         torch.testing.assert_close(lg.double(), rg.double(), **grad_tol)
 
 
-def module_kwargs(mode):
-    return dict(stride=2, block_size=3, chunk_size=5)
-
-
 def make_maps(seed, views=2, channels=4, height=5, width=6, n_classes=3):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(views, channels, height, width, generator=g, dtype=torch.float64)
@@ -200,7 +197,7 @@ def test_ntxent_matches_loop(batch, tau):
     assert_matches(lib_value, ref_value, lib_grads, ref_grads)
 
 
-def test_ntxent_views_are_not_symmetric_in_swap_of_rows():
+def test_ntxent_positive_is_the_same_row_of_the_other_view():
     """Sensitivity check: pairing rows differently changes Eq. 1 (the positive is row b of z1)."""
     torch.manual_seed(1)
     z0, z1 = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
@@ -250,7 +247,7 @@ def test_ntxent_rejects_bad_shapes(shapes):
 # --------------------------------------------------------------------------------------------------
 # 2. supcon_pixel_loss on flat pixels
 # --------------------------------------------------------------------------------------------------
-def _flat_problem(seed, n=30, channels=5, n_classes=4):
+def _flat_problem(seed, n=24, channels=5, n_classes=4):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, channels, generator=g, dtype=torch.float64)
     labels = torch.randint(0, n_classes, (n,), generator=g)
@@ -482,8 +479,8 @@ def test_edge_every_pixel_ignored(mode, form):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", MODES)
 def test_edge_single_foreground_class_everywhere(mode, form):
-    feats, _ = make_maps(seed=32, views=2, channels=3, height=5, width=7)
-    labels = torch.ones(2, 5, 7, dtype=torch.long)
+    feats, _ = make_maps(seed=32, views=2, channels=3, height=4, width=5)
+    labels = torch.ones(2, 4, 5, dtype=torch.long)
     value, _, _ = check_module(feats, labels, mode, form, tau=0.1)
     assert torch.isfinite(value)
 
@@ -543,15 +540,10 @@ def test_module_rejects_bad_shapes(mode, shapes):
         loss(torch.randn(*shapes[0]), torch.zeros(*shapes[1], dtype=torch.long))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="library bug: labels (V, K>1, H, W) are silently cut to channel 0")
 @pytest.mark.parametrize("mode", MODES)
 def test_module_rejects_multichannel_labels(mode):
     loss = SupConLocalLoss(0.1, mode=mode)
     labels = torch.zeros(2, 3, 4, 5, dtype=torch.long)  # e.g. one-hot labels, K = 3
     labels[:, 1] = 1
-    try:
+    with pytest.raises(ValueError):
         loss(torch.randn(2, 3, 4, 5), labels)
-    except ValueError:
-        return
-    raise AssertionError("labels of shape (V, 3, H, W) were accepted")

@@ -64,9 +64,10 @@ class nnUNetTrainerSupConLocal(StagedContrastTrainer):
 
     def local_step_loss(self, batch: dict) -> torch.Tensor:
         """Eq. 2-3 on labelled images: both views keep the labels (intensity-only changes)."""
-        images = batch["data"].to(self.device, non_blocking=True)
+        count = self.method_settings["local_images"] or None  # 0: the whole labelled batch
+        images = batch["data"][:count].to(self.device, non_blocking=True)
         target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        target = target.to(self.device, non_blocking=True)
+        target = target[:count].to(self.device, non_blocking=True)
         view0, view1 = two_views(images, spatial=False)
         _, features = forward_with_decoder_features(self.network, torch.cat([view0, view1]))
         return self.local_loss(self.heads["local"](features), torch.cat([target, target]))

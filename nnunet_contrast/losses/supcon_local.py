@@ -59,6 +59,11 @@ def supcon_pixel_loss(features: torch.Tensor, labels: torch.Tensor, temperature:
     """
     if form not in FORMS:
         raise ValueError(f"supervised local contrast: form must be one of {FORMS}, got {form!r}")
+    if not temperature > 0:
+        raise ValueError(f"supervised local contrast: temperature must be > 0, got {temperature}")
+    if features.ndim != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(f"supervised local contrast: expected features (N, C) and labels (N,), got "
+                         f"{tuple(features.shape)} and {tuple(labels.shape)}")
     feats = F.normalize(features.float(), dim=1)
     anchor_index = torch.nonzero(labels != background).flatten()
     counts = torch.bincount(labels[anchor_index].long()) if len(anchor_index) else None
@@ -117,7 +122,7 @@ class SupConLocalLoss(nn.Module):
         self.background, self.ignore_label = background, ignore_label
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if labels.ndim == 4:
+        if labels.ndim == 4 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if features.ndim != 4 or labels.shape != (features.shape[0], *features.shape[2:]):
             raise ValueError(f"SupConLocalLoss: expected features (V, C, H, W) and labels (V, H, W), got "

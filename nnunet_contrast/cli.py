@@ -1,0 +1,107 @@
+"""The ``nnunet-contrast`` command: split, add-unlabeled, plans, demo."""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from nnunet_contrast.errors import UserInputError
+
+
+def cmd_split(args) -> None:
+    from nnunet_contrast.nnunet_env import dataset_name, load_plans, nnunet_splits, preprocessed_base, \
+        write_json_atomic
+    from nnunet_contrast.semisup.split import make_split, parse_labeled
+
+    labeled = parse_labeled(args.labeled)
+    name = dataset_name(args.dataset)
+    plans = load_plans(name, args.plans)
+    folds, splits_path = nnunet_splits(name, plans)
+    split = make_split(folds, labeled, args.seed)
+    path = preprocessed_base(name) / args.name
+    if path.is_file() and json.loads(path.read_text()) != split and not args.force:
+        raise UserInputError(f"{path} exists with a different split: pass --force to replace it, or --name "
+                             f"another file (runs already trained on the old split would no longer match)")
+    write_json_atomic(path, split)
+    counts = ", ".join(f"fold {i}: {len(f['labeled'])}/{len(f['labeled']) + len(f['unlabeled'])}"
+                       for i, f in enumerate(split["folds"]))
+    print(f"wrote {path} (labelled/training cases per fold, validation as in {splits_path.name}): {counts}")
+
+
+def cmd_add_unlabeled(args) -> None:
+    from nnunet_contrast.nnunet_env import dataset_name
+    from nnunet_contrast.semisup.unlabeled import add_unlabeled_images
+
+    name = dataset_name(args.dataset)
+    cases = add_unlabeled_images(name, Path(args.input), args.plans)
+    print(f"added {len(cases)} unlabelled case(s) to {name}: {', '.join(cases)}")
+
+
+def cmd_plans(args) -> None:
+    from nnunet_contrast.nnunet_env import dataset_name
+    from nnunet_contrast.plans_presets import write_plans
+
+    path = write_plans(dataset_name(args.dataset), args.preset or [], args.set or [], args.output, args.plans)
+    print(f"wrote {path}; train with: nnUNetv2_train {args.dataset} 2d FOLD -tr TRAINER -p {args.output}")
+
+
+def cmd_demo(args) -> None:
+    from nnunet_contrast.demo import run_demo
+
+    run_demo(args.trainer, Path(args.workdir) if args.workdir else None, args.labeled, args.set or [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunet_contrast.plans_presets import all_preset_names
+
+    parser = argparse.ArgumentParser(prog="nnunet-contrast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("split", help="choose which training cases of every fold keep their labels")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name, e.g. 4")
+    p.add_argument("--labeled", required=True,
+                   help="fraction of each fold's training cases (with a decimal point, e.g. 0.05) or a count (e.g. 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--name", default="splits_semisup.json",
+                   help="file name in the dataset's preprocessed folder (default splits_semisup.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing, different split file")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("add-unlabeled", help="preprocess a folder of unlabelled images into the unlabelled pool")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-i", "--input", required=True, help="folder of CASE_XXXX<file_ending> images, as nnU-Net names them")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.set_defaults(func=cmd_add_unlabeled)
+
+    p = sub.add_parser("plans", help="write a copy of the plans with presets and settings merged in")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("--preset", action="append", choices=all_preset_names(),
+                   help="preset from plans/ to merge (repeatable, applied in order)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="setting inside configurations.2d, e.g. nnunet_contrast.supconlocal.stride=2 or batch_size=16")
+    p.add_argument("-o", "--output", required=True, help="new plans identifier, e.g. nnUNetPlans_cpu")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier")
+    p.set_defaults(func=cmd_plans)
+
+    p = sub.add_parser("demo", help="convert, plan, split, train briefly on the CPU, predict held-out scans, print Dice")
+    p.add_argument("--trainer", default="nnUNetTrainerSupConLocal")
+    p.add_argument("--labeled", default="0.25", help="labelled fraction or count of each fold (default 0.25)")
+    p.add_argument("--workdir", help="keep everything in this folder (default: a temporary folder, removed after)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra plans settings, as for 'plans'")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserInputError as err:
+        print(f"nnunet-contrast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

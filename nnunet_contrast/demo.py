@@ -1,0 +1,99 @@
+"""``nnunet-contrast demo``: the whole workflow on the embedded Hippocampus sample, on the CPU.
+
+It runs the real commands a user runs (nnU-Net's and ours) in a scratch folder: convert the MSD
+sample, plan and preprocess 2d, split, add the unlabelled scan, write a CPU-budget plans file,
+train fold 0, predict the 6 held-out scans and evaluate them with nnU-Net's evaluation.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from nnunet_contrast.resources import sample_dir
+
+DATASET = "4"
+PLANS = "nnUNetPlans_demo"
+UNLABELED_CASE = "hippocampus_118"
+
+
+def command_path(name: str) -> str:
+    """A console script of this environment, even when its bin folder is not on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def nnunet_environment(root: Path) -> dict:
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(root / var)
+        Path(env[var]).mkdir(parents=True, exist_ok=True)
+    env.setdefault("nnUNet_def_n_proc", "2")   # nnU-Net's export pools, sized for small machines
+    env.setdefault("nnUNet_n_proc_DA", "2")
+    env.setdefault("nnUNet_compile", "false")
+    return env
+
+
+def run(args: List[str], env: dict) -> None:
+    print("$ " + " ".join(args), flush=True)
+    started = time.time()
+    subprocess.run([command_path(args[0])] + args[1:], env=env, check=True,
+                   stdout=sys.stdout, stderr=sys.stderr)
+    print(f"  ({time.time() - started:.0f} s)", flush=True)
+
+
+def run_demo(trainer: str = "nnUNetTrainerSupConLocal", workdir: Optional[Path] = None, labeled: str = "0.25",
+             settings: List[str] = ()) -> dict:
+    """Runs the demo and returns nnU-Net's evaluation summary of the held-out scans."""
+    scratch = None
+    if workdir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="nnunet_contrast_demo_")
+        workdir = Path(scratch.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _demo_steps(trainer, workdir, labeled, list(settings))
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _demo_steps(trainer: str, root: Path, labeled: str, settings: List[str]) -> dict:
+    started = time.time()
+    env = nnunet_environment(root)
+    msd = root / "Task04_Hippocampus"
+    if not msd.exists():
+        shutil.copytree(sample_dir(), msd)
+    raw = Path(env["nnUNet_raw"]) / "Dataset004_Hippocampus"
+    if not raw.exists():
+        run(["nnUNetv2_convert_MSD_dataset", "-i", str(msd), "-np", "2"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "2"], env)
+    run(["nnunet-contrast", "split", "-d", DATASET, "--labeled", labeled, "--force"], env)
+    unlabeled, heldout = root / "unlabeled", root / "heldout"
+    for folder in (unlabeled, heldout):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    for image in sorted((raw / "imagesTs").iterdir()):
+        target = unlabeled if image.name.startswith(UNLABELED_CASE) else heldout
+        shutil.copy(image, target / image.name)
+    run(["nnunet-contrast", "add-unlabeled", "-d", DATASET, "-i", str(unlabeled)], env)
+    sets = [a for s in settings for a in ("--set", s)]
+    run(["nnunet-contrast", "plans", "-d", DATASET, "--preset", "cpu_budget", *sets, "-o", PLANS], env)
+    run(["nnUNetv2_train", DATASET, "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"], env)
+    predictions = root / f"predictions_{trainer}"
+    run(["nnUNetv2_predict", "-i", str(heldout), "-o", str(predictions), "-d", DATASET, "-c", "2d",
+         "-tr", trainer, "-p", PLANS, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    model = Path(env["nnUNet_results"]) / "Dataset004_Hippocampus" / f"{trainer}__{PLANS}__2d"
+    summary_file = predictions / "summary.json"
+    run(["nnUNetv2_evaluate_folder", str(msd / "labelsTs"), str(predictions), "-djfile",
+         str(model / "dataset.json"), "-pfile", str(model / "plans.json"), "-o", str(summary_file)], env)
+    summary = json.loads(summary_file.read_text())
+    per_class = {k: round(v["Dice"], 4) for k, v in summary["mean"].items()}
+    print(f"\nnnunet-contrast demo: {trainer}, {len(list(heldout.iterdir()))} held-out Hippocampus scans, "
+          f"labelled fraction {labeled}, CPU budget preset")
+    print(f"Dice per class {per_class}; mean foreground Dice {summary['foreground_mean']['Dice']:.4f}")
+    print(f"total time {time.time() - started:.0f} s; files in {root}")
+    return summary
