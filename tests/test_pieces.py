@@ -1,0 +1,240 @@
+"""Unit tests of the pure pieces: heads, feature taps, two-view augmentation, settings, split,
+plans presets, start-up hook, unlabelled file naming."""
+import json
+import os
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+from nnunet_contrast import _autoload
+from nnunet_contrast.augment import ViewAugmentation, intensity_view, spatial_view, two_views
+from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.heads import DenseProjectionHead, GlobalProjectionHead
+from nnunet_contrast.plans_presets import build_plans, parse_assignment
+from nnunet_contrast.resources import bundled_dir
+from nnunet_contrast.semisup.split import SPLIT_FORMAT, fold_split, make_split, parse_labeled
+from nnunet_contrast.semisup.unlabeled import group_channel_files
+from nnunet_contrast.settings import resolve_settings
+from nnunet_contrast.taps import (bottleneck_features, decoder_channels, encoder_channels,
+                                  forward_with_decoder_features, tap_decoder_stage)
+
+
+def small_unet(deep_supervision=True):
+    return PlainConvUNet(1, 3, [8, 16, 32], torch.nn.Conv2d, 3, [1, 2, 2], 2, 3, [2, 2],
+                         norm_op=torch.nn.InstanceNorm2d, nonlin=torch.nn.LeakyReLU,
+                         deep_supervision=deep_supervision)
+
+
+# ----------------------------------------------------------------------------- heads and taps
+def test_global_head_gives_unit_vectors():
+    z = GlobalProjectionHead(32, 16, 8)(torch.randn(5, 32, 4, 3))
+    assert z.shape == (5, 8)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+
+
+def test_dense_head_gives_unit_vectors_per_pixel():
+    z = DenseProjectionHead(8, 16, 4)(torch.randn(2, 8, 6, 5))
+    assert z.shape == (2, 4, 6, 5)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 6, 5))
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_taps_on_nnunet_unet(deep_supervision):
+    net = small_unet(deep_supervision)
+    x = torch.randn(2, 1, 24, 16)
+    assert encoder_channels(net) == 32 and decoder_channels(net) == 8
+    assert bottleneck_features(net, x).shape == (2, 32, 6, 4)
+    output, features = forward_with_decoder_features(net, x)
+    assert features.shape == (2, 8, 24, 16)
+    seg = output[0] if deep_supervision else output
+    assert seg.shape == (2, 3, 24, 16)
+    # the hook is gone afterwards, and the taps do not change the network's output
+    with tap_decoder_stage(net) as tap:
+        pass
+    assert tap == {}
+    assert not net.decoder.stages[-1]._forward_hooks
+    net.eval()
+    plain = net(x)
+    torch.testing.assert_close(forward_with_decoder_features(net, x)[0], plain)
+
+
+def test_decoder_features_carry_gradient_to_encoder():
+    net = small_unet()
+    _, features = forward_with_decoder_features(net, torch.randn(1, 1, 16, 16))
+    features.sum().backward()
+    assert net.encoder.stages[0][0].convs[0].conv.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- augmentation
+def test_intensity_view_keeps_geometry_and_changes_values():
+    torch.manual_seed(0)
+    x = torch.zeros(3, 1, 20, 16)
+    x[:, :, 5:10, 4:8] = 5.0
+    view = intensity_view(x, ViewAugmentation(noise_std=0.0))
+    assert view.shape == x.shape
+    # the bright square stays where it is: intensity changes only
+    assert (view[:, :, 5:10, 4:8].mean() > view[:, :, 12:, 10:].mean() + 1)
+    a, b = two_views(x, spatial=False)
+    assert not torch.allclose(a, b)
+
+
+def test_spatial_view_moves_content():
+    torch.manual_seed(0)
+    x = torch.zeros(8, 1, 32, 32)
+    x[:, :, 4:12, 4:12] = 1.0
+    aug = ViewAugmentation(brightness=0, contrast=0, gamma=0, noise_std=0, rotation_degrees=30,
+                           scale=0.2, translate=0.2, flip_p=0.5)
+    moved = spatial_view(x, aug)
+    assert moved.shape == x.shape and torch.isfinite(moved).all()
+    assert (moved - x).abs().mean() > 0.01
+
+
+def test_view_augmentation_validates():
+    with pytest.raises(ValueError):
+        ViewAugmentation(brightness=1.5)
+    with pytest.raises(ValueError):
+        ViewAugmentation(flip_p=2)
+
+
+# ----------------------------------------------------------------------------- settings
+def test_settings_defaults_come_from_presets():
+    settings = resolve_settings({}, ["base", "supconlocal_hu2021"])
+    preset = json.loads((bundled_dir("plans") / "supconlocal_hu2021.json").read_text())
+    assert settings["supconlocal"] == preset["configurations"]["2d"]["nnunet_contrast"]["supconlocal"]
+    assert settings["budget"]["num_epochs"] == 1000  # nnU-Net's own default
+
+
+def test_settings_override_and_errors():
+    settings = resolve_settings({"nnunet_contrast": {"supconlocal": {"stride": 2, "pretrain_lr": 1}}},
+                                ["base", "supconlocal_hu2021"])
+    assert settings["supconlocal"]["stride"] == 2 and settings["supconlocal"]["pretrain_lr"] == 1
+    with pytest.raises(ValueError, match="unknown setting nnunet_contrast.supconlocal.strid"):
+        resolve_settings({"nnunet_contrast": {"supconlocal": {"strid": 2}}}, ["base", "supconlocal_hu2021"])
+    with pytest.raises(ValueError, match="must be of type int"):
+        resolve_settings({"nnunet_contrast": {"budget": {"num_epochs": 2.5}}}, ["base"])
+
+
+# ----------------------------------------------------------------------------- split
+def nnunet_folds(n_cases=20, n_folds=2):
+    keys = [f"case_{i:03d}" for i in range(n_cases)]
+    return [{"train": [k for j, k in enumerate(keys) if j % n_folds != f],
+             "val": [k for j, k in enumerate(keys) if j % n_folds == f]} for f in range(n_folds)]
+
+
+@pytest.mark.parametrize("text, expected", [("0.05", 0.05), ("1.0", 1.0), ("10", 10), ("1", 1)])
+def test_parse_labeled(text, expected):
+    value = parse_labeled(text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text", ["0", "0.0", "1.5", "-0.1", "-3", "abc"])
+def test_parse_labeled_rejects(text):
+    with pytest.raises(UserInputError):
+        parse_labeled(text)
+
+
+def test_make_split_is_deterministic_nested_and_disjoint():
+    folds = nnunet_folds()
+    small, again = make_split(folds, 0.2, seed=3), make_split(folds, 0.2, seed=3)
+    large, other_seed = make_split(folds, 0.5, seed=3), make_split(folds, 0.2, seed=4)
+    assert small == again and small["format"] == SPLIT_FORMAT
+    for f, fold in enumerate(small["folds"]):
+        assert len(fold["labeled"]) == 2  # round(0.2 * 10)
+        assert set(fold["labeled"]) <= set(large["folds"][f]["labeled"])
+        assert set(fold["labeled"]) | set(fold["unlabeled"]) == set(folds[f]["train"])
+        assert not set(fold["labeled"]) & set(fold["unlabeled"])
+        assert not set(fold["labeled"]) & set(folds[f]["val"])
+    assert small != other_seed
+    assert [len(f["labeled"]) for f in make_split(folds, 3)["folds"]] == [3, 3]
+
+
+def test_make_split_refuses_zero_labelled_or_too_many():
+    with pytest.raises(UserInputError, match="zero labelled"):
+        make_split(nnunet_folds(), 0.01)
+    with pytest.raises(UserInputError, match="fewer than"):
+        make_split(nnunet_folds(), 11)
+
+
+def test_fold_split_checks_cases():
+    folds = nnunet_folds()
+    split = make_split(folds, 0.3)
+    labeled, unlabeled = fold_split(split, 1, folds[1]["train"], "s.json")
+    assert sorted(labeled + unlabeled) == sorted(folds[1]["train"])
+    with pytest.raises(UserInputError, match="not training cases"):
+        fold_split(split, 0, folds[0]["train"][1:], "s.json")
+    with pytest.raises(UserInputError, match="no fold 5"):
+        fold_split(split, 5, folds[0]["train"], "s.json")
+    split["folds"][0]["labeled"] = []
+    with pytest.raises(UserInputError, match="zero labelled"):
+        fold_split(split, 0, folds[0]["train"], "s.json")
+    with pytest.raises(UserInputError, match="not a nnunet-contrast split"):
+        fold_split({"folds": []}, 0, [], "s.json")
+
+
+# ----------------------------------------------------------------------------- plans presets
+def fake_plans():
+    return {"plans_name": "nnUNetPlans", "configurations": {"2d": {"batch_size": 58, "patch_size": [56, 40]},
+                                                           "3d_fullres": {"batch_size": 9}}}
+
+
+def test_build_plans_merges_presets_and_assignments():
+    plans = build_plans(fake_plans(), ["cpu_budget"], ["nnunet_contrast.supconlocal.stride=2",
+                                                       "nnunet_contrast.supconlocal.local_mode=stride"], "P")
+    config = plans["configurations"]["2d"]
+    assert plans["plans_name"] == "P" and config["batch_size"] == 32 and config["patch_size"] == [56, 40]
+    assert config["nnunet_contrast"]["supconlocal"] == {"global_epochs": 1, "local_epochs": 1, "stride": 2,
+                                                        "local_mode": "stride"}
+    assert plans["configurations"]["3d_fullres"] == {"batch_size": 9}
+
+
+def test_build_plans_rejects_bad_settings():
+    with pytest.raises(UserInputError, match="unknown setting"):
+        build_plans(fake_plans(), [], ["nnunet_contrast.supconlocal.strides=2"], "P")
+    with pytest.raises(UserInputError, match="batch_size"):
+        build_plans(fake_plans(), [], ["batch_size=0"], "P")
+    with pytest.raises(UserInputError, match="KEY=VALUE"):
+        parse_assignment("batch_size")
+
+
+# ----------------------------------------------------------------------------- start-up hook
+def test_autoload_appends_trainer_folder_and_keeps_user_paths():
+    env = {"nnUNet_extTrainer": "/my/trainers"}
+    _autoload.register_trainer_folder(env)
+    _autoload.register_trainer_folder(env)  # idempotent
+    parts = env["nnUNet_extTrainer"].split(os.pathsep)
+    assert parts == ["/my/trainers", str(bundled_dir("trainers"))]
+    empty = {}
+    _autoload.register_trainer_folder(empty)
+    assert empty["nnUNet_extTrainer"] == str(bundled_dir("trainers"))
+
+
+def test_interpreter_start_sets_ext_trainer():
+    """The installed .pth hook runs in every new interpreter (this is what nnUNetv2_train sees)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('nnUNet_extTrainer'))"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(bundled_dir("trainers"))
+
+
+# ----------------------------------------------------------------------------- unlabelled files
+def test_group_channel_files(tmp_path):
+    for name in ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"]:
+        (tmp_path / name).write_bytes(b"")
+    cases = group_channel_files(tmp_path, ".nii.gz", 2)
+    assert list(cases) == ["a", "b"] and [p.name for p in cases["a"]] == ["a_0000.nii.gz", "a_0001.nii.gz"]
+    with pytest.raises(UserInputError, match="channel"):
+        group_channel_files(tmp_path, ".nii.gz", 1)
+    (tmp_path / "c_0000.png").write_bytes(b"")
+    with pytest.raises(UserInputError, match="file ending"):
+        group_channel_files(tmp_path, ".nii.gz", 2)
+
+
+def test_group_channel_files_rejects_bad_names_and_empty(tmp_path):
+    with pytest.raises(UserInputError, match="no images"):
+        group_channel_files(tmp_path, ".nii.gz", 1)
+    (tmp_path / "scan.nii.gz").write_bytes(b"")
+    with pytest.raises(UserInputError, match="CASE_XXXX"):
+        group_channel_files(tmp_path, ".nii.gz", 1)
