@@ -1,0 +1,161 @@
+"""End to end through the real commands: nnU-Net's (train, predict, evaluate) and ours, on the
+embedded Hippocampus sample prepared in conftest.py."""
+import json
+
+import pytest
+import torch
+
+from conftest import TEST_PLANS
+
+TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly"]
+
+
+@pytest.fixture(scope="module")
+def trained(hippocampus):
+    """Each trainer trained once with the test budget (shared by the tests below)."""
+    logs = {}
+    for trainer in TRAINERS:
+        result = hippocampus.run("nnUNetv2_train", "4", "2d", "0", "-tr", trainer, "-p", TEST_PLANS,
+                                 "-device", "cpu")
+        logs[trainer] = result.stdout
+    return logs
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_training_writes_nnunet_outputs(hippocampus, trained, trainer):
+    fold = hippocampus.model_folder(trainer) / "fold_0"
+    for name in ["checkpoint_final.pth", "progress.png", "nnunet_contrast_settings.json", "validation/summary.json"]:
+        assert (fold / name).exists(), name
+    settings = json.loads((fold / "nnunet_contrast_settings.json").read_text())
+    assert settings["budget"]["num_iterations_per_epoch"] == 2
+    log = trained[trainer]
+    assert "Semi-supervised split splits_semisup.json: 8 labelled and 24 unlabelled" in log
+    assert "Using trainer" in log  # found through nnUNet_extTrainer, set by the start-up hook
+
+
+def test_supconlocal_runs_its_three_stages(hippocampus, trained):
+    log = trained["nnUNetTrainerSupConLocal"]
+    for stage in ["global", "local", "finetune"]:
+        assert f"Entering stage '{stage}'" in log
+    assert "contrastive loss (global)" in log and "contrastive loss (local)" in log
+    checkpoint = torch.load(hippocampus.model_folder("nnUNetTrainerSupConLocal") / "fold_0" / "checkpoint_final.pth",
+                            map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 4  # 1 global + 1 local + 2 fine-tuning epochs
+    assert checkpoint["nnunet_contrast"]["optimizer_stage"] == "finetune"
+    assert set(checkpoint["nnunet_contrast"]["heads"]) and not any(
+        k.startswith(("global", "local")) for k in checkpoint["network_weights"])
+    stages = checkpoint["logging"]["stage"]
+    assert stages == [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_continue_predict_evaluate(hippocampus, trained, trainer):
+    resumed = hippocampus.run("nnUNetv2_train", "4", "2d", "0", "-tr", trainer, "-p", TEST_PLANS, "-device", "cpu",
+                              "--c")
+    assert "Training done" in resumed.stdout
+    predictions = hippocampus.root / f"pred_{trainer}"
+    hippocampus.run("nnUNetv2_predict", "-i", hippocampus.heldout, "-o", predictions, "-d", "4", "-c", "2d",
+                    "-tr", trainer, "-p", TEST_PLANS, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1")
+    assert sorted(p.name for p in predictions.glob("*.nii.gz")) == ["hippocampus_065.nii.gz",
+                                                                   "hippocampus_067.nii.gz"]
+    model = hippocampus.model_folder(trainer)
+    hippocampus.run("nnUNetv2_evaluate_folder", hippocampus.heldout_labels, predictions,
+                    "-djfile", model / "dataset.json", "-pfile", model / "plans.json")
+    summary = json.loads((predictions / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2
+    assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
+
+
+def test_stock_trainer_finetunes_from_supconlocal_checkpoint(hippocampus, trained):
+    checkpoint = hippocampus.model_folder("nnUNetTrainerSupConLocal") / "fold_0" / "checkpoint_final.pth"
+    result = hippocampus.run("nnUNetv2_train", "4", "2d", "0", "-tr", "nnUNetTrainer_1epoch", "-p", TEST_PLANS,
+                             "-device", "cpu", "-pretrained_weights", checkpoint)
+    assert "Training done" in result.stdout
+    assert (hippocampus.model_folder("nnUNetTrainer_1epoch") / "fold_0" / "checkpoint_final.pth").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("labeled", ["1.5", "0.0", "-2"])
+def test_split_rejects_fraction_outside_range(hippocampus, labeled):
+    before = (hippocampus.preprocessed / "splits_semisup.json").read_text()
+    result = hippocampus.run("nnunet-contrast", "split", "-d", "4", "--labeled", labeled, "--force",
+                             "--name", "other.json", check=False)
+    assert_one_line_error(result, "--labeled" if labeled == "-2" else "outside (0, 1]")
+    assert not (hippocampus.preprocessed / "other.json").exists()
+    assert (hippocampus.preprocessed / "splits_semisup.json").read_text() == before
+
+
+def test_split_refuses_zero_labelled_fold(hippocampus):
+    result = hippocampus.run("nnunet-contrast", "split", "-d", "4", "--labeled", "0.01", "--name", "z.json",
+                             check=False)
+    assert_one_line_error(result, "zero labelled cases")
+    assert not (hippocampus.preprocessed / "z.json").exists()
+
+
+def test_commands_need_nnunet_paths(hippocampus):
+    env = {k: v for k, v in hippocampus.env.items() if k != "nnUNet_preprocessed"}
+    from conftest import run_cmd
+    result = run_cmd(["nnunet-contrast", "split", "-d", "4", "--labeled", "0.1"], env, check=False)
+    assert_one_line_error(result, "nnUNet_preprocessed", "export")
+
+
+def test_unknown_dataset(hippocampus):
+    result = hippocampus.run("nnunet-contrast", "split", "-d", "7", "--labeled", "0.1", check=False)
+    assert_one_line_error(result, "dataset '7' not found")
+
+
+def test_plans_without_2d(hippocampus):
+    plans = json.loads((hippocampus.preprocessed / "nnUNetPlans.json").read_text())
+    del plans["configurations"]["2d"]
+    (hippocampus.preprocessed / "No2dPlans.json").write_text(json.dumps(plans))
+    result = hippocampus.run("nnunet-contrast", "split", "-d", "4", "--labeled", "0.1", "-p", "No2dPlans",
+                             "--name", "n.json", check=False)
+    assert_one_line_error(result, "no '2d' configuration", "nnUNetv2_plan_and_preprocess")
+    assert not (hippocampus.preprocessed / "n.json").exists()
+
+
+def test_add_unlabeled_rejects_wrong_channels_and_endings(hippocampus, tmp_path):
+    pool = hippocampus.preprocessed / "nnUNetPlans_2d_unlabeled"
+    before = sorted(p.name for p in pool.iterdir())
+    source = next(hippocampus.unlabeled_input.iterdir())
+    two_channels = tmp_path / "two"
+    two_channels.mkdir()
+    for channel in ("0000", "0001"):
+        (two_channels / f"extra_{channel}.nii.gz").write_bytes(source.read_bytes())
+    assert_one_line_error(hippocampus.run("nnunet-contrast", "add-unlabeled", "-d", "4", "-i", two_channels,
+                                          check=False), "1 channel(s)")
+    wrong_ending = tmp_path / "ending"
+    wrong_ending.mkdir()
+    (wrong_ending / "extra_0000.nrrd").write_bytes(b"x")
+    assert_one_line_error(hippocampus.run("nnunet-contrast", "add-unlabeled", "-d", "4", "-i", wrong_ending,
+                                          check=False), "file ending .nii.gz")
+    assert sorted(p.name for p in pool.iterdir()) == before
+
+
+def test_trainer_rejects_split_with_unknown_cases(hippocampus):
+    split = json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())
+    split["folds"][1]["labeled"].append("hippocampus_999")
+    (hippocampus.preprocessed / "bad_split.json").write_text(json.dumps(split))
+    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", TEST_PLANS, "-o", "BadSplitPlans",
+                    "--set", "nnunet_contrast.semisup.split_file=bad_split.json")
+    result = hippocampus.run("nnUNetv2_train", "4", "2d", "1", "-tr", "nnUNetTrainerLabeledOnly", "-p",
+                             "BadSplitPlans", "-device", "cpu", check=False)
+    assert result.returncode != 0
+    assert "not training cases of fold 1 (e.g. hippocampus_999)" in result.stderr
+
+
+def test_trainer_rejects_3d_configuration(hippocampus):
+    plans = json.loads((hippocampus.preprocessed / "nnUNetPlans.json").read_text())
+    assert "3d_fullres" in plans["configurations"]
+    result = hippocampus.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerLabeledOnly",
+                             "-device", "cpu", check=False)
+    assert result.returncode != 0
+    assert "trains 2D networks only" in result.stderr
