@@ -83,12 +83,13 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("labeled", ["1.5", "0.0", "-2"])
-def test_split_rejects_fraction_outside_range(hippocampus, labeled):
+@pytest.mark.parametrize("labeled, message", [("1.5", "outside (0, 1]"), ("0.0", "outside (0, 1]"),
+                                              ("-2", "at least 1")])
+def test_split_rejects_fraction_outside_range(hippocampus, labeled, message):
     before = (hippocampus.preprocessed / "splits_semisup.json").read_text()
     result = hippocampus.run("nnunet-contrast", "split", "-d", "4", "--labeled", labeled, "--force",
                              "--name", "other.json", check=False)
-    assert_one_line_error(result, "--labeled" if labeled == "-2" else "outside (0, 1]")
+    assert_one_line_error(result, message)
     assert not (hippocampus.preprocessed / "other.json").exists()
     assert (hippocampus.preprocessed / "splits_semisup.json").read_text() == before
 

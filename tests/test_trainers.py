@@ -1,0 +1,141 @@
+"""Trainers in process, on the prepared sample: labels of unlabelled cases never reach a loss,
+mid-stage resume, and the empty-pool check."""
+import json
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import pytest
+import torch
+from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+from conftest import TEST_PLANS
+from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.training.semisup import SemiSupervisedTrainer
+
+
+def make_plans(hippocampus, name, *settings):
+    sets = [a for s in settings for a in ("--set", s)]
+    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", TEST_PLANS, "-o", name, *sets)
+    return name
+
+
+def make_trainer(trainer, plans, fold=0):
+    return get_trainer_from_args("4", "2d", fold, trainer, plans, False, torch.device("cpu"))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def losses_of_one_step(plans):
+    """The loss of each stage of nnUNetTrainerSupConLocal on the same batches, all seeds fixed."""
+    seed_everything(0)
+    trainer = make_trainer("nnUNetTrainerSupConLocal", plans)
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    seed_everything(1)
+    batch = next(trainer.dataloader_train)
+    unlabeled_batch = next(trainer.dataloader_unlabeled)
+    assert set(unlabeled_batch) == {"data", "keys"}  # no label leaves the unlabelled loader
+    with torch.no_grad():
+        return {"global": trainer.contrast_loss("global", batch).item(),
+                "local": trainer.contrast_loss("local", batch).item(),
+                "finetune": trainer.loss(trainer.network(batch["data"]), batch["target"]).item()}
+
+
+def corrupt_labels(folder: Path, cases, backup: Path):
+    """Overwrite the label arrays and foreground locations of ``cases`` with random ones."""
+    rng = np.random.default_rng(123)
+    for case in cases:
+        seg_file, pkl_file = folder / f"{case}_seg.b2nd", folder / f"{case}.pkl"
+        for path in (seg_file, pkl_file):
+            shutil.copy(path, backup / f"{folder.name}__{path.name}")
+        seg = blosc2.open(str(seg_file), mode="r")[:]
+        noise = rng.integers(0, 3, size=seg.shape).astype(seg.dtype)
+        seg_file.unlink()
+        blosc2.asarray(np.ascontiguousarray(noise), urlpath=str(seg_file))
+        properties = pickle.loads(pkl_file.read_bytes())
+        properties["class_locations"] = {c: np.argwhere(noise == c)[:50] for c in (1, 2)}
+        pkl_file.write_bytes(pickle.dumps(properties))
+
+
+def restore(backup: Path, folders):
+    for saved in backup.iterdir():
+        folder_name, file_name = saved.name.split("__", 1)
+        shutil.copy(saved, folders[folder_name] / file_name)
+
+
+def test_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
+    plans = make_plans(hippocampus, "nnUNetPlans_leak", "batch_size=6",
+                       "nnunet_contrast.supconlocal.local_mode=stride")
+    split = json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())["folds"][0]
+    data, added = hippocampus.preprocessed / "nnUNetPlans_2d", hippocampus.preprocessed / "nnUNetPlans_2d_unlabeled"
+    folders = {data.name: data, added.name: added}
+    reference = losses_of_one_step(plans)
+    assert reference == losses_of_one_step(plans)  # deterministic, so equality below is meaningful
+    try:
+        corrupt_labels(data, split["unlabeled"], tmp_path)
+        corrupt_labels(added, ["hippocampus_118"], tmp_path)
+        assert losses_of_one_step(plans) == reference
+        # control: the same corruption on labelled cases does change the supervised losses
+        corrupt_labels(data, split["labeled"], tmp_path)
+        changed = losses_of_one_step(plans)
+    finally:
+        restore(tmp_path, folders)
+    assert changed["local"] != reference["local"] and changed["finetune"] != reference["finetune"]
+
+
+def test_continue_mid_stage_resumes_as_uninterrupted(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_resume", "nnunet_contrast.supconlocal.global_epochs=2",
+                       "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
+    first = make_trainer("nnUNetTrainerSupConLocal", plans)
+    first.num_epochs = 1  # stop after the first of two global epochs, i.e. mid-stage
+    first.run_training()
+    resumed = make_trainer("nnUNetTrainerSupConLocal", plans)
+    maybe_load_checkpoint(resumed, True, False)
+    assert resumed.current_epoch == 1 and resumed.current_stage == "global"
+    assert isinstance(resumed.optimizer, torch.optim.Adam)
+    for key, value in first.heads.state_dict().items():
+        torch.testing.assert_close(resumed.heads.state_dict()[key], value)
+    first_state = first.optimizer.state_dict()["state"]
+    resumed_state = resumed.optimizer.state_dict()["state"]
+    assert first_state.keys() == resumed_state.keys() and len(first_state) > 0
+    for index in first_state:
+        torch.testing.assert_close(resumed_state[index]["exp_avg"], first_state[index]["exp_avg"])
+    resumed.run_training()
+    log = resumed.logger.local_logger.my_fantastic_logging
+    assert log["stage"] == [0, 0, 1, 2]  # global, global, local, finetune: as an uninterrupted run
+    assert log["lrs"][:3] == [1e-4] * 3 and log["lrs"][3] == pytest.approx(1e-2)
+    assert resumed.current_epoch == 4
+
+
+def test_checkpoint_network_weights_are_a_plain_nnunet(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_plain", "nnunet_contrast.budget.num_epochs=1",
+                       "nnunet_contrast.budget.num_iterations_per_epoch=1")
+    trainer = make_trainer("nnUNetTrainerSupConLocal", plans)
+    trainer.run_training()
+    checkpoint = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", weights_only=False)
+    assert checkpoint["network_weights"].keys() == trainer.network.state_dict().keys()
+    assert set(checkpoint["nnunet_contrast"]["heads"]) == set(trainer.heads.state_dict())
+    assert not list(Path(trainer.output_folder).glob("*.tmp*"))  # atomic saves leave no temporaries
+
+
+class _NeedsUnlabeled(SemiSupervisedTrainer):
+    requires_unlabeled = True
+
+
+def test_trainer_that_needs_unlabelled_images_finding_none(hippocampus, monkeypatch):
+    plans = json.loads((hippocampus.preprocessed / f"{TEST_PLANS}.json").read_text())
+    plans["configurations"]["2d"]["nnunet_contrast"]["semisup"] = {"split_file": "missing.json"}
+    plans["continue_training"] = False
+    dataset_json = json.loads((hippocampus.preprocessed / "dataset.json").read_text())
+    trainer = _NeedsUnlabeled(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    monkeypatch.setattr(trainer, "added_unlabeled_dataset", lambda: None)
+    with pytest.raises(UserInputError, match="needs unlabelled images but found none"):
+        trainer.do_split()
