@@ -61,16 +61,22 @@ def run_demo(trainer: str = "nnUNetTrainerSupConLocal", workdir: Optional[Path] 
             scratch.cleanup()
 
 
-def _demo_steps(trainer: str, root: Path, labeled: str, settings: List[str]) -> dict:
-    started = time.time()
+def prepare_dataset(root: Path, labeled: str = "0.25", settings: List[str] = (), plans: str = PLANS,
+                    msd_source: Optional[Path] = None) -> dict:
+    """Convert, plan, split, add the unlabelled scan and write the CPU-budget plans ``plans``.
+
+    Returns the nnU-Net environment of ``root``. ``msd_source`` defaults to the embedded sample.
+    The held-out test scans of the sample are copied to ``root/heldout``.
+    """
     env = nnunet_environment(root)
     msd = root / "Task04_Hippocampus"
     if not msd.exists():
-        shutil.copytree(sample_dir(), msd)
+        shutil.copytree(msd_source or sample_dir(), msd)
     raw = Path(env["nnUNet_raw"]) / "Dataset004_Hippocampus"
     if not raw.exists():
         run(["nnUNetv2_convert_MSD_dataset", "-i", str(msd), "-np", "2"], env)
-    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "2"], env)
+    if not (Path(env["nnUNet_preprocessed"]) / "Dataset004_Hippocampus" / "nnUNetPlans_2d").exists():
+        run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "2"], env)
     run(["nnunet-contrast", "split", "-d", DATASET, "--labeled", labeled, "--force"], env)
     unlabeled, heldout = root / "unlabeled", root / "heldout"
     for folder in (unlabeled, heldout):
@@ -81,7 +87,14 @@ def _demo_steps(trainer: str, root: Path, labeled: str, settings: List[str]) -> 
         shutil.copy(image, target / image.name)
     run(["nnunet-contrast", "add-unlabeled", "-d", DATASET, "-i", str(unlabeled)], env)
     sets = [a for s in settings for a in ("--set", s)]
-    run(["nnunet-contrast", "plans", "-d", DATASET, "--preset", "cpu_budget", *sets, "-o", PLANS], env)
+    run(["nnunet-contrast", "plans", "-d", DATASET, "--preset", "cpu_budget", *sets, "-o", plans], env)
+    return env
+
+
+def _demo_steps(trainer: str, root: Path, labeled: str, settings: List[str]) -> dict:
+    started = time.time()
+    env = prepare_dataset(root, labeled, settings)
+    msd, heldout = root / "Task04_Hippocampus", root / "heldout"
     run(["nnUNetv2_train", DATASET, "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"], env)
     predictions = root / f"predictions_{trainer}"
     run(["nnUNetv2_predict", "-i", str(heldout), "-o", str(predictions), "-d", DATASET, "-c", "2d",

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_contrast.demo import command_path, nnunet_environment
-from nnunet_contrast.resources import sample_dir
+from nnunet_contrast.demo import command_path, prepare_dataset
 
 TEST_PLANS = "nnUNetPlans_test"
 # a budget of seconds: 2 fine-tuning epochs of 2 iterations, one epoch per contrastive stage
@@ -35,18 +34,17 @@ def run_cmd(args, env, check=True, **kwargs):
 
 
 class Hippocampus:
-    """Paths and environment of the prepared sample dataset."""
+    """Paths and environment of the prepared sample dataset (see nnunet_contrast.demo)."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.env = nnunet_environment(root)
-        self.env["nnUNet_def_n_proc"] = "1"
+        self.env = {}
         self.msd = root / "Task04_Hippocampus"
-        self.raw = Path(self.env["nnUNet_raw"]) / "Dataset004_Hippocampus"
-        self.preprocessed = Path(self.env["nnUNet_preprocessed"]) / "Dataset004_Hippocampus"
-        self.results = Path(self.env["nnUNet_results"]) / "Dataset004_Hippocampus"
+        self.raw = root / "nnUNet_raw" / "Dataset004_Hippocampus"
+        self.preprocessed = root / "nnUNet_preprocessed" / "Dataset004_Hippocampus"
+        self.results = root / "nnUNet_results" / "Dataset004_Hippocampus"
         self.unlabeled_input = root / "unlabeled"
-        self.heldout = root / "heldout"
+        self.heldout = root / "heldout_two"  # two held-out scans keep prediction short
         self.heldout_labels = root / "heldout_labels"
 
     def run(self, *args, **kwargs):
@@ -59,25 +57,15 @@ class Hippocampus:
 @pytest.fixture(scope="session")
 def hippocampus(tmp_path_factory):
     data = Hippocampus(tmp_path_factory.mktemp("nnunet"))
-    shutil.copytree(sample_dir(), data.msd)
-    data.run("nnUNetv2_convert_MSD_dataset", "-i", data.msd, "-np", "2")
-    data.run("nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "2d", "-np", "2")
-    # from here on: single-threaded, deterministic data loading (planning needs a positive count)
-    data.env["nnUNet_n_proc_DA"] = "0"
-    data.run("nnunet-contrast", "split", "-d", "4", "--labeled", "0.25")
-    data.unlabeled_input.mkdir()
-    data.heldout.mkdir()
-    data.heldout_labels.mkdir()
-    for image in sorted((data.raw / "imagesTs").iterdir()):
-        if image.name.startswith("hippocampus_118"):
-            shutil.copy(image, data.unlabeled_input / image.name)
-        elif image.name.startswith(("hippocampus_065", "hippocampus_067")):
-            shutil.copy(image, data.heldout / image.name)
-            label = image.name.replace("_0000.nii.gz", ".nii.gz")
-            shutil.copy(data.msd / "labelsTs" / label, data.heldout_labels / label)
-    data.run("nnunet-contrast", "add-unlabeled", "-d", "4", "-i", data.unlabeled_input)
-    sets = [a for s in TEST_SETTINGS for a in ("--set", s)]
-    data.run("nnunet-contrast", "plans", "-d", "4", "--preset", "cpu_budget", *sets, "-o", TEST_PLANS)
+    data.env = prepare_dataset(data.root, "0.25", TEST_SETTINGS, TEST_PLANS)
+    data.env["nnUNet_n_proc_DA"] = "0"  # single-threaded, deterministic data loading
+    data.env["nnUNet_def_n_proc"] = "1"
+    all_heldout = data.root / "heldout"
+    for folder in (data.heldout, data.heldout_labels):
+        folder.mkdir()
+    for case in ("hippocampus_065", "hippocampus_067"):
+        shutil.copy(all_heldout / f"{case}_0000.nii.gz", data.heldout)
+        shutil.copy(data.msd / "labelsTs" / f"{case}.nii.gz", data.heldout_labels)
     saved = {k: os.environ.get(k) for k in data.env}
     os.environ.update(data.env)  # for in-process trainer tests
     yield data

@@ -71,6 +71,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         train_keys, val_keys = super().do_split()
         added = self.added_unlabeled_dataset()
         n_added = len(added.identifiers) if added is not None else 0
+        if self.split_file.is_file() and self.fold == "all":
+            raise UserInputError(f"fold 'all' has no semi-supervised split in {self.split_file.name}: train the "
+                                 f"folds 0-4 it defines")
         if self.split_file.is_file():
             split = json.loads(self.split_file.read_text())
             self.labeled_keys, self.unlabeled_keys = fold_split(split, self.fold, train_keys, str(self.split_file))

@@ -1,0 +1,80 @@
+"""Peak memory and time of the supervised local contrast variants against the number of pixels.
+
+Each measurement runs in a fresh subprocess: peak resident memory (ru_maxrss) of one forward and
+backward pass of SupConLocalLoss, minus the resident memory just before it. Features are random
+(2 views, C channels), labels have a foreground square of about 20 % of the pixels, 2 classes.
+
+    python benchmarks/local_loss_memory.py [--sizes 16 32 64 96 128] [--channels 128]
+
+Prints a markdown table with the command, machine and date.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+MODES = {"full": {}, "exact": {"chunk_size": 1024}, "stride": {"stride": 4}, "block": {"block_size": 16}}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def measure(mode: str, size: int, channels: int) -> dict:
+    import torch
+    from nnunet_contrast.losses import SupConLocalLoss
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    views = 2
+    features = torch.randn(views, channels, size, size, requires_grad=True)
+    labels = torch.zeros(views, size, size, dtype=torch.long)
+    side = int(size * 0.45)
+    labels[:, :side, :side // 2] = 1
+    labels[:, :side, side // 2:side] = 2
+    loss_fn = SupConLocalLoss(0.1, mode=mode, **MODES[mode])
+    warm = torch.randn(2, channels, 4, 4, requires_grad=True)  # lazy imports happen here, not below
+    loss_fn(warm, torch.ones(2, 4, 4, dtype=torch.long)).backward()
+    before = rss_mb()
+    started = time.perf_counter()
+    loss = loss_fn(features, labels)
+    loss.backward()
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": mode, "pixels": views * size * size, "anchors": int((labels > 0).sum()),
+            "peak_mb": round(peak - before, 1), "seconds": round(seconds, 3), "loss": round(loss.item(), 4)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 96, 128])
+    parser.add_argument("--channels", type=int, default=128)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.channels)))
+        return
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print("| variant | pixels (2 views) | anchors | peak extra memory (MB) | fwd+bwd time (s) |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes:
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, "--one", mode, str(size), "--channels",
+                                  str(args.channels)], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"| {mode} | {2 * size * size} | - | failed: {out.stderr.strip().splitlines()[-1]} | - |")
+                continue
+            r = json.loads(out.stdout)
+            print(f"| {r['mode']} | {r['pixels']} | {r['anchors']} | {r['peak_mb']} | {r['seconds']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
