@@ -45,10 +45,16 @@ def main():
     args = parser.parse_args()
     from nnunet_contrast.demo import prepare_dataset
     from nnunet_contrast.losses import SupConLocalLoss
+    from nnunet_contrast.settings import preset_settings
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet_contrast_bench_"))
     plans = f"nnUNetPlans_bench{args.batch}"
-    env = prepare_dataset(root, "0.25", [f"batch_size={args.batch}"], plans=plans)
+    # the method's own defaults (not the CPU preset's) for what a step processes; only the batch is set
+    defaults = preset_settings(["base", "supconlocal_hu2021"])
+    sets = [f"batch_size={args.batch}",
+            f"nnunet_contrast.semisup.unlabeled_batch_ratio={defaults['semisup']['unlabeled_batch_ratio']}",
+            f"nnunet_contrast.supconlocal.local_images={defaults['supconlocal']['local_images']}"]
+    env = prepare_dataset(root, "0.25", sets, plans=plans)
     os.environ.update(env)
     torch.set_num_threads(os.cpu_count())
     baseline = build("nnUNetTrainerLabeledOnly", plans)

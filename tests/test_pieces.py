@@ -182,8 +182,10 @@ def test_build_plans_merges_presets_and_assignments():
     plans = build_plans(fake_plans(), ["cpu_budget"], ["nnunet_contrast.supconlocal.stride=2",
                                                        "nnunet_contrast.supconlocal.local_mode=stride"], "P")
     config = plans["configurations"]["2d"]
-    assert plans["plans_name"] == "P" and config["batch_size"] == 32 and config["patch_size"] == [56, 40]
-    assert config["nnunet_contrast"]["supconlocal"] == {"global_epochs": 1, "local_epochs": 1, "stride": 2,
+    preset = json.loads((bundled_dir("plans") / "cpu_budget.json").read_text())["configurations"]["2d"]
+    assert plans["plans_name"] == "P" and config["batch_size"] == preset["batch_size"]
+    assert config["patch_size"] == [56, 40]
+    assert config["nnunet_contrast"]["supconlocal"] == {**preset["nnunet_contrast"]["supconlocal"], "stride": 2,
                                                         "local_mode": "stride"}
     assert plans["configurations"]["3d_fullres"] == {"batch_size": 9}
 

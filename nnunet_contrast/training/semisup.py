@@ -43,7 +43,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.labeled_keys: List[str] = []
         self.unlabeled_keys: List[str] = []
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
-        self._building_unlabeled_loader = False
+        self._unlabeled_for_loader = None  # set while nnU-Net builds the unlabelled loader
 
     # ----------------------------------------------------------------- settings
     def apply_budget(self, budget: dict) -> None:
@@ -98,8 +98,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        if self._building_unlabeled_loader:
-            return self.unlabeled_dataset(), dataset_val
+        if self._unlabeled_for_loader is not None:
+            return self._unlabeled_for_loader, dataset_val
         return dataset_tr, dataset_val
 
     @property
@@ -116,16 +116,17 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
         Foreground oversampling is switched off: it would pick crops using the hidden labels.
         """
-        if not self.uses_unlabeled or self.unlabeled_dataset() is None:
+        dataset = self.unlabeled_dataset() if self.uses_unlabeled else None
+        if dataset is None:
             return None
         saved = self.batch_size, self.oversample_foreground_percent
         self.batch_size, self.oversample_foreground_percent = self.unlabeled_batch_size, 0.0
-        self._building_unlabeled_loader = True
+        self._unlabeled_for_loader = dataset
         try:
             loader, spare_val_loader = super().get_dataloaders()
         finally:
             self.batch_size, self.oversample_foreground_percent = saved
-            self._building_unlabeled_loader = False
+            self._unlabeled_for_loader = None
         if isinstance(spare_val_loader, NonDetMultiThreadedAugmenter):
             spare_val_loader._finish()
         return ImagesOnly(loader)
