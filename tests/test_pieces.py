@@ -240,3 +240,30 @@ def test_group_channel_files_rejects_bad_names_and_empty(tmp_path):
     (tmp_path / "scan.nii.gz").write_bytes(b"")
     with pytest.raises(UserInputError, match="CASE_XXXX"):
         group_channel_files(tmp_path, ".nii.gz", 1)
+
+
+# ----------------------------------------------------------------------------- progress.png
+def test_progress_png_gets_a_contrast_panel(tmp_path):
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger
+    from PIL import Image
+
+    from nnunet_contrast.training.progress import ContrastLocalLogger
+
+    plain, ours = LocalLogger(), ContrastLocalLogger(["global", "local", "finetune"])
+    for epoch in range(3):
+        for logger in (plain, ours):
+            for key in ["mean_fg_dice", "train_losses", "val_losses", "lrs", "epoch_start_timestamps"]:
+                logger.log(key, 0.1 * epoch, epoch)
+            logger.log("ema_fg_dice", 0.1, epoch)
+            logger.log("epoch_end_timestamps", 1.0 + epoch, epoch)
+            logger.log("dice_per_class_or_region", [0.1], epoch)
+        ours.log("contrast_loss", [4.0, 3.0, float("nan")][epoch], epoch)
+        ours.log("stage", epoch, epoch)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "ours").mkdir()
+    plain.plot_progress_png(str(tmp_path / "plain"))
+    ours.plot_progress_png(str(tmp_path / "ours"))
+    with Image.open(tmp_path / "plain" / "progress.png") as a, Image.open(tmp_path / "ours" / "progress.png") as b:
+        assert b.width == a.width and b.height > a.height
+    with pytest.raises(AssertionError):  # nnU-Net's rule stays: one value per epoch and key
+        ours.log("stage", 0, 5)

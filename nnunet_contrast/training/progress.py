@@ -40,13 +40,15 @@ class ContrastLocalLogger(LocalLogger):
         fig, ax = plt.subplots(1, 1, figsize=(width_px / 100, 12), dpi=100)
         colours = ["tab:orange", "tab:purple", "tab:green", "tab:red", "tab:cyan"]
         for index, name in enumerate(self.stage_names):
-            xs = [e for e, s in enumerate(stages) if s == index]
-            if xs:
-                ax.axvspan(min(xs) - 0.5, max(xs) + 0.5, alpha=0.15, color=colours[index % len(colours)],
-                           label=f"stage: {name}")
-        points = [(e, v) for e, v in enumerate(losses) if not math.isnan(v)]
-        if points:
-            ax.plot(*zip(*points), color="b", marker="o", linewidth=4, label="contrastive loss")
+            epochs_of_stage = [e for e, s in enumerate(stages) if s == index]
+            if not epochs_of_stage:
+                continue
+            colour = colours[index % len(colours)]
+            ax.axvspan(min(epochs_of_stage) - 0.5, max(epochs_of_stage) + 0.5, alpha=0.15, color=colour,
+                       label=f"stage: {name}")
+            points = [(e, losses[e]) for e in epochs_of_stage if not math.isnan(losses[e])]
+            if points:  # each stage has its own loss: one line per stage
+                ax.plot(*zip(*points), color=colour, marker="o", linewidth=4, label=f"{name} loss")
         ax.set_xlabel("epoch")
         ax.set_ylabel("contrastive loss")
         ax.legend(loc=(0, 1), ncol=len(self.stage_names) + 1)
