@@ -19,6 +19,7 @@ TEST_SETTINGS = [
     "nnunet_contrast.budget.save_every=1",
     "nnunet_contrast.supconlocal.global_epochs=1",
     "nnunet_contrast.supconlocal.local_epochs=1",
+    "nnunet_contrast.supconlocal.pretrain_iterations_per_epoch=3",
     "nnunet_contrast.supconlocal.local_images=2",
 ]
 

@@ -100,6 +100,7 @@ def test_continue_mid_stage_resumes_as_uninterrupted(hippocampus):
     resumed = make_trainer("nnUNetTrainerSupConLocal", plans)
     maybe_load_checkpoint(resumed, True, False)
     assert resumed.current_epoch == 1 and resumed.current_stage == "global"
+    assert resumed.iterations_per_epoch("global") == 3 and resumed.iterations_per_epoch("finetune") == 1
     assert isinstance(resumed.optimizer, torch.optim.Adam)
     for key, value in first.heads.state_dict().items():
         torch.testing.assert_close(resumed.heads.state_dict()[key], value)

@@ -55,6 +55,7 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
         self.finetune_start = sum(s.epochs for s in self.stages)
         self.stages.append(Stage(FINETUNE, self.num_epochs))
         self.num_epochs = self.finetune_start + self.num_epochs
+        self.finetune_iterations = self.num_iterations_per_epoch
         self.current_stage = None
         self._heads = None
         self.logger.local_logger = ContrastLocalLogger([s.name for s in self.stages])
@@ -110,10 +111,17 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
         self.print_to_log_file(f"Entering stage '{stage}' at epoch {self.current_epoch}")
 
     # ------------------------------------------------------------ nnU-Net hooks
+    def iterations_per_epoch(self, stage: str) -> int:
+        """nnU-Net's budget, or ``pretrain_iterations_per_epoch`` of the method for pretraining stages."""
+        pretrain = self.method_settings.get("pretrain_iterations_per_epoch", 0)
+        return pretrain if stage != FINETUNE and pretrain else self.finetune_iterations
+
     def on_train_epoch_start(self):
         stage = self.stage_at(self.current_epoch)
         if stage != self.current_stage:
             self.enter_stage(stage)
+        # nnU-Net's loop reads this attribute at the start of every epoch
+        self.num_iterations_per_epoch = self.iterations_per_epoch(stage)
         self.heads.train()
         super().on_train_epoch_start()
         self.print_to_log_file(f"Stage: {stage}")
