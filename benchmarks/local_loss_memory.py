@@ -53,8 +53,10 @@ def measure(mode: str, size: int, channels: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 96, 128])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 96, 128, 192])
     parser.add_argument("--channels", type=int, default=128)
+    parser.add_argument("--full-max", type=int, default=128,
+                        help="largest map side for the quadratic 'full' variant (memory grows fast)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -67,6 +69,9 @@ def main():
     print("|---|---|---|---|---|")
     for size in args.sizes:
         for mode in MODES:
+            if mode == "full" and size > args.full_max:
+                print(f"| full | {2 * size * size} | - | skipped (--full-max {args.full_max}) | - |")
+                continue
             out = subprocess.run([sys.executable, __file__, "--one", mode, str(size), "--channels",
                                   str(args.channels)], capture_output=True, text=True)
             if out.returncode != 0:
