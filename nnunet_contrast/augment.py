@@ -51,6 +51,17 @@ def intensity_view(x: torch.Tensor, aug: ViewAugmentation = ViewAugmentation()) 
     return x + torch.randn_like(x) * std * aug.noise_std
 
 
+def affine_theta(angle, zoom, flip, shift, height: int, width: int) -> torch.Tensor:
+    """(B, 2, 3) matrices for ``F.affine_grid``: flip, rotation by ``angle`` (radians), zoom, shift.
+
+    affine_grid works in coordinates normalised per axis; the off-diagonal terms are rescaled so
+    that non-square images are rotated rigidly in pixel space instead of sheared.
+    """
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    return torch.stack([torch.stack([cos * flip, -sin * height / width, shift[:, 0]], 1),
+                        torch.stack([sin * flip * width / height, cos, shift[:, 1]], 1)], 1)
+
+
 def random_affine_grid(x: torch.Tensor, aug: ViewAugmentation) -> torch.Tensor:
     """Sampling grid of a random flip + rotation + scale + shift per image of x: (B, C, H, W)."""
     b = x.shape[0]
@@ -58,9 +69,7 @@ def random_affine_grid(x: torch.Tensor, aug: ViewAugmentation) -> torch.Tensor:
     zoom = _uniform(b, aug.scale, angle)
     flip = torch.where(torch.rand(b, device=x.device) < aug.flip_p, -1.0, 1.0)
     shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * aug.translate * 2
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    theta = affine_theta(angle, zoom, flip, shift, *x.shape[-2:])
     return F.affine_grid(theta, list(x.shape), align_corners=False)
 
 

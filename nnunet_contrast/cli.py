@@ -41,7 +41,8 @@ def cmd_plans(args) -> None:
     from nnunet_contrast.nnunet_env import dataset_name
     from nnunet_contrast.plans_presets import write_plans
 
-    path = write_plans(dataset_name(args.dataset), args.preset or [], args.set or [], args.output, args.plans)
+    path = write_plans(dataset_name(args.dataset), args.preset or [], args.set or [], args.output, args.plans,
+                       force=args.force)
     print(f"wrote {path}; train with: nnUNetv2_train {args.dataset} 2d FOLD -tr TRAINER -p {args.output}")
 
 
@@ -52,7 +53,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunet_contrast.plans_presets import all_preset_names
+    from nnunet_contrast.settings import all_preset_names
 
     parser = argparse.ArgumentParser(prog="nnunet-contrast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="setting inside configurations.2d, e.g. nnunet_contrast.supconlocal.stride=2 or batch_size=16")
     p.add_argument("-o", "--output", required=True, help="new plans identifier, e.g. nnUNetPlans_cpu")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier")
+    p.add_argument("--force", action="store_true", help="replace an existing, different plans file of that name")
     p.set_defaults(func=cmd_plans)
 
     p = sub.add_parser("demo", help="convert, plan, split, train briefly on the CPU, predict held-out scans, print Dice")

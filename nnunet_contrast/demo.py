@@ -55,7 +55,9 @@ def run_demo(trainer: str = "nnUNetTrainerSupConLocal", workdir: Optional[Path] 
         workdir = Path(scratch.name)
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        return _demo_steps(trainer, workdir, labeled, list(settings))
+        summary = _demo_steps(trainer, workdir, labeled, list(settings))
+        print("files removed (pass --workdir DIR to keep them)" if scratch else f"files in {workdir}")
+        return summary
     finally:
         if scratch is not None:
             scratch.cleanup()
@@ -87,7 +89,7 @@ def prepare_dataset(root: Path, labeled: str = "0.25", settings: List[str] = (),
         shutil.copy(image, target / image.name)
     run(["nnunet-contrast", "add-unlabeled", "-d", DATASET, "-i", str(unlabeled)], env)
     sets = [a for s in settings for a in ("--set", s)]
-    run(["nnunet-contrast", "plans", "-d", DATASET, "--preset", "cpu_budget", *sets, "-o", plans], env)
+    run(["nnunet-contrast", "plans", "-d", DATASET, "--preset", "cpu_budget", *sets, "-o", plans, "--force"], env)
     return env
 
 
@@ -108,5 +110,5 @@ def _demo_steps(trainer: str, root: Path, labeled: str, settings: List[str]) -> 
     print(f"\nnnunet-contrast demo: {trainer}, {len(list(heldout.iterdir()))} held-out Hippocampus scans, "
           f"labelled fraction {labeled}, CPU budget preset")
     print(f"Dice per class {per_class}; mean foreground Dice {summary['foreground_mean']['Dice']:.4f}")
-    print(f"total time {time.time() - started:.0f} s; files in {root}")
+    print(f"total time {time.time() - started:.0f} s")
     return summary

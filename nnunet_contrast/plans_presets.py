@@ -6,12 +6,7 @@ from typing import Iterable, List
 
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import load_plans, preprocessed_base, write_json_atomic
-from nnunet_contrast.resources import bundled_dir
-from nnunet_contrast.settings import deep_merge, load_preset, resolve_settings
-
-
-def all_preset_names() -> List[str]:
-    return sorted(p.stem for p in bundled_dir("plans").glob("*.json"))
+from nnunet_contrast.settings import SETTINGS_KEY, all_preset_names, deep_merge, load_preset, resolve_settings
 
 
 def parse_assignment(text: str) -> dict:
@@ -35,7 +30,12 @@ def build_plans(plans: dict, presets: Iterable[str], assignments: Iterable[str],
     for name in presets:
         result = deep_merge(result, load_preset(name))
     for text in assignments:
-        result = deep_merge(result, {"configurations": {configuration: parse_assignment(text)}})
+        assignment = parse_assignment(text)
+        key = next(iter(assignment))
+        if key != SETTINGS_KEY and key not in result["configurations"][configuration]:
+            raise UserInputError(f"--set {text}: '{key}' is neither a key of the '{configuration}' configuration "
+                                 f"nor {SETTINGS_KEY}: did you mean {SETTINGS_KEY}.{text}?")
+        result = deep_merge(result, {"configurations": {configuration: assignment}})
     try:
         resolve_settings(result["configurations"][configuration], all_preset_names(), configuration)
     except ValueError as err:
@@ -49,12 +49,14 @@ def build_plans(plans: dict, presets: Iterable[str], assignments: Iterable[str],
 
 
 def write_plans(dataset: str, presets: List[str], assignments: List[str], output_name: str,
-                plans_identifier: str = "nnUNetPlans", configuration: str = "2d") -> Path:
+                plans_identifier: str = "nnUNetPlans", configuration: str = "2d", force: bool = False) -> Path:
     if output_name == plans_identifier:
         raise UserInputError(f"-o {output_name} would overwrite the source plans: choose another name, "
                              f"e.g. -o {plans_identifier}_contrast")
     plans = load_plans(dataset, plans_identifier, configuration)
     result = build_plans(plans, presets, assignments, output_name, configuration)
     path = preprocessed_base(dataset) / f"{output_name}.json"
+    if path.is_file() and json.loads(path.read_text()) != result and not force:
+        raise UserInputError(f"{path} exists with other content: pass --force to replace it, or choose another -o")
     write_json_atomic(path, result)
     return path

@@ -14,12 +14,21 @@ from nnunet_contrast.resources import bundled_dir
 SETTINGS_KEY = "nnunet_contrast"
 
 
+# value rules, by setting name (a name means the same in every section)
+AT_LEAST_ONE = {"num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every", "stride", "block_size",
+                "chunk_size", "global_head_hidden", "global_head_dim", "local_head_hidden", "local_head_dim"}
+POSITIVE = {"unlabeled_batch_ratio", "global_temperature", "local_temperature", "pretrain_lr"}
+CHOICES = {"local_mode": ("block", "stride", "exact", "full"), "local_form": ("supcon", "paper")}
+
+
+def all_preset_names() -> List[str]:
+    return sorted(p.stem for p in bundled_dir("plans").glob("*.json"))
+
+
 def preset_path(name: str) -> Path:
-    path = bundled_dir("plans") / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in bundled_dir("plans").glob("*.json"))
-        raise ValueError(f"unknown preset '{name}'; choose one of {known}")
-    return path
+    if name not in all_preset_names():
+        raise ValueError(f"unknown preset '{name}'; choose one of {all_preset_names()}")
+    return bundled_dir("plans") / f"{name}.json"
 
 
 def load_preset(name: str) -> dict:
@@ -69,17 +78,35 @@ def _check_against(defaults: dict, override: dict, where: str, errors: List[str]
                 _check_against(defaults[key], value, path, errors)
         elif not _same_kind(defaults[key], value):
             errors.append(f"{path} must be of type {type(defaults[key]).__name__}, got {value!r}")
+        else:
+            errors.extend(_value_errors(key, path, value))
+
+
+def _value_errors(key: str, path: str, value) -> List[str]:
+    if key in CHOICES and value not in CHOICES[key]:
+        return [f"{path} must be one of {list(CHOICES[key])}, got {value!r}"]
+    if key in AT_LEAST_ONE and value < 1:
+        return [f"{path} must be at least 1, got {value}"]
+    if key in POSITIVE and not value > 0:
+        return [f"{path} must be > 0, got {value}"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return [f"{path} must not be negative, got {value}"]
+    return []
 
 
 def resolve_settings(configuration_dict: dict, presets: Iterable[str], configuration: str = "2d") -> dict:
     """Defaults from ``presets`` overridden by ``configuration_dict[SETTINGS_KEY]``; unknown keys or
     wrong types raise one ValueError naming each of them."""
     defaults = preset_settings(presets, configuration)
-    override = configuration_dict.get(SETTINGS_KEY, {}) or {}
-    # Settings of other methods may sit in the same plans file; only check the sections we use.
-    relevant = {k: v for k, v in override.items() if k in defaults}
+    override = configuration_dict.get(SETTINGS_KEY, {})
+    if not isinstance(override, dict):
+        raise ValueError(f"{SETTINGS_KEY} in the plans must be a mapping of sections, got {override!r}. "
+                         f"Fix the plans file or regenerate it with 'nnunet-contrast plans'")
+    # Settings of other methods may sit in the same plans file: check every section any preset knows,
+    # and keep only the sections this trainer uses.
     errors: List[str] = []
-    _check_against(defaults, relevant, SETTINGS_KEY, errors)
+    _check_against(preset_settings(all_preset_names(), configuration), override, SETTINGS_KEY, errors)
+    relevant = {k: v for k, v in override.items() if k in defaults}
     if errors:
         raise ValueError("invalid nnunet_contrast settings in the plans file: " + "; ".join(errors)
                          + ". Fix the plans file or regenerate it with 'nnunet-contrast plans'")

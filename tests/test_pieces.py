@@ -265,3 +265,61 @@ def test_progress_png_gets_a_contrast_panel(tmp_path):
     ours.plot_progress_png(str(tmp_path / "ours"))
     with Image.open(tmp_path / "plain" / "progress.png") as a, Image.open(tmp_path / "ours" / "progress.png") as b:
         assert b.width == a.width and b.height > a.height
+
+
+# ----------------------------------------------------------------------------- AMP safety
+def test_losses_stay_float32_under_autocast():
+    """Under mixed precision (bf16 autocast on the CPU stands in for CUDA's fp16) the losses are
+    computed in float32 and equal their float32 values."""
+    from nnunet_contrast.losses import NTXentLoss, SupConLocalLoss
+
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(6, 16), torch.randn(6, 16)
+    features = torch.randn(4, 8, 12, 10)
+    labels = torch.randint(0, 3, (4, 12, 10))
+    losses = [lambda: NTXentLoss(0.5)(z0 @ torch.eye(16), z1 @ torch.eye(16))]
+    losses += [lambda m=m: SupConLocalLoss(0.1, mode=m, block_size=4, chunk_size=16)(
+        torch.nn.functional.conv2d(features, torch.eye(8)[:, :, None, None]), labels)
+        for m in ("block", "stride", "exact", "full")]
+    for loss in losses:
+        reference = loss()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = loss()
+        assert mixed.dtype == torch.float32
+        # the inputs themselves pass through a bf16 matmul/conv; the losses add no further error
+        torch.testing.assert_close(mixed, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_settings_value_rules():
+    base = ["base", "supconlocal_hu2021"]
+    for bad, message in [({"budget": {"save_every": 0}}, "at least 1"),
+                         ({"supconlocal": {"local_mode": "blok"}}, "must be one of"),
+                         ({"supconlocal": {"local_images": -3}}, "must not be negative"),
+                         ({"semisup": {"unlabeled_batch_ratio": 0.0}}, "must be > 0"),
+                         ({"supconlocall": {}}, "unknown setting nnunet_contrast.supconlocall")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_settings({"nnunet_contrast": bad}, base)
+    with pytest.raises(ValueError, match="mapping"):
+        resolve_settings({"nnunet_contrast": 5}, base)
+
+
+def test_build_plans_rejects_keys_outside_the_configuration():
+    with pytest.raises(UserInputError, match="did you mean nnunet_contrast.supconlocal.stride=2"):
+        build_plans(fake_plans(), [], ["supconlocal.stride=2"], "P")
+
+
+def test_rotation_is_rigid_on_non_square_images():
+    """A 90 degree rotation of a 40 x 20 image turns a centred 20-pixel bar into a centred
+    20-pixel column: rigid in pixel space, not stretched to the other axis' length."""
+    import math
+
+    import torch.nn.functional as F
+    from nnunet_contrast.augment import affine_theta
+
+    x = torch.zeros(1, 1, 40, 20)
+    x[:, :, 19:21, :] = 1.0  # a horizontal bar through the centre, full width (20 px)
+    theta = affine_theta(torch.tensor([math.pi / 2]), torch.ones(1), torch.ones(1), torch.zeros(1, 2), 40, 20)
+    rotated = F.grid_sample(x, F.affine_grid(theta, [1, 1, 40, 20], align_corners=False), align_corners=False)
+    column = rotated[0, 0, :, 9:11].sum(1)
+    assert rotated[0, 0, :, 9:11].sum() > 0.8 * rotated.sum()  # all mass in the centre columns
+    assert 18 <= int((column > 0.5).sum()) <= 22                # 20 px long, not 40

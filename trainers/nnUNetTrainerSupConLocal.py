@@ -31,7 +31,7 @@ class nnUNetTrainerSupConLocal(StagedContrastTrainer):
         super().initialize()
         check_unet(self.network)
         s = self.method_settings
-        self.global_loss = NTXentLoss(s["global_temperature"], gather_distributed=self.is_ddp)
+        self.global_loss = NTXentLoss(s["global_temperature"])
         self.local_loss = SupConLocalLoss(s["local_temperature"], s["local_mode"], s["stride"], s["block_size"],
                                           s["local_form"], ignore_label=self.label_manager.ignore_label,
                                           chunk_size=s["chunk_size"])
@@ -64,10 +64,11 @@ class nnUNetTrainerSupConLocal(StagedContrastTrainer):
 
     def local_step_loss(self, batch: dict) -> torch.Tensor:
         """Eq. 2-3 on labelled images: both views keep the labels (intensity-only changes)."""
-        count = self.method_settings["local_images"] or None  # 0: the whole labelled batch
-        images = batch["data"][:count].to(self.device, non_blocking=True)
+        # the last images of nnU-Net's batch are its foreground-oversampled crops: take those
+        first = -self.method_settings["local_images"] if self.method_settings["local_images"] else 0
+        images = batch["data"][first:].to(self.device, non_blocking=True)
         target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        target = target[:count].to(self.device, non_blocking=True)
+        target = target[first:].to(self.device, non_blocking=True)
         view0, view1 = two_views(images, spatial=False)
         _, features = forward_with_decoder_features(self.network, torch.cat([view0, view1]))
         return self.local_loss(self.heads["local"](features), torch.cat([target, target]))

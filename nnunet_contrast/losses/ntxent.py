@@ -38,6 +38,10 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=z0.device.type, enabled=False):  # float32 under AMP
+            return self._loss(z0, z1)
+
+    def _loss(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         if z0.ndim != 2 or z0.shape != z1.shape:
             raise ValueError(f"NTXentLoss: expected two (B, D) tensors of equal shape, got "
                              f"{tuple(z0.shape)} and {tuple(z1.shape)}")

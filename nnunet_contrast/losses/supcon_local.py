@@ -64,6 +64,11 @@ def supcon_pixel_loss(features: torch.Tensor, labels: torch.Tensor, temperature:
     if features.ndim != 2 or labels.shape != features.shape[:1]:
         raise ValueError(f"supervised local contrast: expected features (N, C) and labels (N,), got "
                          f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    with torch.autocast(device_type=features.device.type, enabled=False):  # float32 under AMP
+        return _summed_loss(features, labels, temperature, form, background, chunk_size)
+
+
+def _summed_loss(features, labels, temperature, form, background, chunk_size):
     feats = F.normalize(features.float(), dim=1)
     anchor_index = torch.nonzero(labels != background).flatten()
     counts = torch.bincount(labels[anchor_index].long()) if len(anchor_index) else None

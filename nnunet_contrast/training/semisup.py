@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.semisup.data import ImagesOnly, UnionDataset, folder_dataset
@@ -33,17 +34,31 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # checked before nnU-Net's __init__, which creates the output folder and log
+        settings = self.check_supported(PlansManager(plans), configuration, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if len(self.configuration_manager.patch_size) != 2:
-            raise UserInputError(f"{type(self).__name__} trains 2D networks only, but configuration "
-                                 f"'{configuration}' is {len(self.configuration_manager.patch_size)}D: train "
-                                 f"the 2d configuration (nnUNetv2_train DATASET 2d FOLD -tr {type(self).__name__})")
-        self.settings = resolve_settings(self.configuration_manager.configuration, self.presets)
+        self.settings = settings
         self.apply_budget(self.settings["budget"])
         self.labeled_keys: List[str] = []
         self.unlabeled_keys: List[str] = []
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
         self._unlabeled_for_loader = None  # set while nnU-Net builds the unlabelled loader
+
+    @classmethod
+    def check_supported(cls, plans_manager: "PlansManager", configuration: str, dataset_json: dict) -> dict:
+        """One-line errors for what this trainer cannot train; returns the resolved settings."""
+        name = cls.__name__
+        config = plans_manager.get_configuration(configuration)
+        if len(config.patch_size) != 2:
+            raise UserInputError(f"{name} trains 2D networks only, but configuration '{configuration}' is "
+                                 f"{len(config.patch_size)}D: train the 2d configuration "
+                                 f"(nnUNetv2_train DATASET 2d FOLD -tr {name})")
+        if cls.uses_unlabeled and plans_manager.get_label_manager(dataset_json).has_ignore_label:
+            # nnU-Net's loader picks crops from the annotated area of an image when an ignore label
+            # exists, which for unlabelled cases would mean reading their hidden labels
+            raise UserInputError(f"{name} does not support datasets with an ignore label yet: train "
+                                 f"nnUNetTrainerLabeledOnly, or a dataset without 'ignore' in its labels")
+        return resolve_settings(config.configuration, cls.presets)
 
     # ----------------------------------------------------------------- settings
     def apply_budget(self, budget: dict) -> None:

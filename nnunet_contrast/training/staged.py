@@ -12,7 +12,9 @@ import torch
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
+from torch import distributed as dist
 
+from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.progress import ContrastLocalLogger
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
@@ -59,6 +61,18 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
         self.current_stage = None
         self._heads = None
         self.logger.local_logger = ContrastLocalLogger([s.name for s in self.stages])
+
+    @classmethod
+    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict) -> dict:
+        settings = super().check_supported(plans_manager, configuration, dataset_json)
+        if dist.is_available() and dist.is_initialized():
+            # the pretraining stages call sub-modules and heads outside DDP: gradients would not sync
+            raise UserInputError(f"{cls.__name__} trains on one GPU or the CPU only: run nnUNetv2_train "
+                                 f"without -num_gpus")
+        if plans_manager.get_label_manager(dataset_json).has_regions:
+            raise UserInputError(f"{cls.__name__} needs class labels, not regions: train a dataset without "
+                                 f"'regions_class_order' in its dataset.json")
+        return settings
 
     # ------------------------------------------------------------ to define
     def pretraining_stages(self) -> List[Stage]:
@@ -164,6 +178,10 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
                 "settings": self.settings}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:
+        if extras.get("settings", self.settings) != self.settings:
+            # nnU-Net allows continuing with, e.g., more epochs; stage boundaries move with the settings
+            self.print_to_log_file("WARNING: the settings differ from those the checkpoint was trained with; "
+                                   "stages follow the current settings (see nnunet_contrast_settings.json)")
         stage = extras.get("optimizer_stage") or self.stage_at(current_epoch)
         self.optimizer, self.lr_scheduler = self.stage_optimizer(stage)
         self.current_stage = stage
