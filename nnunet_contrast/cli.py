@@ -47,9 +47,24 @@ def cmd_plans(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from nnunet_contrast.demo import run_demo
+    import subprocess
 
-    run_demo(args.trainer, Path(args.workdir) if args.workdir else None, args.labeled, args.set or [])
+    from nnunet_contrast.demo import run_demo
+    from nnunet_contrast.plans_presets import parse_assignment
+    from nnunet_contrast.resources import bundled_dir
+    from nnunet_contrast.semisup.split import parse_labeled
+
+    trainers = sorted(p.stem for p in bundled_dir("trainers").glob("nnUNetTrainer*.py"))
+    if args.trainer not in trainers:
+        raise UserInputError(f"--trainer {args.trainer} is not a trainer of this project: choose one of {trainers}")
+    parse_labeled(args.labeled)
+    for text in args.set or []:
+        parse_assignment(text)
+    try:
+        run_demo(args.trainer, Path(args.workdir) if args.workdir else None, args.labeled, args.set or [])
+    except subprocess.CalledProcessError as err:
+        raise UserInputError(f"step '{' '.join(map(str, err.cmd[:2]))}' failed with exit code {err.returncode}; "
+                             f"its output is above") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

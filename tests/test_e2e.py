@@ -160,3 +160,12 @@ def test_trainer_rejects_3d_configuration(hippocampus):
                              "-device", "cpu", check=False)
     assert result.returncode != 0
     assert "trains 2D networks only" in result.stderr
+
+
+def test_plans_output_is_not_replaced_without_force(hippocampus):
+    path = hippocampus.preprocessed / f"{TEST_PLANS}.json"
+    before = path.read_text()
+    result = hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-o", TEST_PLANS, "--preset", "cpu_budget",
+                             check=False)
+    assert_one_line_error(result, "--force")
+    assert path.read_text() == before

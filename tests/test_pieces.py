@@ -323,3 +323,20 @@ def test_rotation_is_rigid_on_non_square_images():
     column = rotated[0, 0, :, 9:11].sum(1)
     assert rotated[0, 0, :, 9:11].sum() > 0.8 * rotated.sum()  # all mass in the centre columns
     assert 18 <= int((column > 0.5).sum()) <= 22                # 20 px long, not 40
+
+
+# ----------------------------------------------------------------------------- demo arguments
+@pytest.mark.parametrize("args, message", [(["--trainer", "nnUNetTrainerFoo"], "not a trainer of this project"),
+                                           (["--labeled", "2.5"], "outside (0, 1]"),
+                                           (["--set", "batch_size"], "KEY=VALUE")])
+def test_demo_checks_its_arguments_before_any_work(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "nnunet-contrast"
+    result = subprocess.run([str(cli), "demo", "--workdir", str(tmp_path / "w"), *args], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
