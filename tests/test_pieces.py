@@ -200,12 +200,12 @@ def test_build_plans_rejects_bad_settings():
 
 
 # ----------------------------------------------------------------------------- start-up hook
-def test_autoload_appends_trainer_folder_and_keeps_user_paths():
-    env = {"nnUNet_extTrainer": "/my/trainers"}
+def test_autoload_appends_trainer_folder_and_keeps_user_paths(tmp_path):
+    env = {"nnUNet_extTrainer": str(tmp_path)}
     _autoload.register_trainer_folder(env)
     _autoload.register_trainer_folder(env)  # idempotent
     parts = env["nnUNet_extTrainer"].split(os.pathsep)
-    assert parts == ["/my/trainers", str(bundled_dir("trainers"))]
+    assert parts == [str(tmp_path), str(bundled_dir("trainers"))]
     empty = {}
     _autoload.register_trainer_folder(empty)
     assert empty["nnUNet_extTrainer"] == str(bundled_dir("trainers"))
