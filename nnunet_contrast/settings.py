@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterable, List
 
+from nnunet_contrast.losses.supcon_local import FORMS, MODES
 from nnunet_contrast.resources import bundled_dir
 
 SETTINGS_KEY = "nnunet_contrast"
@@ -18,7 +19,7 @@ SETTINGS_KEY = "nnunet_contrast"
 AT_LEAST_ONE = {"num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every", "stride", "block_size",
                 "chunk_size", "global_head_hidden", "global_head_dim", "local_head_hidden", "local_head_dim"}
 POSITIVE = {"unlabeled_batch_ratio", "global_temperature", "local_temperature", "pretrain_lr"}
-CHOICES = {"local_mode": ("block", "stride", "exact", "full"), "local_form": ("supcon", "paper")}
+CHOICES = {"local_mode": MODES, "local_form": FORMS}
 
 
 def all_preset_names() -> List[str]:

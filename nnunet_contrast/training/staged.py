@@ -9,7 +9,6 @@ from typing import Dict, List, NamedTuple
 
 import numpy as np
 import torch
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch import distributed as dist
@@ -165,7 +164,8 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        contrast = float(np.mean(collate_outputs(train_outputs)["loss"])) \
+        # in a pretraining stage nnU-Net's logged training loss is the contrastive loss
+        contrast = float(self.logger.get_value("train_losses", step=-1)) \
             if self.current_stage != FINETUNE else float("nan")
         self.logger.log("contrast_loss", contrast, self.current_epoch)
         self.logger.log("stage", [s.name for s in self.stages].index(self.current_stage), self.current_epoch)
