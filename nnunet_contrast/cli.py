@@ -46,15 +46,25 @@ def cmd_plans(args) -> None:
     print(f"wrote {path}; train with: nnUNetv2_train {args.dataset} 2d FOLD -tr TRAINER -p {args.output}")
 
 
+def project_trainers() -> List[str]:
+    """Names of the trainer classes in our trainers/ folder (a family per file, variants included)."""
+    import re
+
+    from nnunet_contrast.resources import bundled_dir
+
+    found = (re.findall(r"^class (nnUNetTrainer\w+)\(", p.read_text(), re.M)
+             for p in bundled_dir("trainers").glob("nnUNetTrainer*.py"))
+    return sorted(name for names in found for name in names)
+
+
 def cmd_demo(args) -> None:
     import subprocess
 
     from nnunet_contrast.demo import run_demo
     from nnunet_contrast.plans_presets import parse_assignment
-    from nnunet_contrast.resources import bundled_dir
     from nnunet_contrast.semisup.split import parse_labeled
 
-    trainers = sorted(p.stem for p in bundled_dir("trainers").glob("nnUNetTrainer*.py"))
+    trainers = project_trainers()
     if args.trainer not in trainers:
         raise UserInputError(f"--trainer {args.trainer} is not a trainer of this project: choose one of {trainers}")
     parse_labeled(args.labeled)

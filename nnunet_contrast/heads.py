@@ -22,15 +22,19 @@ class GlobalProjectionHead(nn.Module):
 
 
 class DenseProjectionHead(nn.Module):
-    """h2 of Hu et al.: two point-wise (1x1) convolutions with a ReLU between, L2 norm per pixel.
+    """h2 of Hu et al. (g2 of Chaitanya et al. 2020, h_phi of Chaitanya et al. 2023): two point-wise
+    (1x1) convolutions with a ReLU between, then an L2 norm per pixel unless ``normalize=False``
+    (the class-mean and region losses normalise means and flattened regions themselves).
 
-    Shapes: (B, C, H, W) -> (B, out_dim, H, W) with unit vectors along dim 1.
+    Shapes: (B, C, H, W) -> (B, out_dim, H, W).
     """
 
-    def __init__(self, in_channels: int, hidden_dim: int = 256, out_dim: int = 128):
+    def __init__(self, in_channels: int, hidden_dim: int = 256, out_dim: int = 128, normalize: bool = True):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 1), nn.ReLU(inplace=True),
                                  nn.Conv2d(hidden_dim, out_dim, 1))
+        self.normalize = normalize
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(features), dim=1)
+        out = self.net(features)
+        return F.normalize(out, dim=1) if self.normalize else out

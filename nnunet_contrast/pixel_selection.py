@@ -1,13 +1,17 @@
-"""Which pixels of dense feature maps enter a local contrastive loss (Hu et al. 2021, Sec. 2.3).
+"""Which pixels or regions of dense feature maps enter a local contrastive loss.
 
-Separated from the losses (as in pytorch-metric-learning): each function turns (V, C, H, W)
-features and (V, H, W) labels into flat (N, C) features and (N,) labels of valid pixels.
+Separated from the losses (as in pytorch-metric-learning):
+* Hu et al. 2021 (Sec. 2.3): ``flatten_valid``, ``stride_pixels`` and ``block_pixels`` turn
+  (V, C, H, W) features and (V, H, W) labels into flat (N, C) features and (N,) labels;
+* Chaitanya et al. 2023: ``sample_class_pixels`` draws anchor pixels per class and image;
+* Chaitanya et al. 2020: ``region_corners`` and ``region_vectors`` cut the 13 local regions.
 """
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 Pixels = Tuple[torch.Tensor, torch.Tensor]
+Anchors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def flatten_valid(features: torch.Tensor, labels: torch.Tensor, ignore_label: Optional[int] = None) -> Pixels:
@@ -37,3 +41,46 @@ def block_pixels(features: torch.Tensor, labels: torch.Tensor, block_size: int,
         for left in range(0, width, block_size):
             rows, cols = slice(top, top + block_size), slice(left, left + block_size)
             yield flatten_valid(features[:, :, rows, cols], labels[:, rows, cols], ignore_label)
+
+
+def sample_class_pixels(labels: torch.Tensor, classes: Sequence[int], per_class: int,
+                        generator: Optional[torch.Generator] = None) -> Anchors:
+    """``per_class`` random pixels (with replacement) of each class in ``classes`` in each image
+    where it occurs (Chaitanya et al. 2023: |S_c(x)| = 3). Absent classes give no pixel.
+
+    labels: (B, H, W). Returns (image, pixel, label) index tensors of equal length; ``pixel``
+    indexes the flattened H*W map.
+    """
+    flat = labels.reshape(labels.shape[0], -1).long()
+    empty = torch.zeros(0, dtype=torch.long, device=labels.device)
+    if per_class < 1:
+        raise ValueError(f"sample_class_pixels: per_class must be at least 1, got {per_class}")
+    if not len(classes) or flat.shape[1] == 0:
+        return empty, empty, empty
+    wanted = torch.as_tensor(list(classes), device=labels.device).long()
+    masks = flat[:, None, :] == wanted[None, :, None]                     # (B, K, HW)
+    image, which = torch.nonzero(masks.any(2), as_tuple=True)
+    if len(image) == 0:
+        return empty, empty, empty
+    pixel = torch.multinomial(masks[image, which].float(), per_class, replacement=True, generator=generator)
+    return (image.repeat_interleave(per_class), pixel.reshape(-1), wanted[which].repeat_interleave(per_class))
+
+
+def region_corners(height: int, width: int, size: int) -> List[Tuple[int, int]]:
+    """Top-left corners of the 13 local regions of Chaitanya et al. 2020 on a (height, width) map:
+    a 3 x 3 grid at 0, 1/2, 1 of the free range plus a 2 x 2 grid at 1/4, 3/4 of it, so that every
+    ``size`` x ``size`` region lies inside the map. Duplicates on small maps are dropped."""
+    if height < size or width < size:
+        raise ValueError(f"a {height}x{width} feature map is smaller than the {size}x{size} local regions: "
+                         f"use a smaller region size or a decoder block of higher resolution")
+    free_h, free_w = height - size, width - size
+    outer = [(round(free_h * a), round(free_w * b)) for a in (0, .5, 1) for b in (0, .5, 1)]
+    inner = [(round(free_h * a), round(free_w * b)) for a in (.25, .75) for b in (.25, .75)]
+    return list(dict.fromkeys(outer + inner))
+
+
+def region_vectors(features: torch.Tensor, size: int) -> torch.Tensor:
+    """Each of the ``region_corners`` regions of every map, flattened: (M, C, H, W) -> (M, A, C*size*size)."""
+    corners = region_corners(features.shape[-2], features.shape[-1], size)
+    regions = [features[:, :, top:top + size, left:left + size].flatten(1) for top, left in corners]
+    return torch.stack(regions, dim=1)

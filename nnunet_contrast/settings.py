@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterable, List
 
+from nnunet_contrast.losses.class_mean import MATCHINGS
 from nnunet_contrast.losses.supcon_local import FORMS, MODES
 from nnunet_contrast.resources import bundled_dir
 
@@ -17,9 +18,14 @@ SETTINGS_KEY = "nnunet_contrast"
 
 # value rules, by setting name (a name means the same in every section)
 AT_LEAST_ONE = {"num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every", "stride", "block_size",
-                "chunk_size", "global_head_hidden", "global_head_dim", "local_head_hidden", "local_head_dim"}
-POSITIVE = {"unlabeled_batch_ratio", "global_temperature", "local_temperature", "pretrain_lr"}
-CHOICES = {"local_mode": MODES, "local_form": FORMS}
+                "chunk_size", "global_head_hidden", "global_head_dim", "local_head_hidden", "local_head_dim",
+                "pixels_per_class", "embedding_dim", "head_hidden", "pseudo_label_rounds", "pretrain_batch_size",
+                "partitions", "decoder_blocks", "region_size"}
+POSITIVE = {"unlabeled_batch_ratio", "global_temperature", "local_temperature", "temperature", "pretrain_lr"}
+BELOW_ONE = {"warmup_fraction"}      # in [0, 1)
+AT_MOST_ONE = {"confidence_threshold"}  # in [0, 1]
+CHOICES = {"local_mode": MODES, "local_form": FORMS, "matching": MATCHINGS, "global_strategy": ("GR", "GD"),
+           "local_strategy": ("LR", "LD")}
 
 
 def all_preset_names() -> List[str]:
@@ -90,6 +96,10 @@ def _value_errors(key: str, path: str, value) -> List[str]:
         return [f"{path} must be at least 1, got {value}"]
     if key in POSITIVE and not value > 0:
         return [f"{path} must be > 0, got {value}"]
+    if key in BELOW_ONE and not 0 <= value < 1:
+        return [f"{path} must be in [0, 1), got {value}"]
+    if key in AT_MOST_ONE and not 0 <= value <= 1:
+        return [f"{path} must be in [0, 1], got {value}"]
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
         return [f"{path} must not be negative, got {value}"]
     return []

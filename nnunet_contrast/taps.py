@@ -5,7 +5,7 @@ They rely on the structure every nnU-Net U-Net shares: ``network.encoder(x)`` re
 (bottleneck last) and ``network.decoder.stages`` holds the decoder stages, last = full resolution.
 """
 from contextlib import contextmanager
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -71,3 +71,32 @@ def forward_with_decoder_features(network: nn.Module, x: torch.Tensor,
     with tap_decoder_stage(network, stage) as tap:
         output = network(x)
     return output, tap["features"]
+
+
+def decoder_stage_count(network: nn.Module) -> int:
+    return len(unwrap_network(network).decoder.stages)
+
+
+def decoder_block_features(network: nn.Module, x: torch.Tensor, blocks: int,
+                           train_encoder: bool = True) -> torch.Tensor:
+    """Output of the first ``blocks`` decoder stages (counted from the bottleneck, as the decoder
+    blocks d_l of Chaitanya et al. 2020) without running the rest of the decoder.
+    ``train_encoder=False`` runs the encoder without gradient (a frozen encoder)."""
+    net = unwrap_network(network)
+    if not 1 <= blocks <= len(net.decoder.stages):
+        raise ValueError(f"decoder block {blocks} does not exist: the network has {len(net.decoder.stages)} "
+                         f"decoder stages")
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        skips = net.encoder(x)
+    features = skips[-1]
+    for s in range(blocks):  # nnU-Net's UNetDecoder: upsample, concatenate the skip, convolve
+        upsampled = net.decoder.transpconvs[s](features)
+        features = net.decoder.stages[s](torch.cat((upsampled, skips[-(s + 2)]), 1))
+    return features
+
+
+def decoder_block_parameters(network: nn.Module, blocks: int) -> List[nn.Parameter]:
+    """Parameters of the first ``blocks`` decoder stages and their upsampling layers."""
+    net = unwrap_network(network)
+    modules = list(net.decoder.transpconvs[:blocks]) + list(net.decoder.stages[:blocks])
+    return [p for m in modules for p in m.parameters()]

@@ -11,6 +11,7 @@ from nnunet_contrast.demo import command_path, prepare_dataset
 
 TEST_PLANS = "nnUNetPlans_test"
 # a budget of seconds: 2 fine-tuning epochs of 2 iterations, one epoch per contrastive stage
+# (PseudoLabelContrast: one warm-up and one joint epoch)
 TEST_SETTINGS = [
     "batch_size=4",
     "nnunet_contrast.budget.num_epochs=2",
@@ -21,6 +22,11 @@ TEST_SETTINGS = [
     "nnunet_contrast.supconlocal.local_epochs=1",
     "nnunet_contrast.supconlocal.pretrain_iterations_per_epoch=3",
     "nnunet_contrast.supconlocal.local_images=2",
+    "nnunet_contrast.globallocal.global_epochs=1",
+    "nnunet_contrast.globallocal.local_epochs=1",
+    "nnunet_contrast.globallocal.pretrain_iterations_per_epoch=3",
+    "nnunet_contrast.globallocal.pretrain_batch_size=8",
+    "nnunet_contrast.pseudolabel.warmup_fraction=0.5",
 ]
 
 

@@ -4,6 +4,8 @@ from typing import List, Sequence
 
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, infer_dataset_class
 
+SLICE_KEYS = ("slice_index", "slice_count")  # reported by nnunet_contrast.semisup.slices loaders
+
 
 class UnionDataset(nnUNetBaseDataset):
     """Cases from several nnU-Net datasets (e.g. unlabelled training cases and added images)."""
@@ -39,7 +41,8 @@ def folder_dataset(folder: Path, identifiers: Sequence[str] = None):
 
 
 class ImagesOnly:
-    """Wraps a batch generator so that its batches carry images and case keys but no labels.
+    """Wraps a batch generator so that its batches carry images, case keys and slice positions
+    (``SLICE_KEYS``, where the loader reports them) but no labels.
 
     This is the single gate through which unlabelled cases reach a trainer: whatever label array
     nnU-Net's loader read for them (a hidden true label, or a placeholder) is dropped here.
@@ -53,7 +56,8 @@ class ImagesOnly:
 
     def __next__(self) -> dict:
         batch = next(self.generator)
-        return {"data": batch["data"], "keys": batch.get("keys")}
+        return {"data": batch["data"], "keys": batch.get("keys"),
+                **{key: batch[key] for key in SLICE_KEYS if key in batch}}
 
     def finish(self) -> None:
         finish = getattr(self.generator, "_finish", None)

@@ -7,7 +7,10 @@ from typing import List, Optional
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_contrast.errors import UserInputError
@@ -23,13 +26,15 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     """Trains on the labelled cases of the split and offers unlabelled batches (images only).
 
     * ``presets``: the files in ``plans/`` that give this trainer's default settings.
-    * ``uses_unlabeled``: build a loader over the unlabelled pool (``next_unlabeled_images``).
+    * ``uses_unlabeled``: reads images of unlabelled cases (datasets with an ignore label are refused).
+    * ``unlabeled_batches``: build a loader over the unlabelled pool (``next_unlabeled_images``).
     * ``requires_unlabeled``: fail at start when the unlabelled pool is empty.
     * The budget (epochs, iterations, checkpoint interval) comes from the settings.
     """
 
     presets = ("base",)
     uses_unlabeled = True
+    unlabeled_batches = True
     requires_unlabeled = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -42,7 +47,6 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.labeled_keys: List[str] = []
         self.unlabeled_keys: List[str] = []
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
-        self._unlabeled_for_loader = None  # set while nnU-Net builds the unlabelled loader
 
     @classmethod
     def check_supported(cls, plans_manager: "PlansManager", configuration: str, dataset_json: dict) -> dict:
@@ -111,11 +115,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         parts = [p for p in parts if p is not None]
         return UnionDataset(parts) if parts else None
 
-    def get_tr_and_val_datasets(self):
-        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        if self._unlabeled_for_loader is not None:
-            return self._unlabeled_for_loader, dataset_val
-        return dataset_tr, dataset_val
+    def labeled_dataset(self):
+        return folder_dataset(Path(self.preprocessed_dataset_folder), self.labeled_keys)
+
+    def all_images_dataset(self) -> UnionDataset:
+        """Labelled and unlabelled training cases and added images (for label-free pretraining)."""
+        return UnionDataset([p for p in (self.labeled_dataset(), self.unlabeled_dataset()) if p is not None])
 
     @property
     def unlabeled_batch_size(self) -> int:
@@ -123,28 +128,32 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def get_dataloaders(self):
         loaders = super().get_dataloaders()
-        self.dataloader_unlabeled = self.build_unlabeled_loader()
+        dataset = self.unlabeled_dataset() if self.uses_unlabeled and self.unlabeled_batches else None
+        self.dataloader_unlabeled = self.build_image_loader(dataset, self.unlabeled_batch_size) \
+            if dataset is not None else None
         return loaders
 
-    def build_unlabeled_loader(self) -> Optional[ImagesOnly]:
-        """nnU-Net's training loader and augmentation over the unlabelled pool, images only.
+    def build_image_loader(self, dataset, batch_size: int, loader_class=nnUNetDataLoader,
+                           **loader_kwargs) -> ImagesOnly:
+        """nnU-Net's training augmentation and worker processes over ``dataset``, images only.
 
-        Foreground oversampling is switched off: it would pick crops using the hidden labels.
+        Foreground oversampling is off: it would pick crops using labels that may be hidden.
         """
-        dataset = self.unlabeled_dataset() if self.uses_unlabeled else None
-        if dataset is None:
-            return None
-        saved = self.batch_size, self.oversample_foreground_percent
-        self.batch_size, self.oversample_foreground_percent = self.unlabeled_batch_size, 0.0
-        self._unlabeled_for_loader = dataset
-        try:
-            loader, spare_val_loader = super().get_dataloaders()
-        finally:
-            self.batch_size, self.oversample_foreground_percent = saved
-            self._unlabeled_for_loader = None
-        if isinstance(spare_val_loader, NonDetMultiThreadedAugmenter):
-            spare_val_loader._finish()
-        return ImagesOnly(loader)
+        patch_size = self.configuration_manager.patch_size
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.get_training_transforms(
+            patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=None,
+            ignore_label=self.label_manager.ignore_label)
+        loader = loader_class(dataset, batch_size, initial_patch_size, patch_size, self.label_manager,
+                              oversample_foreground_percent=0.0, transforms=transforms, **loader_kwargs)
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            return ImagesOnly(SingleThreadedAugmenter(loader, None))
+        return ImagesOnly(NonDetMultiThreadedAugmenter(loader, None, processes, max(6, processes // 2), None,
+                                                       pin_memory=self.device.type == "cuda", wait_time=0.002))
 
     def next_unlabeled_images(self) -> Optional[torch.Tensor]:
         if self.dataloader_unlabeled is None:
@@ -196,5 +205,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         super().on_train_end()
         if self.dataloader_unlabeled is not None:
             self.dataloader_unlabeled.finish()
+        for loader in self.extra_loaders():
+            loader.finish()
+
+    def extra_loaders(self) -> List[ImagesOnly]:
+        """Loaders a subclass builds besides nnU-Net's and the unlabelled one (finished at the end)."""
+        return []
 
 

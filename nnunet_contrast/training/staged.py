@@ -7,15 +7,11 @@ checkpoint so that ``nnUNetv2_train ... --c`` resumes mid-stage exactly where it
 import math
 from typing import Dict, List, NamedTuple
 
-import numpy as np
 import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
-from torch import distributed as dist
 
-from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.training.progress import ContrastLocalLogger
-from nnunet_contrast.training.semisup import SemiSupervisedTrainer
+from nnunet_contrast.training.contrast import ContrastTrainer
 
 FINETUNE = "finetune"
 
@@ -42,42 +38,28 @@ class ShiftedSchedule:
         self.schedule.step(None if epoch is None else epoch - self.first_epoch)
 
 
-class StagedContrastTrainer(SemiSupervisedTrainer):
+class StagedContrastTrainer(ContrastTrainer):
     """Subclasses define ``pretraining_stages``, ``build_heads``, ``stage_parameters`` and
     ``contrast_loss``; fine-tuning is nnU-Net's own ``train_step``."""
-
-    method_key = ""  # the settings section of the method, e.g. "supconlocal"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.method_settings = self.settings[self.method_key]
-        self.stages: List[Stage] = [s for s in self.pretraining_stages() if s.epochs > 0]
-        self.finetune_start = sum(s.epochs for s in self.stages)
-        self.stages.append(Stage(FINETUNE, self.num_epochs))
+        self.finetune_start = sum(s.epochs for s in self.stages[:-1])
         self.num_epochs = self.finetune_start + self.num_epochs
         self.finetune_iterations = self.num_iterations_per_epoch
         self.current_stage = None
-        self._heads = None
-        self.logger.local_logger = ContrastLocalLogger([s.name for s in self.stages])
 
-    @classmethod
-    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict) -> dict:
-        settings = super().check_supported(plans_manager, configuration, dataset_json)
-        if dist.is_available() and dist.is_initialized():
-            # the pretraining stages call sub-modules and heads outside DDP: gradients would not sync
-            raise UserInputError(f"{cls.__name__} trains on one GPU or the CPU only: run nnUNetv2_train "
-                                 f"without -num_gpus")
-        if plans_manager.get_label_manager(dataset_json).has_regions:
-            raise UserInputError(f"{cls.__name__} needs class labels, not regions: train a dataset without "
-                                 f"'regions_class_order' in its dataset.json")
-        return settings
+    @property
+    def stages(self) -> List[Stage]:
+        return [s for s in self.pretraining_stages() if s.epochs > 0] + \
+            [Stage(FINETUNE, self.settings["budget"]["num_epochs"])]
+
+    def stage_names(self) -> List[str]:
+        return [s.name for s in self.stages]
 
     # ------------------------------------------------------------ to define
     def pretraining_stages(self) -> List[Stage]:
-        raise NotImplementedError
-
-    def build_heads(self) -> nn.ModuleDict:
         raise NotImplementedError
 
     def stage_parameters(self, stage: str) -> List[nn.Parameter]:
@@ -87,12 +69,6 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
         raise NotImplementedError
 
     # ------------------------------------------------------------ stages
-    @property
-    def heads(self) -> nn.ModuleDict:
-        if self._heads is None:
-            self._heads = self.build_heads().to(self.device)
-        return self._heads
-
     def stage_at(self, epoch: int) -> str:
         end = 0
         for stage in self.stages:
@@ -135,7 +111,6 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
             self.enter_stage(stage)
         # nnU-Net's loop reads this attribute at the start of every epoch
         self.num_iterations_per_epoch = self.iterations_per_epoch(stage)
-        self.heads.train()
         super().on_train_epoch_start()
         self.print_to_log_file(f"Stage: {stage}")
 
@@ -148,42 +123,19 @@ class StagedContrastTrainer(SemiSupervisedTrainer):
         self.backward_and_step(loss)
         return {"loss": loss.detach().cpu().numpy()}
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
-        """nnU-Net's update (gradient scaling on CUDA, clipping at 12) over the stage's parameters."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.optimizer.step()
-
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         # in a pretraining stage nnU-Net's logged training loss is the contrastive loss
         contrast = float(self.logger.get_value("train_losses", step=-1)) \
             if self.current_stage != FINETUNE else float("nan")
-        self.logger.log("contrast_loss", contrast, self.current_epoch)
-        self.logger.log("stage", [s.name for s in self.stages].index(self.current_stage), self.current_epoch)
-        if self.current_stage != FINETUNE:
-            self.print_to_log_file(f"contrastive loss ({self.current_stage}): {np.round(contrast, 4)}")
+        self.log_contrast(contrast, self.current_stage)
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_extras(self) -> Dict:
-        return {"heads": self.heads.state_dict(), "optimizer_stage": self.current_stage,
-                "settings": self.settings}
+        return {**super().checkpoint_extras(), "optimizer_stage": self.current_stage}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:
-        if extras.get("settings", self.settings) != self.settings:
-            # nnU-Net allows continuing with, e.g., more epochs; stage boundaries move with the settings
-            self.print_to_log_file("WARNING: the settings differ from those the checkpoint was trained with; "
-                                   "stages follow the current settings (see nnunet_contrast_settings.json)")
+        super().restore_extras(extras, current_epoch)
         stage = extras.get("optimizer_stage") or self.stage_at(current_epoch)
         self.optimizer, self.lr_scheduler = self.stage_optimizer(stage)
         self.current_stage = stage
-        if "heads" in extras:
-            self.heads.load_state_dict(extras["heads"])

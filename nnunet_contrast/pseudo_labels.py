@@ -1,0 +1,87 @@
+"""Pseudo-labels for self-training (Chaitanya et al. 2023, Sec. 3 and Table VII).
+
+A ``PseudoLabeler`` holds a frozen copy of the segmentation network taken at the start of a
+pseudo-labelling round; it labels each augmented unlabelled batch, so that pseudo-labels follow
+their image's spatial augmentation. Refreshing the copy every P iterations is the paper's
+re-estimation of pseudo-labels every P iterations.
+"""
+import copy
+from typing import List
+
+import torch
+from torch import nn
+
+from nnunet_contrast.taps import unwrap_network
+
+EXCLUDED = -1  # label of the pixels of an image left out by the confidence filter
+
+
+def round_start_epochs(warmup_epochs: int, total_epochs: int, rounds: int) -> List[int]:
+    """First epoch of each of ``rounds`` pseudo-labelling rounds splitting the epochs after the
+    warm-up as evenly as possible (no round is empty when there are at least as many epochs)."""
+    if rounds < 1:
+        raise ValueError(f"pseudo-labelling needs at least one round, got {rounds}")
+    joint = total_epochs - warmup_epochs
+    starts = [warmup_epochs + (r * joint) // rounds for r in range(rounds)]
+    return sorted(set(starts)) if joint > 0 else []
+
+
+def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, background: int = 0) -> torch.Tensor:
+    """Per-image Dice of two label maps (B, H, W), averaged over the foreground classes present in
+    either; 1 where neither has foreground."""
+    dims = tuple(range(1, a.ndim))
+    scores, present = [], []
+    for c in range(num_classes):
+        if c == background:
+            continue
+        in_a, in_b = a == c, b == c
+        both = (in_a & in_b).sum(dims).float()
+        total = (in_a.sum(dims) + in_b.sum(dims)).float()
+        scores.append(torch.where(total > 0, 2 * both / total.clamp(min=1), torch.zeros_like(total)))
+        present.append(total > 0)
+    if not scores:
+        return torch.ones(a.shape[0], device=a.device)
+    scores, present = torch.stack(scores, 1), torch.stack(present, 1)
+    mean = (scores * present).sum(1) / present.sum(1).clamp(min=1)
+    return torch.where(present.any(1), mean, torch.ones_like(mean))
+
+
+class PseudoLabeler:
+    """Frozen snapshot of a segmentation network that labels images by argmax.
+
+    Args:
+        network: the trainer's network (DDP / compile wrappers are removed); it is copied.
+        confidence_threshold: 0 keeps every pseudo-label; above 0, an image whose prediction
+            and the prediction of its flipped copy (flipped back) agree with a foreground Dice
+            below the threshold is excluded (all pixels ``EXCLUDED``). The paper's consistency
+            filter uses rotation, translation and scaling; flips are exactly invertible.
+    """
+
+    def __init__(self, network: nn.Module, confidence_threshold: float = 0.0):
+        self.network = copy.deepcopy(unwrap_network(network)).eval()
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(False)
+        self.confidence_threshold = confidence_threshold
+
+    def state_dict(self) -> dict:
+        return self.network.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.network(images)
+        return out[0] if isinstance(out, (list, tuple)) else out  # full resolution under deep supervision
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, H, W) long pseudo-labels."""
+        logits = self.logits(images)
+        labels = logits.argmax(1)
+        if self.confidence_threshold > 0:
+            spatial = tuple(range(2, images.ndim))
+            flipped = self.logits(images.flip(spatial)).flip(spatial).argmax(1)
+            agree = foreground_dice(labels, flipped, logits.shape[1])
+            labels[agree < self.confidence_threshold] = EXCLUDED
+        return labels
