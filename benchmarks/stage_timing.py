@@ -1,11 +1,14 @@
-"""Seconds per training iteration of each stage of nnUNetTrainerSupConLocal against
+"""Seconds per training iteration of each stage of every method trainer against
 nnUNetTrainerLabeledOnly at the same batch size, measured side by side in one process.
 
-Both trainers are built on the same prepared dataset (embedded sample by default), with nnU-Net's
+All trainers are built on the same prepared dataset (embedded sample by default), with nnU-Net's
 background data augmentation; an iteration is ``train_step(next(dataloader_train))`` exactly as in
 nnU-Net's loop. Rounds alternate between the cases so that machine load hits all of them alike.
+What a step holds follows each method's own defaults (not the CPU preset's), except that every
+batch, including the pretraining batches of the global/local trainers, is ``--batch`` images.
 
     python benchmarks/stage_timing.py [--batch 32] [--iterations 10] [--rounds 3] [--workdir DIR]
+        [--only SupConLocal PseudoLabel GlobalLocal]
 """
 import argparse
 import datetime
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+FAMILIES = ("SupConLocal", "PseudoLabel", "GlobalLocal")
 
 
 def build(trainer_name: str, plans: str):
@@ -36,48 +41,106 @@ def seconds_per_iteration(trainer, iterations: int) -> float:
     return (time.perf_counter() - started) / iterations
 
 
+def staged(trainer, stage: str, **settings):
+    """Setup of one stage of a StagedContrastTrainer, with some method settings changed."""
+    def setup():
+        trainer.method_settings.update(settings)
+        trainer.current_epoch = trainer.stage_start(stage)
+        trainer.enter_stage(stage)
+        if hasattr(trainer, "stage_loader"):
+            trainer.dataloader_train = trainer.stage_loader(stage)
+        return trainer
+    return setup
+
+
+def supconlocal_cases(plans):
+    from nnunet_contrast.losses import SupConLocalLoss
+    method = build("nnUNetTrainerSupConLocal", plans)
+    s = method.method_settings
+
+    def local(mode):
+        def setup():
+            staged(method, "local")()
+            method.local_loss = SupConLocalLoss(s["local_temperature"], mode, s["stride"], s["block_size"],
+                                                s["local_form"], chunk_size=s["chunk_size"])
+            return method
+        return setup
+
+    cases = {"SupConLocal global": staged(method, "global"),
+             "SupConLocal local, block 16 (default)": local("block"),
+             "SupConLocal local, stride 4": local("stride"),
+             "SupConLocal local, exact": local("exact"),
+             "SupConLocal finetune": staged(method, "finetune")}
+    return cases, [method]
+
+
+def pseudolabel_cases(plans):
+    from nnunet_contrast.pseudo_labels import PseudoLabeler
+    intra, inter = build("nnUNetTrainerPseudoLabelContrast", plans), build("nnUNetTrainerPseudoLabelContrastInter",
+                                                                          plans)
+
+    def at(trainer, joint: bool):
+        def setup():
+            trainer.current_epoch = trainer.round_starts[0] if joint else 0
+            trainer.pseudo_labeler = PseudoLabeler(trainer.network)
+            return trainer
+        return setup
+
+    cases = {"PseudoLabelContrast warm-up": at(intra, False),
+             "PseudoLabelContrast joint, intra (default)": at(intra, True),
+             "PseudoLabelContrastInter joint, inter": at(inter, True)}
+    return cases, [intra, inter]
+
+
+def globallocal_cases(plans):
+    method = build("nnUNetTrainerGlobalLocalContrast", plans)
+    cases = {"GlobalLocalContrast global, G^D (default)": staged(method, "global", global_strategy="GD"),
+             "GlobalLocalContrast global, G^R (= GlobalContrast)": staged(method, "global", global_strategy="GR"),
+             "GlobalLocalContrast local, L^R (default)": staged(method, "local", local_strategy="LR"),
+             "GlobalLocalContrast local, L^D": staged(method, "local", local_strategy="LD"),
+             "GlobalLocalContrast finetune": staged(method, "finetune")}
+    return cases, [method]
+
+
+def shut_down(trainer):
+    for loader in (getattr(trainer, "dataloader_labeled", None), trainer.dataloader_train, trainer.dataloader_val):
+        getattr(loader, "_finish", lambda: None)()
+    for loader in [getattr(trainer, "dataloader_unlabeled", None)] + list(getattr(trainer, "extra_loaders",
+                                                                                  lambda: [])()):
+        if loader is not None:
+            loader.finish()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", help="prepared dataset folder (reused if present)")
+    parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     args = parser.parse_args()
     from nnunet_contrast.demo import prepare_dataset
-    from nnunet_contrast.losses import SupConLocalLoss
     from nnunet_contrast.settings import preset_settings
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet_contrast_bench_"))
     plans = f"nnUNetPlans_bench{args.batch}"
-    # the method's own defaults (not the CPU preset's) for what a step processes; only the batch is set
-    defaults = preset_settings(["base", "supconlocal_hu2021"])
+    # the methods' own defaults (not the CPU preset's) for what a step processes; only the batch is set
+    base = preset_settings(["base"])
+    supcon = preset_settings(["supconlocal_hu2021"])["supconlocal"]
     sets = [f"batch_size={args.batch}",
-            f"nnunet_contrast.semisup.unlabeled_batch_ratio={defaults['semisup']['unlabeled_batch_ratio']}",
-            f"nnunet_contrast.supconlocal.local_images={defaults['supconlocal']['local_images']}"]
+            f"nnunet_contrast.semisup.unlabeled_batch_ratio={base['semisup']['unlabeled_batch_ratio']}",
+            f"nnunet_contrast.supconlocal.local_images={supcon['local_images']}",
+            f"nnunet_contrast.globallocal.pretrain_batch_size={args.batch}"]
     env = prepare_dataset(root, "0.25", sets, plans=plans)
     os.environ.update(env)
     torch.set_num_threads(os.cpu_count())
     baseline = build("nnUNetTrainerLabeledOnly", plans)
-    method = build("nnUNetTrainerSupConLocal", plans)
-    s = method.method_settings
-    stage_start = {"global": 0, "local": s["global_epochs"], "finetune": s["global_epochs"] + s["local_epochs"]}
-
-    def stage(name, mode=None):
-        def setup():
-            method.current_epoch = stage_start[name]
-            method.enter_stage(name)
-            if mode:
-                method.local_loss = SupConLocalLoss(s["local_temperature"], mode, s["stride"], s["block_size"],
-                                                    s["local_form"], chunk_size=s["chunk_size"])
-            return method
-        return setup
-
-    cases = {"LabeledOnly (nnU-Net step)": lambda: baseline,
-             "SupConLocal global": stage("global"),
-             "SupConLocal local, block 16": stage("local", "block"),
-             "SupConLocal local, stride 4": stage("local", "stride"),
-             "SupConLocal local, exact": stage("local", "exact"),
-             "SupConLocal finetune": stage("finetune")}
+    cases, trainers = {"LabeledOnly (nnU-Net step)": lambda: baseline}, [baseline]
+    for family, make in zip(FAMILIES, (supconlocal_cases, pseudolabel_cases, globallocal_cases)):
+        if family in args.only:
+            more, built = make(plans)
+            cases.update(more)
+            trainers += built
     times = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, setup in cases.items():
@@ -86,19 +149,18 @@ def main():
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"CPU; date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"batch {args.batch} labelled patches (+{method.unlabeled_batch_size} unlabelled in the global stage), "
-          f"local stage on {s['local_images'] or args.batch} labelled images x 2 views; "
-          f"median of {args.rounds} rounds x {args.iterations} iterations")
+    print(f"batch {args.batch} labelled patches; SupConLocal global adds {baseline.unlabeled_batch_size} "
+          f"unlabelled images and its local stage uses {supcon['local_images']} labelled images x 2 views; "
+          f"PseudoLabelContrast joint adds {baseline.unlabeled_batch_size} unlabelled images; GlobalLocalContrast "
+          f"pretraining batches are {args.batch} images (G^D/L^D: {args.batch // 4} volumes x 4 partitions) x 2 "
+          f"views; median of {args.rounds} rounds x {args.iterations} iterations")
     print("| stage | s / iteration | x LabeledOnly |")
     print("|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.3f} | {median / reference:.2f} |")
-    for trainer in (baseline, method):
-        for loader in (trainer.dataloader_train, trainer.dataloader_val):
-            getattr(loader, "_finish", lambda: None)()
-        if getattr(trainer, "dataloader_unlabeled", None) is not None:
-            trainer.dataloader_unlabeled.finish()
+    for trainer in trainers:
+        shut_down(trainer)
 
 
 if __name__ == "__main__":

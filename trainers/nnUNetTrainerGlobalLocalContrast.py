@@ -40,6 +40,7 @@ class nnUNetTrainerGlobalLocalContrast(StagedContrastTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.pretrain_loaders: Dict[bool, object] = {}  # by "partition batches?"
+        self.dataloader_labeled = None
 
     def pretraining_stages(self):
         s = self.method_settings
@@ -73,25 +74,46 @@ class nnUNetTrainerGlobalLocalContrast(StagedContrastTrainer):
         return blocks + list(self.heads["local"].parameters())
 
     # ------------------------------------------------------------ data
-    def pretraining_batch(self, partitioned: bool) -> dict:
-        """Images of all training cases, labels dropped: partition batches (G^D, L^D) or random slices."""
+    def is_partitioned(self, stage: str) -> bool:
+        """Whether the stage's batches are partition batches (G^D, L^D) rather than random slices."""
+        strategy = {"global": "global_strategy", "local": "local_strategy"}[stage]
+        return self.method_settings[strategy] in ("GD", "LD")
+
+    def get_dataloaders(self):
+        loaders = super().get_dataloaders()
+        self.dataloader_labeled = loaders[0]
+        return loaders
+
+    def stage_loader(self, stage: str):
+        """nnU-Net's labelled loader for fine-tuning; for pretraining, a loader of images of all
+        training cases and the added unlabelled images, labels dropped (built once, on first use)."""
+        if stage == FINETUNE:
+            return self.dataloader_labeled
+        partitioned = self.is_partitioned(stage)
         if partitioned not in self.pretrain_loaders:
             self.pretrain_loaders[partitioned] = self.build_pretraining_loader(partitioned)
-        return next(self.pretrain_loaders[partitioned])
+        return self.pretrain_loaders[partitioned]
 
     def build_pretraining_loader(self, partitioned: bool):
         dataset = self.all_images_dataset()
         batch_size, partitions = self.method_settings["pretrain_batch_size"], self.method_settings["partitions"]
         if not partitioned:
             return self.build_image_loader(dataset, batch_size, SliceInfoDataLoader)
-        if batch_size < 2 * partitions:
-            raise UserInputError(f"partition batches need at least 2 volumes: set nnunet_contrast.globallocal."
-                                 f"pretrain_batch_size to at least {2 * partitions} (2 x partitions)")
+        where = "nnunet_contrast.globallocal in the plans"
+        if batch_size < 2 * partitions or batch_size % partitions:
+            raise UserInputError(f"a partition batch holds one slice per partition of at least 2 volumes: set "
+                                 f"pretrain_batch_size ({batch_size}) to a multiple of partitions ({partitions}), "
+                                 f"at least {2 * partitions} ({where})")
         try:
             check_partitionable(slice_counts(dataset), partitions)
-        except ValueError as error:
-            raise UserInputError(f"{error} (nnunet_contrast.globallocal in the plans)") from None
-        return self.build_image_loader(dataset, batch_size, PartitionDataLoader, partitions=partitions)
+            return self.build_image_loader(dataset, batch_size, PartitionDataLoader, partitions=partitions)
+        except ValueError as error:  # too few slices per volume, or too few volumes for a batch
+            raise UserInputError(f"{error} ({where})") from None
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        # nnU-Net's loop draws the step's batch from dataloader_train: the current stage's loader
+        self.dataloader_train = self.stage_loader(self.current_stage)
 
     def partition_groups(self, batch: dict) -> torch.Tensor:
         parts = partition_of(batch["slice_index"], batch["slice_count"], self.method_settings["partitions"])
@@ -107,32 +129,34 @@ class nnUNetTrainerGlobalLocalContrast(StagedContrastTrainer):
                 loader.finish()
             self.pretrain_loaders.clear()
 
+    def on_train_end(self):
+        self.dataloader_train = self.dataloader_labeled  # what nnU-Net shuts down
+        super().on_train_end()
+
     # ------------------------------------------------------------ losses
     def contrast_loss(self, stage: str, batch: dict) -> torch.Tensor:
-        # nnU-Net's labelled batch is not used: pretraining reads its own batches
-        if stage == "global":
-            return self.global_step_loss(self.method_settings["global_strategy"] == "GD")
-        return self.local_step_loss(self.method_settings["local_strategy"] == "LD")
-
-    def global_step_loss(self, partitioned: bool) -> torch.Tensor:
-        batch = self.pretraining_batch(partitioned)
+        """``batch``: images of the stage's loader, with slice positions; no labels."""
+        groups = self.partition_groups(batch) if self.is_partitioned(stage) else None
         images = batch["data"].to(self.device, non_blocking=True)
+        if stage == "global":
+            return self.global_step_loss(images, groups)
+        return self.local_step_loss(images, groups)
+
+    def global_step_loss(self, images: torch.Tensor, groups) -> torch.Tensor:
         view0, view1 = two_views(images, spatial=True)
         z = self.heads["global"](bottleneck_features(self.network, torch.cat([view0, view1])))
-        return self.global_loss(*z.chunk(2), self.partition_groups(batch) if partitioned else None)
+        return self.global_loss(*z.chunk(2), groups)
 
-    def local_step_loss(self, partitioned: bool) -> torch.Tensor:
+    def local_step_loss(self, images: torch.Tensor, groups) -> torch.Tensor:
         s = self.method_settings
-        batch = self.pretraining_batch(partitioned)
-        images = batch["data"].to(self.device, non_blocking=True)
         view0, view1 = two_views(images, spatial=False)
         features = decoder_block_features(self.network, torch.cat([view0, view1]), s["decoder_blocks"],
                                           train_encoder=False)
         regions = region_vectors(self.heads["local"](features), s["region_size"])
-        return self.local_loss(*regions.chunk(2), self.partition_groups(batch) if partitioned else None)
+        return self.local_loss(*regions.chunk(2), groups)
 
 
 class nnUNetTrainerGlobalContrast(nnUNetTrainerGlobalLocalContrast):
-    """Global-only baseline ("Global" of Hu et al. Table 1): G^R pretraining of the encoder, then
-    nnU-Net fine-tuning; no local stage."""
-    presets = nnUNetTrainerGlobalLocalContrast.presets + ("globalonly",)
+    """Global-only baseline ("Global" of Hu et al. Table 1): SimCLR (G^R) pretraining of the
+    encoder, then nnU-Net fine-tuning; no local stage."""
+    variant_settings = {"globallocal": {"global_strategy": "GR", "local_epochs": 0}}

@@ -77,22 +77,34 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
     def train_step(self, batch: dict) -> dict:
         if self.round_at(self.current_epoch) < 0:
             return super().train_step(batch)  # warm-up: nnU-Net's own step
+        unlabeled = self.next_unlabeled_images()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            seg_loss, contrast = self.joint_losses(batch, unlabeled)
+            loss = seg_loss + self.method_settings["lambda_cont"] * contrast
+        self.backward_and_step(loss)
+        return {"loss": loss.detach().cpu().numpy(), "contrast": contrast.detach().cpu().numpy()}
+
+    def joint_losses(self, batch: dict, unlabeled: torch.Tensor):
+        """(nnU-Net's segmentation loss on the labelled batch, Eq. 3-4 on labelled and unlabelled images).
+
+        One forward pass over both batches (nnU-Net's networks normalise per instance, so the
+        labelled outputs are those of the labelled batch alone). Pseudo-labels of the unlabelled
+        images come from the frozen snapshot and enter the contrastive term only.
+        """
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        unlabeled = self.next_unlabeled_images().to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            pseudo = self.pseudo_labeler(unlabeled)
-            output, features = forward_with_decoder_features(self.network, torch.cat([data, unlabeled]))
-            n = data.shape[0]
-            seg_loss = self.loss([o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n], target)
-            full_target = target[0] if isinstance(target, list) else target
-            contrast = self.contrast_term(features, torch.cat([full_target[:, 0].long(), pseudo]))
-            loss = seg_loss + self.method_settings["lambda_cont"] * contrast
-        self.backward_and_step(loss)
-        return {"loss": loss.detach().cpu().numpy(), "contrast": contrast.detach().cpu().numpy()}
+        unlabeled = unlabeled.to(self.device, non_blocking=True)
+        pseudo = self.pseudo_labeler(unlabeled)
+        output, features = forward_with_decoder_features(self.network, torch.cat([data, unlabeled]))
+        n = data.shape[0]
+        labeled_output = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
+        seg_loss = self.loss(labeled_output, target)
+        full_target = target[0] if isinstance(target, list) else target
+        contrast = self.contrast_term(features, torch.cat([full_target[:, 0].long(), pseudo]))
+        return seg_loss, contrast
 
     def contrast_term(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Eq. 3-4 over the batch; labels: true labels of labelled, pseudo-labels of unlabelled images."""
@@ -126,4 +138,4 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
 
 class nnUNetTrainerPseudoLabelContrastInter(nnUNetTrainerPseudoLabelContrast):
     """Inter-image matching: class means of the image and of a partner image of the batch."""
-    presets = nnUNetTrainerPseudoLabelContrast.presets + ("pseudolabel_inter",)
+    variant_settings = {"pseudolabel": {"matching": "inter"}}

@@ -74,15 +74,15 @@ class PartitionDataLoader(SliceInfoDataLoader):
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, partitions: int = 4,
                  **kwargs):
-        if partitions < 1 or batch_size < partitions:
-            raise ValueError(f"a partition batch holds at least one slice per partition: batch_size "
-                             f"{batch_size} < partitions {partitions}")
+        if partitions < 1 or batch_size < partitions or batch_size % partitions:
+            raise ValueError(f"a partition batch holds one slice per partition of each volume: batch_size "
+                             f"{batch_size} is not a positive multiple of partitions {partitions}")
         self.partitions = partitions
         self.volumes = batch_size // partitions
         if len(data.identifiers) < self.volumes:
             raise ValueError(f"a partition batch of {self.volumes} volumes needs as many cases, found "
                              f"{len(data.identifiers)}: lower the batch size")
-        super().__init__(data, self.volumes * partitions, patch_size, final_patch_size, label_manager, **kwargs)
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, **kwargs)
 
     def get_indices(self):
         cases = np.random.choice(len(self.indices), self.volumes, replace=False)

@@ -17,7 +17,7 @@ from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.semisup.data import ImagesOnly, UnionDataset, folder_dataset
 from nnunet_contrast.semisup.split import fold_split
 from nnunet_contrast.semisup.unlabeled import unlabeled_folder
-from nnunet_contrast.settings import resolve_settings
+from nnunet_contrast.settings import deep_merge, resolve_settings
 
 SETTINGS_FILE = "nnunet_contrast_settings.json"
 
@@ -26,6 +26,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     """Trains on the labelled cases of the split and offers unlabelled batches (images only).
 
     * ``presets``: the files in ``plans/`` that give this trainer's default settings.
+    * ``variant_settings``: what a trainer variant fixes whatever the plans say (its name says
+      what differs, as for nnU-Net's own variants), e.g. ``{"pseudolabel": {"matching": "inter"}}``.
     * ``uses_unlabeled``: reads images of unlabelled cases (datasets with an ignore label are refused).
     * ``unlabeled_batches``: build a loader over the unlabelled pool (``next_unlabeled_images``).
     * ``requires_unlabeled``: fail at start when the unlabelled pool is empty.
@@ -33,6 +35,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     """
 
     presets = ("base",)
+    variant_settings: dict = {}
     uses_unlabeled = True
     unlabeled_batches = True
     requires_unlabeled = False
@@ -62,7 +65,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             # exists, which for unlabelled cases would mean reading their hidden labels
             raise UserInputError(f"{name} does not support datasets with an ignore label yet: train "
                                  f"nnUNetTrainerLabeledOnly, or a dataset without 'ignore' in its labels")
-        return resolve_settings(config.configuration, cls.presets)
+        return deep_merge(resolve_settings(config.configuration, cls.presets), cls.variant_settings)
 
     # ----------------------------------------------------------------- settings
     def apply_budget(self, budget: dict) -> None:
@@ -74,6 +77,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def report_settings(self) -> None:
         text = json.dumps(self.settings, indent=2)
         self.print_to_log_file(f"nnunet-contrast settings of {type(self).__name__}:\n{text}", add_timestamp=False)
+        if self.variant_settings:
+            self.print_to_log_file(f"fixed by the trainer variant, whatever the plans say: "
+                                   f"{json.dumps(self.variant_settings)}", add_timestamp=False)
         if self.local_rank == 0:
             Path(self.output_folder, SETTINGS_FILE).write_text(text + "\n")
 

@@ -77,6 +77,11 @@ class StagedContrastTrainer(ContrastTrainer):
                 return stage.name
         return FINETUNE
 
+    def stage_start(self, name: str) -> int:
+        """The first epoch of stage ``name``."""
+        names = self.stage_names()
+        return sum(s.epochs for s in self.stages[:names.index(name)])
+
     def stage_optimizer(self, stage: str):
         if stage == FINETUNE:
             total, self.num_epochs = self.num_epochs, self.stages[-1].epochs
