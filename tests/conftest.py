@@ -1,11 +1,17 @@
 """A real nnU-Net dataset for integration tests: the embedded Hippocampus sample converted,
 planned and preprocessed (2d) by nnU-Net's own commands, once per test session."""
 import os
+import pickle
+import random
 import shutil
 import subprocess
 from pathlib import Path
 
+import blosc2
+import numpy as np
 import pytest
+import torch
+from nnunetv2.run.run_training import get_trainer_from_args
 
 from nnunet_contrast.demo import command_path, prepare_dataset
 
@@ -81,3 +87,63 @@ def hippocampus(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# ----------------------------------------------------------------------------- in-process trainers
+def make_plans(hippocampus, name, *settings):
+    sets = [a for s in settings for a in ("--set", s)]
+    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", TEST_PLANS, "-o", name, *sets)
+    return name
+
+
+def make_trainer(trainer, plans, fold=0):
+    return get_trainer_from_args("4", "2d", fold, trainer, plans, False, torch.device("cpu"))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def corrupt_labels(folder: Path, cases, backup: Path):
+    """Overwrite the label arrays and foreground locations of ``cases`` with random ones."""
+    rng = np.random.default_rng(123)
+    for case in cases:
+        seg_file, pkl_file = folder / f"{case}_seg.b2nd", folder / f"{case}.pkl"
+        for path in (seg_file, pkl_file):
+            shutil.copy(path, backup / f"{folder.name}__{path.name}")
+        seg = blosc2.open(str(seg_file), mode="r")[:]
+        noise = rng.integers(0, 3, size=seg.shape).astype(seg.dtype)
+        seg_file.unlink()
+        blosc2.asarray(np.ascontiguousarray(noise), urlpath=str(seg_file))
+        properties = pickle.loads(pkl_file.read_bytes())
+        properties["class_locations"] = {c: np.argwhere(noise == c)[:50] for c in (1, 2)}
+        pkl_file.write_bytes(pickle.dumps(properties))
+
+
+def restore(backup: Path, folders):
+    for saved in backup.iterdir():
+        folder_name, file_name = saved.name.split("__", 1)
+        shutil.copy(saved, folders[folder_name] / file_name)
+
+
+def corrupt_images(folder: Path, cases, backup: Path):
+    """Overwrite the image arrays of ``cases`` with random intensities."""
+    rng = np.random.default_rng(321)
+    for case in cases:
+        data_file = folder / f"{case}.b2nd"
+        shutil.copy(data_file, backup / f"{folder.name}__{data_file.name}")
+        data = blosc2.open(str(data_file), mode="r")[:]
+        noise = rng.normal(size=data.shape).astype(data.dtype)
+        data_file.unlink()
+        blosc2.asarray(np.ascontiguousarray(noise), urlpath=str(data_file))
+
+
+def ready_trainer(trainer_name, plans):
+    """A trainer with its network (seeded) and data loaders, as nnU-Net's on_train_start builds them."""
+    seed_everything(0)
+    trainer = make_trainer(trainer_name, plans)
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    return trainer

@@ -7,7 +7,8 @@ import torch
 
 from conftest import TEST_PLANS
 
-TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly"]
+TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
+            "nnUNetTrainerPseudoLabelContrastInter", "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalContrast"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,38 @@ def test_supconlocal_runs_its_three_stages(hippocampus, trained):
         k.startswith(("global", "local")) for k in checkpoint["network_weights"])
     stages = checkpoint["logging"]["stage"]
     assert stages == [0, 1, 2, 2]
+
+
+def final_checkpoint(hippocampus, trainer):
+    return torch.load(hippocampus.model_folder(trainer) / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)
+
+
+@pytest.mark.parametrize("trainer, matching", [("nnUNetTrainerPseudoLabelContrast", "intra"),
+                                               ("nnUNetTrainerPseudoLabelContrastInter", "inter")])
+def test_pseudolabel_warms_up_then_trains_jointly(hippocampus, trained, trainer, matching):
+    log = trained[trainer]
+    assert "Stage: warmup" in log and "Stage: joint" in log
+    assert "Pseudo-labelling round 1/1: labels from the network as of epoch 1" in log
+    assert "contrastive loss (joint)" in log and "contrastive loss (warmup)" not in log
+    checkpoint = final_checkpoint(hippocampus, trainer)
+    assert checkpoint["current_epoch"] == 2 and checkpoint["logging"]["stage"] == [0, 1]
+    extras = checkpoint["nnunet_contrast"]
+    assert extras["settings"]["pseudolabel"]["matching"] == matching and extras["pseudo_label_round"] == 0
+    assert extras["pseudo_labeler"].keys() == checkpoint["network_weights"].keys()
+
+
+@pytest.mark.parametrize("trainer, stages", [("nnUNetTrainerGlobalLocalContrast", ["global", "local", "finetune"]),
+                                             ("nnUNetTrainerGlobalContrast", ["global", "finetune"])])
+def test_globallocal_runs_its_stages(hippocampus, trained, trainer, stages):
+    log = trained[trainer]
+    for stage in stages:
+        assert f"Entering stage '{stage}'" in log
+    assert ("Entering stage 'local'" in log) == ("local" in stages)
+    checkpoint = final_checkpoint(hippocampus, trainer)
+    assert checkpoint["current_epoch"] == len(stages) + 1  # one epoch per pretraining stage, 2 fine-tuning
+    assert checkpoint["logging"]["stage"] == list(range(len(stages))) + [len(stages) - 1]
+    assert checkpoint["nnunet_contrast"]["optimizer_stage"] == "finetune"
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

@@ -1,44 +1,20 @@
 """Trainers in process, on the prepared sample: labels of unlabelled cases never reach a loss,
 mid-stage resume, and the empty-pool check."""
 import json
-import pickle
-import random
-import shutil
 from pathlib import Path
 
-import blosc2
-import numpy as np
 import pytest
 import torch
-from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+from nnunetv2.run.run_training import maybe_load_checkpoint
 
-from conftest import TEST_PLANS
+from conftest import TEST_PLANS, corrupt_labels, make_plans, make_trainer, ready_trainer, restore, seed_everything
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
 
-def make_plans(hippocampus, name, *settings):
-    sets = [a for s in settings for a in ("--set", s)]
-    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", TEST_PLANS, "-o", name, *sets)
-    return name
-
-
-def make_trainer(trainer, plans, fold=0):
-    return get_trainer_from_args("4", "2d", fold, trainer, plans, False, torch.device("cpu"))
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def losses_of_one_step(plans):
     """The loss of each stage of nnUNetTrainerSupConLocal on the same batches, all seeds fixed."""
-    seed_everything(0)
-    trainer = make_trainer("nnUNetTrainerSupConLocal", plans)
-    trainer.initialize()
-    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer = ready_trainer("nnUNetTrainerSupConLocal", plans)
     seed_everything(1)
     batch = next(trainer.dataloader_train)
     unlabeled_batch = next(trainer.dataloader_unlabeled)
@@ -47,28 +23,6 @@ def losses_of_one_step(plans):
         return {"global": trainer.contrast_loss("global", batch).item(),
                 "local": trainer.contrast_loss("local", batch).item(),
                 "finetune": trainer.loss(trainer.network(batch["data"]), batch["target"]).item()}
-
-
-def corrupt_labels(folder: Path, cases, backup: Path):
-    """Overwrite the label arrays and foreground locations of ``cases`` with random ones."""
-    rng = np.random.default_rng(123)
-    for case in cases:
-        seg_file, pkl_file = folder / f"{case}_seg.b2nd", folder / f"{case}.pkl"
-        for path in (seg_file, pkl_file):
-            shutil.copy(path, backup / f"{folder.name}__{path.name}")
-        seg = blosc2.open(str(seg_file), mode="r")[:]
-        noise = rng.integers(0, 3, size=seg.shape).astype(seg.dtype)
-        seg_file.unlink()
-        blosc2.asarray(np.ascontiguousarray(noise), urlpath=str(seg_file))
-        properties = pickle.loads(pkl_file.read_bytes())
-        properties["class_locations"] = {c: np.argwhere(noise == c)[:50] for c in (1, 2)}
-        pkl_file.write_bytes(pickle.dumps(properties))
-
-
-def restore(backup: Path, folders):
-    for saved in backup.iterdir():
-        folder_name, file_name = saved.name.split("__", 1)
-        shutil.copy(saved, folders[folder_name] / file_name)
 
 
 def test_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):

@@ -1,0 +1,235 @@
+"""The Chaitanya et al. trainers in process, on the prepared sample: pseudo-labels enter the
+contrastive loss only, labels of unlabelled cases never reach a loss, mid-stage resume, partition
+batches on volumes of different slice counts, what the variants fix, and bad settings."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.run.run_training import maybe_load_checkpoint
+
+from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, make_plans, make_trainer, ready_trainer, restore,
+                      seed_everything)
+from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.pseudo_labels import PseudoLabeler
+from nnunet_contrast.semisup.slices import PartitionDataLoader, partition_of, slice_counts
+
+PSEUDO = "nnUNetTrainerPseudoLabelContrast"
+GLOBALLOCAL = "nnUNetTrainerGlobalLocalContrast"
+
+
+def split_of_fold0(hippocampus):
+    return json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())["folds"][0]
+
+
+def preprocessed_folders(hippocampus):
+    data, added = hippocampus.preprocessed / "nnUNetPlans_2d", hippocampus.preprocessed / "nnUNetPlans_2d_unlabeled"
+    return {data.name: data, added.name: added}
+
+
+class FixedLabels:
+    """Stands in for the pseudo-labeller: returns the labels it was given."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __call__(self, images):
+        return self.labels
+
+
+# ----------------------------------------------------------------------------- pseudo-label contrast
+def test_pseudo_labels_enter_only_the_contrastive_loss(hippocampus):
+    trainer = ready_trainer(PSEUDO, TEST_PLANS)
+    seed_everything(1)
+    batch, unlabeled = next(trainer.dataloader_train), trainer.next_unlabeled_images()
+    shape = (unlabeled.shape[0], *unlabeled.shape[2:])
+    pseudo_labels = [torch.zeros(shape, dtype=torch.long),
+                     torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(0))]
+    parameters = list(trainer.network.parameters())
+    seg_values, seg_grads, contrasts = [], [], []
+    for labels in pseudo_labels:
+        trainer.pseudo_labeler = FixedLabels(labels)
+        torch.manual_seed(2)
+        seg, contrast = trainer.joint_losses(batch, unlabeled)
+        seg_values.append(seg.item())
+        seg_grads.append(torch.autograd.grad(seg, parameters, allow_unused=True))
+        contrasts.append(contrast.item())
+    assert seg_values[0] == seg_values[1]
+    for a, b in zip(*seg_grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert contrasts[0] != contrasts[1]  # control: the pseudo-labels do reach the contrastive term
+    # and the segmentation loss is nnU-Net's loss of the labelled batch alone
+    with torch.no_grad():
+        alone = trainer.loss(trainer.network(batch["data"]), batch["target"]).item()
+    assert seg_values[0] == pytest.approx(alone, rel=1e-5)
+
+
+def pseudolabel_losses(plans):
+    trainer = ready_trainer(PSEUDO, plans)
+    trainer.pseudo_labeler = PseudoLabeler(trainer.network)
+    seed_everything(1)
+    batch, unlabeled = next(trainer.dataloader_train), trainer.next_unlabeled_images()
+    with torch.no_grad():
+        seg, contrast = trainer.joint_losses(batch, unlabeled)
+    return {"seg": seg.item(), "contrast": contrast.item()}
+
+
+def test_pseudolabel_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
+    split, folders = split_of_fold0(hippocampus), preprocessed_folders(hippocampus)
+    reference = pseudolabel_losses(TEST_PLANS)
+    assert reference == pseudolabel_losses(TEST_PLANS)  # deterministic, so equality below is meaningful
+    try:
+        corrupt_labels(folders["nnUNetPlans_2d"], split["unlabeled"], tmp_path)
+        corrupt_labels(folders["nnUNetPlans_2d_unlabeled"], ["hippocampus_118"], tmp_path)
+        assert pseudolabel_losses(TEST_PLANS) == reference
+        corrupt_labels(folders["nnUNetPlans_2d"], split["labeled"], tmp_path)  # control
+        changed = pseudolabel_losses(TEST_PLANS)
+    finally:
+        restore(tmp_path, folders)
+    assert changed["seg"] != reference["seg"] and changed["contrast"] != reference["contrast"]
+
+
+def test_pseudolabel_resumes_mid_round_with_that_rounds_labeller(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_resume_pl", "nnunet_contrast.budget.num_epochs=3",
+                       "nnunet_contrast.budget.num_iterations_per_epoch=1",
+                       "nnunet_contrast.pseudolabel.warmup_fraction=0.3",
+                       "nnunet_contrast.pseudolabel.pseudo_label_rounds=1")
+    first = make_trainer(PSEUDO, plans)
+    assert first.warmup_epochs == 1 and first.round_starts == [1]
+    first.num_epochs = 2  # stop after epoch 1, in the middle of the only round (epochs 1 and 2)
+    first.run_training()
+    snapshot = {k: v.clone() for k, v in first.pseudo_labeler.state_dict().items()}
+    resumed = make_trainer(PSEUDO, plans)
+    maybe_load_checkpoint(resumed, True, False)
+    assert resumed.current_epoch == 2 and resumed.pseudo_label_round == 0
+    for key, value in snapshot.items():
+        torch.testing.assert_close(resumed.pseudo_labeler.state_dict()[key], value)
+    network = resumed.network.state_dict()
+    assert any(not torch.equal(network[k], v) for k, v in snapshot.items())  # trained past the snapshot
+    resumed.run_training()
+    assert resumed.logger.local_logger.my_fantastic_logging["stage"] == [0, 1, 1]
+    for key, value in snapshot.items():  # no new round: the labeller was not refreshed
+        torch.testing.assert_close(resumed.pseudo_labeler.state_dict()[key], value)
+
+
+# ----------------------------------------------------------------------------- global + local contrast
+def globallocal_losses(plans):
+    trainer = ready_trainer(GLOBALLOCAL, plans)
+    seed_everything(1)
+    losses = {}
+    with torch.no_grad():
+        for stage in ("global", "local"):
+            loader = trainer.stage_loader(stage)
+            losses[stage] = [trainer.contrast_loss(stage, next(loader)).item() for _ in range(3)]
+    return losses
+
+
+def test_globallocal_pretraining_reads_no_label(hippocampus, tmp_path):
+    split, folders = split_of_fold0(hippocampus), preprocessed_folders(hippocampus)
+    reference = globallocal_losses(TEST_PLANS)
+    assert reference == globallocal_losses(TEST_PLANS)
+    try:  # every label of the pretraining pool, labelled cases included
+        corrupt_labels(folders["nnUNetPlans_2d"], split["labeled"] + split["unlabeled"], tmp_path)
+        corrupt_labels(folders["nnUNetPlans_2d_unlabeled"], ["hippocampus_118"], tmp_path)
+        assert globallocal_losses(TEST_PLANS) == reference
+        corrupt_images(folders["nnUNetPlans_2d"], split["unlabeled"], tmp_path)  # control: their images count
+        changed = globallocal_losses(TEST_PLANS)
+    finally:
+        restore(tmp_path, folders)
+    assert changed["global"] != reference["global"] and changed["local"] != reference["local"]
+
+
+def test_globallocal_resumes_mid_stage(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_resume_gl", "nnunet_contrast.globallocal.global_epochs=2",
+                       "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
+    first = make_trainer(GLOBALLOCAL, plans)
+    first.num_epochs = 1  # stop after the first of two global epochs
+    first.run_training()
+    resumed = make_trainer(GLOBALLOCAL, plans)
+    maybe_load_checkpoint(resumed, True, False)
+    assert resumed.current_epoch == 1 and resumed.current_stage == "global"
+    assert isinstance(resumed.optimizer, torch.optim.Adam)
+    for key, value in first.heads.state_dict().items():
+        torch.testing.assert_close(resumed.heads.state_dict()[key], value)
+    resumed.run_training()
+    log = resumed.logger.local_logger.my_fantastic_logging
+    assert log["stage"] == [0, 0, 1, 2]  # global, global, local, finetune
+    assert log["lrs"][:3] == [1e-3] * 3 and log["lrs"][3] == pytest.approx(1e-2)
+    assert resumed.dataloader_train is resumed.dataloader_labeled and not resumed.pretrain_loaders
+
+
+def slice_fits_patch(case_shape, patch):
+    return all(s <= p for s, p in zip(case_shape, patch))
+
+
+def test_partition_batches_on_volumes_of_different_slice_counts(hippocampus):
+    trainer = ready_trainer(GLOBALLOCAL, TEST_PLANS)
+    dataset = trainer.all_images_dataset()
+    counts = slice_counts(dataset)
+    assert len(set(counts.values())) >= 5  # the sample's volumes differ in slice count
+    patch = tuple(trainer.configuration_manager.patch_size)
+    # no augmentation, so that each sample can be compared with the slice it claims to be
+    loader = PartitionDataLoader(dataset, 12, patch, patch, trainer.label_manager, partitions=4,
+                                 oversample_foreground_percent=0.0, transforms=None)
+    seen_counts, compared = set(), 0
+    np.random.seed(0)
+    for _ in range(15):
+        batch = loader.generate_train_batch()
+        keys, index, count = batch["keys"], batch["slice_index"], batch["slice_count"]
+        assert len(keys) == 12 and len(set(keys)) == 3  # 3 volumes x 4 partitions
+        for j, key in enumerate(keys):
+            assert keys[j - j % 4] == key  # sample v * 4 + p comes from volume v
+            assert count[j] == counts[key]
+            assert partition_of(index[j], count[j], 4) == j % 4
+            image = batch["data"][j, 0].numpy()
+            assert image.std() > 0  # a real slice, never an empty image
+            volume = dataset.load_case(key)[0][0]
+            if slice_fits_patch(volume.shape[1:], patch):  # the whole slice is in the (zero-)padded patch
+                assert np.isclose(image.sum(), volume[index[j]].sum(), rtol=1e-4, atol=1e-2)
+                compared += 1
+        seen_counts.update(count.tolist())
+    assert len(seen_counts) >= 5 and compared >= 30
+
+
+def test_random_slice_batches_report_their_slices(hippocampus):
+    trainer = ready_trainer(GLOBALLOCAL, TEST_PLANS)
+    counts = slice_counts(trainer.all_images_dataset())
+    trainer.method_settings["global_strategy"] = "GR"
+    batch = next(trainer.stage_loader("global"))
+    assert set(batch) == {"data", "keys", "slice_index", "slice_count"}  # images only, no label
+    assert len(batch["keys"]) == trainer.method_settings["pretrain_batch_size"]
+    for key, index, count in zip(batch["keys"], batch["slice_index"], batch["slice_count"]):
+        assert count == counts[key] and 0 <= index < count
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["nnunet_contrast.globallocal.pretrain_batch_size=10"], "multiple of partitions (4)"),
+    (["nnunet_contrast.globallocal.pretrain_batch_size=4"], "at least 8"),
+    (["nnunet_contrast.globallocal.partitions=100", "nnunet_contrast.globallocal.pretrain_batch_size=200"],
+     "fewer slices than the 100 partitions"),
+    (["nnunet_contrast.globallocal.pretrain_batch_size=400"], "needs as many cases"),
+])
+def test_globallocal_rejects_impossible_partition_batches(hippocampus, settings, message):
+    plans = make_plans(hippocampus, f"nnUNetPlans_badpartition{len(message)}", *settings)
+    trainer = ready_trainer(GLOBALLOCAL, plans)
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        trainer.stage_loader("global")
+
+
+def test_globallocal_rejects_a_decoder_block_the_network_lacks(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_badblock", "nnunet_contrast.globallocal.decoder_blocks=4")
+    with pytest.raises(UserInputError, match="has 3 decoder stages"):
+        make_trainer(GLOBALLOCAL, plans).initialize()
+
+
+def test_variants_fix_what_their_name_says(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_variants", "nnunet_contrast.pseudolabel.matching=intra",
+                       "nnunet_contrast.globallocal.global_strategy=GD", "nnunet_contrast.globallocal.local_epochs=3")
+    assert make_trainer(PSEUDO, plans).method_settings["matching"] == "intra"
+    assert make_trainer("nnUNetTrainerPseudoLabelContrastInter", plans).method_settings["matching"] == "inter"
+    full = make_trainer(GLOBALLOCAL, plans)
+    assert [(s.name, s.epochs) for s in full.stages] == [("global", 1), ("local", 3), ("finetune", 2)]
+    global_only = make_trainer("nnUNetTrainerGlobalContrast", plans)
+    assert [s.name for s in global_only.stages] == ["global", "finetune"]
+    assert global_only.method_settings["global_strategy"] == "GR"
