@@ -1,5 +1,6 @@
 """A real nnU-Net dataset for integration tests: the embedded Hippocampus sample converted,
 planned and preprocessed (2d) by nnU-Net's own commands, once per test session."""
+import json
 import os
 import pickle
 import random
@@ -11,7 +12,7 @@ import blosc2
 import numpy as np
 import pytest
 import torch
-from nnunetv2.run.run_training import get_trainer_from_args
+from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
 from nnunet_contrast.demo import command_path, prepare_dataset
 
@@ -147,3 +148,41 @@ def ready_trainer(trainer_name, plans):
     trainer.initialize()
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     return trainer
+
+
+def split_of_fold0(hippocampus):
+    return json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())["folds"][0]
+
+
+def preprocessed_folders(hippocampus):
+    data, added = hippocampus.preprocessed / "nnUNetPlans_2d", hippocampus.preprocessed / "nnUNetPlans_2d_unlabeled"
+    return {data.name: data, added.name: added}
+
+
+def losses_with_hidden_labels_corrupted(hippocampus, backup: Path, losses, hidden_cases, control):
+    """``losses()`` three times: on the sample as it is; with the labels of ``hidden_cases`` (training
+    cases) and of the added unlabelled scan overwritten; then after ``control(folder, backup)`` changes
+    something that must matter. Everything is restored afterwards. Returns the three results."""
+    folders = preprocessed_folders(hippocampus)
+    reference = losses()
+    assert reference == losses()  # deterministic, so equality with it is meaningful
+    try:
+        corrupt_labels(folders["nnUNetPlans_2d"], hidden_cases, backup)
+        corrupt_labels(folders["nnUNetPlans_2d_unlabeled"], ["hippocampus_118"], backup)
+        hidden = losses()
+        control(folders["nnUNetPlans_2d"], backup)
+        changed = losses()
+    finally:
+        restore(backup, folders)
+    return reference, hidden, changed
+
+
+def train_then_resume(trainer_name, plans, stop_after_epochs):
+    """Train for ``stop_after_epochs`` epochs of a longer plan, then load the checkpoint into a new
+    trainer as ``nnUNetv2_train --c`` does. Returns (first, resumed)."""
+    first = make_trainer(trainer_name, plans)
+    first.num_epochs = stop_after_epochs
+    first.run_training()
+    resumed = make_trainer(trainer_name, plans)
+    maybe_load_checkpoint(resumed, True, False)
+    return first, resumed

@@ -220,12 +220,16 @@ def randn(seed, *shape, scale=1.0):
 # --------------------------------------------------------------------------------------------------
 # 1. NT-Xent with groups (G^R, G^D)
 # --------------------------------------------------------------------------------------------------
-def check_ntxent(z0, z1, tau, groups=None):
-    loss = NTXentLoss(temperature=tau)
-    lib_value, lib_grads = grad_of(lambda a, b: loss(a, b, groups), z0, z1)
-    ref_value, ref_grads = grad_of(lambda a, b: loop_ntxent_groups(a, b, tau, groups), z0, z1)
+def check_two_view_loss(loss, loop_reference, x0, x1, tau, groups=None):
+    """The library loss against its loop reference on two views (values and gradients)."""
+    lib_value, lib_grads = grad_of(lambda a, b: loss(a, b, groups), x0, x1)
+    ref_value, ref_grads = grad_of(lambda a, b: loop_reference(a, b, tau, groups), x0, x1)
     assert_matches(lib_value, ref_value, lib_grads, ref_grads)
     return lib_value, lib_grads
+
+
+def check_ntxent(z0, z1, tau, groups=None):
+    return check_two_view_loss(NTXentLoss(temperature=tau), loop_ntxent_groups, z0, z1, tau, groups)
 
 
 @pytest.mark.parametrize("seed,batch,dim", [(0, 1, 3), (1, 2, 4), (2, 4, 5), (3, 6, 3)])
@@ -297,11 +301,7 @@ def test_ntxent_rejects_bad_groups_shape(shape):
 # 2. Region-local loss (L^R, L^D)
 # --------------------------------------------------------------------------------------------------
 def check_region(r0, r1, tau, groups=None):
-    loss = RegionLocalLoss(temperature=tau)
-    lib_value, lib_grads = grad_of(lambda a, b: loss(a, b, groups), r0, r1)
-    ref_value, ref_grads = grad_of(lambda a, b: loop_region_local(a, b, tau, groups), r0, r1)
-    assert_matches(lib_value, ref_value, lib_grads, ref_grads)
-    return lib_value, lib_grads
+    return check_two_view_loss(RegionLocalLoss(temperature=tau), loop_region_local, r0, r1, tau, groups)
 
 
 @pytest.mark.parametrize("seed,batch,regions,dim", [(0, 1, 2, 3), (1, 2, 4, 5), (2, 3, 5, 4), (3, 2, 13, 3)])

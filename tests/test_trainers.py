@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from nnunetv2.run.run_training import maybe_load_checkpoint
 
-from conftest import TEST_PLANS, corrupt_labels, make_plans, make_trainer, ready_trainer, restore, seed_everything
+from conftest import (TEST_PLANS, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans, make_trainer,
+                      ready_trainer, seed_everything, split_of_fold0, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
@@ -28,31 +28,20 @@ def losses_of_one_step(plans):
 def test_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
     plans = make_plans(hippocampus, "nnUNetPlans_leak", "batch_size=6",
                        "nnunet_contrast.supconlocal.local_mode=stride")
-    split = json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())["folds"][0]
-    data, added = hippocampus.preprocessed / "nnUNetPlans_2d", hippocampus.preprocessed / "nnUNetPlans_2d_unlabeled"
-    folders = {data.name: data, added.name: added}
-    reference = losses_of_one_step(plans)
-    assert reference == losses_of_one_step(plans)  # deterministic, so equality below is meaningful
-    try:
-        corrupt_labels(data, split["unlabeled"], tmp_path)
-        corrupt_labels(added, ["hippocampus_118"], tmp_path)
-        assert losses_of_one_step(plans) == reference
+    split = split_of_fold0(hippocampus)
+    reference, hidden, changed = losses_with_hidden_labels_corrupted(
+        hippocampus, tmp_path, lambda: losses_of_one_step(plans), split["unlabeled"],
         # control: the same corruption on labelled cases does change the supervised losses
-        corrupt_labels(data, split["labeled"], tmp_path)
-        changed = losses_of_one_step(plans)
-    finally:
-        restore(tmp_path, folders)
+        lambda folder, backup: corrupt_labels(folder, split["labeled"], backup))
+    assert hidden == reference
     assert changed["local"] != reference["local"] and changed["finetune"] != reference["finetune"]
 
 
 def test_continue_mid_stage_resumes_as_uninterrupted(hippocampus):
     plans = make_plans(hippocampus, "nnUNetPlans_resume", "nnunet_contrast.supconlocal.global_epochs=2",
                        "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
-    first = make_trainer("nnUNetTrainerSupConLocal", plans)
-    first.num_epochs = 1  # stop after the first of two global epochs, i.e. mid-stage
-    first.run_training()
-    resumed = make_trainer("nnUNetTrainerSupConLocal", plans)
-    maybe_load_checkpoint(resumed, True, False)
+    # stop after the first of two global epochs, i.e. mid-stage
+    first, resumed = train_then_resume("nnUNetTrainerSupConLocal", plans, stop_after_epochs=1)
     assert resumed.current_epoch == 1 and resumed.current_stage == "global"
     assert resumed.iterations_per_epoch("global") == 3 and resumed.iterations_per_epoch("finetune") == 1
     assert isinstance(resumed.optimizer, torch.optim.Adam)

@@ -1,31 +1,19 @@
 """The Chaitanya et al. trainers in process, on the prepared sample: pseudo-labels enter the
 contrastive loss only, labels of unlabelled cases never reach a loss, mid-stage resume, partition
 batches on volumes of different slice counts, what the variants fix, and bad settings."""
-import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from nnunetv2.run.run_training import maybe_load_checkpoint
-
-from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, make_plans, make_trainer, ready_trainer, restore,
-                      seed_everything)
+from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
+                      make_trainer, ready_trainer, seed_everything, split_of_fold0, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.pseudo_labels import PseudoLabeler
 from nnunet_contrast.semisup.slices import PartitionDataLoader, partition_of, slice_counts
 
 PSEUDO = "nnUNetTrainerPseudoLabelContrast"
 GLOBALLOCAL = "nnUNetTrainerGlobalLocalContrast"
-
-
-def split_of_fold0(hippocampus):
-    return json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())["folds"][0]
-
-
-def preprocessed_folders(hippocampus):
-    data, added = hippocampus.preprocessed / "nnUNetPlans_2d", hippocampus.preprocessed / "nnUNetPlans_2d_unlabeled"
-    return {data.name: data, added.name: added}
 
 
 class FixedLabels:
@@ -76,17 +64,11 @@ def pseudolabel_losses(plans):
 
 
 def test_pseudolabel_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
-    split, folders = split_of_fold0(hippocampus), preprocessed_folders(hippocampus)
-    reference = pseudolabel_losses(TEST_PLANS)
-    assert reference == pseudolabel_losses(TEST_PLANS)  # deterministic, so equality below is meaningful
-    try:
-        corrupt_labels(folders["nnUNetPlans_2d"], split["unlabeled"], tmp_path)
-        corrupt_labels(folders["nnUNetPlans_2d_unlabeled"], ["hippocampus_118"], tmp_path)
-        assert pseudolabel_losses(TEST_PLANS) == reference
-        corrupt_labels(folders["nnUNetPlans_2d"], split["labeled"], tmp_path)  # control
-        changed = pseudolabel_losses(TEST_PLANS)
-    finally:
-        restore(tmp_path, folders)
+    split = split_of_fold0(hippocampus)
+    reference, hidden, changed = losses_with_hidden_labels_corrupted(
+        hippocampus, tmp_path, lambda: pseudolabel_losses(TEST_PLANS), split["unlabeled"],
+        lambda folder, backup: corrupt_labels(folder, split["labeled"], backup))  # control
+    assert hidden == reference
     assert changed["seg"] != reference["seg"] and changed["contrast"] != reference["contrast"]
 
 
@@ -95,13 +77,10 @@ def test_pseudolabel_resumes_mid_round_with_that_rounds_labeller(hippocampus):
                        "nnunet_contrast.budget.num_iterations_per_epoch=1",
                        "nnunet_contrast.pseudolabel.warmup_fraction=0.3",
                        "nnunet_contrast.pseudolabel.pseudo_label_rounds=1")
-    first = make_trainer(PSEUDO, plans)
+    # stop after epoch 1, in the middle of the only round (epochs 1 and 2)
+    first, resumed = train_then_resume(PSEUDO, plans, stop_after_epochs=2)
     assert first.warmup_epochs == 1 and first.round_starts == [1]
-    first.num_epochs = 2  # stop after epoch 1, in the middle of the only round (epochs 1 and 2)
-    first.run_training()
     snapshot = {k: v.clone() for k, v in first.pseudo_labeler.state_dict().items()}
-    resumed = make_trainer(PSEUDO, plans)
-    maybe_load_checkpoint(resumed, True, False)
     assert resumed.current_epoch == 2 and resumed.pseudo_label_round == 0
     for key, value in snapshot.items():
         torch.testing.assert_close(resumed.pseudo_labeler.state_dict()[key], value)
@@ -126,28 +105,20 @@ def globallocal_losses(plans):
 
 
 def test_globallocal_pretraining_reads_no_label(hippocampus, tmp_path):
-    split, folders = split_of_fold0(hippocampus), preprocessed_folders(hippocampus)
-    reference = globallocal_losses(TEST_PLANS)
-    assert reference == globallocal_losses(TEST_PLANS)
-    try:  # every label of the pretraining pool, labelled cases included
-        corrupt_labels(folders["nnUNetPlans_2d"], split["labeled"] + split["unlabeled"], tmp_path)
-        corrupt_labels(folders["nnUNetPlans_2d_unlabeled"], ["hippocampus_118"], tmp_path)
-        assert globallocal_losses(TEST_PLANS) == reference
-        corrupt_images(folders["nnUNetPlans_2d"], split["unlabeled"], tmp_path)  # control: their images count
-        changed = globallocal_losses(TEST_PLANS)
-    finally:
-        restore(tmp_path, folders)
+    split = split_of_fold0(hippocampus)
+    reference, hidden, changed = losses_with_hidden_labels_corrupted(
+        hippocampus, tmp_path, lambda: globallocal_losses(TEST_PLANS),
+        split["labeled"] + split["unlabeled"],  # every label of the pretraining pool, labelled cases too
+        lambda folder, backup: corrupt_images(folder, split["unlabeled"], backup))  # control: their images count
+    assert hidden == reference
     assert changed["global"] != reference["global"] and changed["local"] != reference["local"]
 
 
 def test_globallocal_resumes_mid_stage(hippocampus):
     plans = make_plans(hippocampus, "nnUNetPlans_resume_gl", "nnunet_contrast.globallocal.global_epochs=2",
                        "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
-    first = make_trainer(GLOBALLOCAL, plans)
-    first.num_epochs = 1  # stop after the first of two global epochs
-    first.run_training()
-    resumed = make_trainer(GLOBALLOCAL, plans)
-    maybe_load_checkpoint(resumed, True, False)
+    # stop after the first of two global epochs
+    first, resumed = train_then_resume(GLOBALLOCAL, plans, stop_after_epochs=1)
     assert resumed.current_epoch == 1 and resumed.current_stage == "global"
     assert isinstance(resumed.optimizer, torch.optim.Adam)
     for key, value in first.heads.state_dict().items():

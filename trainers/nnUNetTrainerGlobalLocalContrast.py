@@ -21,17 +21,18 @@ from torch import nn
 
 from nnunet_contrast.augment import two_views
 from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.heads import DenseProjectionHead, GlobalProjectionHead
+from nnunet_contrast.heads import DenseProjectionHead
 from nnunet_contrast.losses import NTXentLoss, RegionLocalLoss
 from nnunet_contrast.pixel_selection import region_vectors
 from nnunet_contrast.semisup.slices import (PartitionDataLoader, SliceInfoDataLoader, check_partitionable,
                                             partition_of, slice_counts)
-from nnunet_contrast.taps import (bottleneck_features, check_unet, decoder_block_features, decoder_block_parameters,
-                                  decoder_channels, decoder_stage_count, encoder_channels, unwrap_network)
-from nnunet_contrast.training.staged import FINETUNE, Stage, StagedContrastTrainer
+from nnunet_contrast.taps import (check_unet, decoder_block_features, decoder_block_parameters, decoder_channels,
+                                  decoder_stage_count)
+from nnunet_contrast.training.global_local import GlobalLocalPretraining
+from nnunet_contrast.training.staged import FINETUNE
 
 
-class nnUNetTrainerGlobalLocalContrast(StagedContrastTrainer):
+class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
     presets = ("base", "globallocal_chaitanya2020")
     method_key = "globallocal"
     unlabeled_batches = False  # pretraining reads its own batches of all images
@@ -41,10 +42,6 @@ class nnUNetTrainerGlobalLocalContrast(StagedContrastTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.pretrain_loaders: Dict[bool, object] = {}  # by "partition batches?"
         self.dataloader_labeled = None
-
-    def pretraining_stages(self):
-        s = self.method_settings
-        return [Stage("global", s["global_epochs"]), Stage("local", s["local_epochs"])]
 
     def initialize(self):
         super().initialize()
@@ -59,16 +56,14 @@ class nnUNetTrainerGlobalLocalContrast(StagedContrastTrainer):
             raise UserInputError(f"nnunet_contrast.globallocal.decoder_blocks is {blocks} but this network has "
                                  f"{available} decoder stages: set it to at most {available} in the plans")
         return nn.ModuleDict({
-            "global": GlobalProjectionHead(encoder_channels(self.network), s["global_head_hidden"],
-                                           s["global_head_dim"]),
+            "global": self.global_head(),
             "local": DenseProjectionHead(decoder_channels(self.network, blocks - 1), s["local_head_hidden"],
                                          s["local_head_dim"], normalize=False),
         })
 
     def stage_parameters(self, stage: str):
         if stage == "global":
-            encoder = unwrap_network(self.network).encoder
-            return list(encoder.parameters()) + list(self.heads["global"].parameters())
+            return self.global_stage_parameters()
         # the encoder stays frozen while the decoder blocks learn the local loss
         blocks = decoder_block_parameters(self.network, self.method_settings["decoder_blocks"])
         return blocks + list(self.heads["local"].parameters())
@@ -143,9 +138,7 @@ class nnUNetTrainerGlobalLocalContrast(StagedContrastTrainer):
         return self.local_step_loss(images, groups)
 
     def global_step_loss(self, images: torch.Tensor, groups) -> torch.Tensor:
-        view0, view1 = two_views(images, spatial=True)
-        z = self.heads["global"](bottleneck_features(self.network, torch.cat([view0, view1])))
-        return self.global_loss(*z.chunk(2), groups)
+        return self.global_loss(*self.global_view_embeddings(images), groups)
 
     def local_step_loss(self, images: torch.Tensor, groups) -> torch.Tensor:
         s = self.method_settings

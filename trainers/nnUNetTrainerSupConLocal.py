@@ -12,20 +12,15 @@ import torch
 from torch import nn
 
 from nnunet_contrast.augment import two_views
-from nnunet_contrast.heads import DenseProjectionHead, GlobalProjectionHead
+from nnunet_contrast.heads import DenseProjectionHead
 from nnunet_contrast.losses import NTXentLoss, SupConLocalLoss
-from nnunet_contrast.taps import (bottleneck_features, check_unet, decoder_channels, encoder_channels,
-                                  forward_with_decoder_features, unwrap_network)
-from nnunet_contrast.training.staged import Stage, StagedContrastTrainer
+from nnunet_contrast.taps import check_unet, decoder_channels, forward_with_decoder_features
+from nnunet_contrast.training.global_local import GlobalLocalPretraining
 
 
-class nnUNetTrainerSupConLocal(StagedContrastTrainer):
+class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
     presets = ("base", "supconlocal_hu2021")
     method_key = "supconlocal"
-
-    def pretraining_stages(self):
-        s = self.method_settings
-        return [Stage("global", s["global_epochs"]), Stage("local", s["local_epochs"])]
 
     def initialize(self):
         super().initialize()
@@ -39,16 +34,14 @@ class nnUNetTrainerSupConLocal(StagedContrastTrainer):
     def build_heads(self) -> nn.ModuleDict:
         s = self.method_settings
         return nn.ModuleDict({
-            "global": GlobalProjectionHead(encoder_channels(self.network), s["global_head_hidden"],
-                                           s["global_head_dim"]),
+            "global": self.global_head(),
             "local": DenseProjectionHead(decoder_channels(self.network), s["local_head_hidden"],
                                          s["local_head_dim"]),
         })
 
     def stage_parameters(self, stage: str):
         if stage == "global":
-            encoder = unwrap_network(self.network).encoder
-            return list(encoder.parameters()) + list(self.heads["global"].parameters())
+            return self.global_stage_parameters()
         return list(self.network.parameters()) + list(self.heads["local"].parameters())
 
     def contrast_loss(self, stage: str, batch: dict) -> torch.Tensor:
@@ -58,9 +51,7 @@ class nnUNetTrainerSupConLocal(StagedContrastTrainer):
         """Eq. 1 on labelled and unlabelled images together; labels are not read."""
         images = [batch["data"]] + [x for x in [self.next_unlabeled_images()] if x is not None]
         images = torch.cat(images).to(self.device, non_blocking=True)
-        view0, view1 = two_views(images, spatial=True)
-        z = self.heads["global"](bottleneck_features(self.network, torch.cat([view0, view1])))
-        return self.global_loss(*z.chunk(2))
+        return self.global_loss(*self.global_view_embeddings(images))
 
     def local_step_loss(self, batch: dict) -> torch.Tensor:
         """Eq. 2-3 on labelled images: both views keep the labels (intensity-only changes)."""

@@ -217,5 +217,3 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def extra_loaders(self) -> List[ImagesOnly]:
         """Loaders a subclass builds besides nnU-Net's and the unlabelled one (finished at the end)."""
         return []
-
-
