@@ -67,9 +67,14 @@ def tap_decoder_stage(network: nn.Module, stage: int = -1) -> Iterator[Dict[str,
 
 def forward_with_decoder_features(network: nn.Module, x: torch.Tensor,
                                   stage: int = -1) -> Tuple[object, torch.Tensor]:
-    """(segmentation output, features of decoder stage ``stage``) in one forward pass."""
-    with tap_decoder_stage(network, stage) as tap:
-        output = network(x)
+    """(segmentation output, features of decoder stage ``stage``) in one forward pass.
+
+    The pass runs the plain network: a graph compiled by torch.compile (nnU-Net compiles on CUDA)
+    does not run forward hooks registered after its compilation.
+    """
+    plain = unwrap_network(network)
+    with tap_decoder_stage(plain, stage) as tap:
+        output = plain(x)
     return output, tap["features"]
 
 

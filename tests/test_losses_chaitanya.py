@@ -19,9 +19,9 @@ MedIA, Eq. 3-4):
 3. Class means: mean of the raw embeddings over the pixels of each class (labels < 0 ignored).
 4. Pixel-to-class-mean: candidates = normalised class means of the anchor's image (and of its
    partner for "inter"), background excluded unless background_negative; positives = candidates
-   of the anchor's class; l = -1/|P| sum_p log(e^s(z,p) / sum_k e^s(z,k)); anchors without a
-   positive or a negative skipped; mean over anchors per (image, class), over classes per image,
-   over images.
+   of the anchor's class, negatives = the other candidates; l = -1/|P| sum_p log(e^s(z,p) /
+   (e^s(z,p) + sum_n e^s(z,n))); anchors without a positive or a negative skipped; mean over
+   anchors per (image, class), over classes per image, over images.
 """
 import math
 import random
@@ -152,12 +152,13 @@ def loop_class_mean_terms(embeddings, labels, anchors, num_classes, tau, matchin
         negatives = [vec for k, vec in candidates if k != c]
         if not positives or not negatives:
             continue
-        denominator = _zero()
-        for _, vec in candidates:
-            denominator = denominator + torch.exp(cosine(z, vec) / tau)
+        negative_sum = _zero()
+        for vec in negatives:
+            negative_sum = negative_sum + torch.exp(cosine(z, vec) / tau)
         acc = _zero()
-        for vec in positives:
-            acc = acc + torch.log(torch.exp(cosine(z, vec) / tau) / denominator)
+        for vec in positives:  # Eq. 4: e^s(z, p) / (e^s(z, p) + sum over the negatives)
+            e = torch.exp(cosine(z, vec) / tau)
+            acc = acc + torch.log(e / (e + negative_sum))
         per_group.setdefault((b, c), []).append(-acc / len(positives))
     return per_group
 

@@ -59,6 +59,17 @@ def test_taps_on_nnunet_unet(deep_supervision):
     torch.testing.assert_close(forward_with_decoder_features(net, x)[0], plain)
 
 
+def test_decoder_features_of_a_compiled_network():
+    """nnU-Net compiles its network on CUDA; hooks added after compilation do not run in the graph."""
+    net = small_unet().eval()
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(2, 1, 24, 16)
+    compiled(x)  # compiled before the tap exists, as nnU-Net's validation steps do
+    output, features = forward_with_decoder_features(compiled, x)
+    assert features.shape == (2, 8, 24, 16)
+    torch.testing.assert_close(output[0], net(x)[0])
+
+
 def test_decoder_features_carry_gradient_to_encoder():
     net = small_unet()
     _, features = forward_with_decoder_features(net, torch.randn(1, 1, 16, 16))

@@ -2,6 +2,7 @@
 contrastive loss only, labels of unlabelled cases never reach a loss, mid-stage resume, partition
 batches on volumes of different slice counts, what the variants fix, and bad settings."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hi
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.pseudo_labels import PseudoLabeler
-from nnunet_contrast.semisup.slices import PartitionDataLoader, partition_of, slice_counts
+from nnunet_contrast.semisup.slices import PartitionDataLoader, SliceInfoDataLoader, partition_of, slice_counts
 
 PSEUDO = "nnUNetTrainerPseudoLabelContrast"
 GLOBALLOCAL = "nnUNetTrainerGlobalLocalContrast"
@@ -92,6 +93,30 @@ def test_pseudolabel_resumes_mid_round_with_that_rounds_labeller(hippocampus):
         torch.testing.assert_close(resumed.pseudo_labeler.state_dict()[key], value)
 
 
+def test_pseudolabel_resumed_at_a_round_boundary_starts_the_new_round(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_boundary_pl", "nnunet_contrast.budget.num_epochs=4",
+                       "nnunet_contrast.budget.num_iterations_per_epoch=1",
+                       "nnunet_contrast.pseudolabel.warmup_fraction=0.25",
+                       "nnunet_contrast.pseudolabel.pseudo_label_rounds=2")
+    # rounds start at epochs 1 and 2; stop after epoch 1, the whole first round
+    first, resumed = train_then_resume(PSEUDO, plans, stop_after_epochs=2)
+    assert first.round_starts == [1, 2] and resumed.pseudo_label_round == 0
+    old_labeller = {k: v.clone() for k, v in resumed.pseudo_labeler.state_dict().items()}
+    resumed.run_training()
+    assert resumed.pseudo_label_round == 1
+    log = (Path(resumed.log_file)).read_text()
+    assert "Pseudo-labelling round 2/2: labels from the network as of epoch 2" in log
+    new_labeller = resumed.pseudo_labeler.state_dict()
+    assert any(not torch.equal(new_labeller[k], v) for k, v in old_labeller.items())
+
+
+def test_pseudolabel_refuses_a_run_without_joint_epochs(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_nojoint", "nnunet_contrast.budget.num_epochs=1",
+                       "nnunet_contrast.pseudolabel.warmup_fraction=0.5")
+    with pytest.raises(UserInputError, match="leaving none for the contrastive joint training"):
+        make_trainer(PSEUDO, plans)
+
+
 # ----------------------------------------------------------------------------- global + local contrast
 def globallocal_losses(plans):
     trainer = ready_trainer(GLOBALLOCAL, plans)
@@ -123,6 +148,10 @@ def test_globallocal_resumes_mid_stage(hippocampus):
     assert isinstance(resumed.optimizer, torch.optim.Adam)
     for key, value in first.heads.state_dict().items():
         torch.testing.assert_close(resumed.heads.state_dict()[key], value)
+    first_state, resumed_state = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert first_state.keys() == resumed_state.keys() and len(first_state) > 0
+    for index in first_state:
+        torch.testing.assert_close(resumed_state[index]["exp_avg"], first_state[index]["exp_avg"])
     resumed.run_training()
     log = resumed.logger.local_logger.my_fantastic_logging
     assert log["stage"] == [0, 0, 1, 2]  # global, global, local, finetune
@@ -130,15 +159,25 @@ def test_globallocal_resumes_mid_stage(hippocampus):
     assert resumed.dataloader_train is resumed.dataloader_labeled and not resumed.pretrain_loaders
 
 
-def slice_fits_patch(case_shape, patch):
-    return all(s <= p for s, p in zip(case_shape, patch))
+def check_samples_are_their_slices(batch, dataset, patch) -> int:
+    """Each sample of an unaugmented batch against the slice it reports; returns how many samples
+    could be compared (those whose whole slice fits into the zero-padded patch)."""
+    compared = 0
+    for j, key in enumerate(batch["keys"]):
+        image = batch["data"][j, 0].numpy()
+        assert image.std() > 0  # a real slice, never an empty image
+        volume = dataset.load_case(key)[0][0]
+        assert batch["slice_count"][j] == volume.shape[0]
+        if all(s <= p for s, p in zip(volume.shape[1:], patch)):
+            assert np.isclose(image.sum(), volume[batch["slice_index"][j]].sum(), rtol=1e-4, atol=1e-2)
+            compared += 1
+    return compared
 
 
 def test_partition_batches_on_volumes_of_different_slice_counts(hippocampus):
     trainer = ready_trainer(GLOBALLOCAL, TEST_PLANS)
     dataset = trainer.all_images_dataset()
-    counts = slice_counts(dataset)
-    assert len(set(counts.values())) >= 5  # the sample's volumes differ in slice count
+    assert len(set(slice_counts(dataset).values())) >= 5  # the sample's volumes differ in slice count
     patch = tuple(trainer.configuration_manager.patch_size)
     # no augmentation, so that each sample can be compared with the slice it claims to be
     loader = PartitionDataLoader(dataset, 12, patch, patch, trainer.label_manager, partitions=4,
@@ -151,31 +190,28 @@ def test_partition_batches_on_volumes_of_different_slice_counts(hippocampus):
         assert len(keys) == 12 and len(set(keys)) == 3  # 3 volumes x 4 partitions
         for j, key in enumerate(keys):
             assert keys[j - j % 4] == key  # sample v * 4 + p comes from volume v
-            assert count[j] == counts[key]
             assert partition_of(index[j], count[j], 4) == j % 4
-            image = batch["data"][j, 0].numpy()
-            assert image.std() > 0  # a real slice, never an empty image
-            volume = dataset.load_case(key)[0][0]
-            if slice_fits_patch(volume.shape[1:], patch):  # the whole slice is in the (zero-)padded patch
-                assert np.isclose(image.sum(), volume[index[j]].sum(), rtol=1e-4, atol=1e-2)
-                compared += 1
+        compared += check_samples_are_their_slices(batch, dataset, patch)
         seen_counts.update(count.tolist())
     assert len(seen_counts) >= 5 and compared >= 30
 
 
 def test_random_slice_batches_report_their_slices(hippocampus):
     trainer = ready_trainer(GLOBALLOCAL, TEST_PLANS)
-    counts = slice_counts(trainer.all_images_dataset())
-    trainer.method_settings["global_strategy"] = "GR"
+    dataset = trainer.all_images_dataset()
+    patch = tuple(trainer.configuration_manager.patch_size)
+    loader = SliceInfoDataLoader(dataset, 16, patch, patch, trainer.label_manager, oversample_foreground_percent=0.0,
+                                 transforms=None)
+    np.random.seed(0)
+    assert sum(check_samples_are_their_slices(loader.generate_train_batch(), dataset, patch) for _ in range(3)) >= 30
+    trainer.method_settings["global_strategy"] = "GR"  # the trainer's own G^R loader: augmented, images only
     batch = next(trainer.stage_loader("global"))
-    assert set(batch) == {"data", "keys", "slice_index", "slice_count"}  # images only, no label
+    assert set(batch) == {"data", "keys", "slice_index", "slice_count"}
     assert len(batch["keys"]) == trainer.method_settings["pretrain_batch_size"]
-    for key, index, count in zip(batch["keys"], batch["slice_index"], batch["slice_count"]):
-        assert count == counts[key] and 0 <= index < count
 
 
 @pytest.mark.parametrize("settings, message", [
-    (["nnunet_contrast.globallocal.pretrain_batch_size=10"], "multiple of partitions (4)"),
+    (["nnunet_contrast.globallocal.pretrain_batch_size=10"], "batch_size 10 is not a positive multiple of partitions 4"),
     (["nnunet_contrast.globallocal.pretrain_batch_size=4"], "at least 8"),
     (["nnunet_contrast.globallocal.partitions=100", "nnunet_contrast.globallocal.pretrain_batch_size=200"],
      "fewer slices than the 100 partitions"),
@@ -192,6 +228,9 @@ def test_globallocal_rejects_a_decoder_block_the_network_lacks(hippocampus):
     plans = make_plans(hippocampus, "nnUNetPlans_badblock", "nnunet_contrast.globallocal.decoder_blocks=4")
     with pytest.raises(UserInputError, match="has 3 decoder stages"):
         make_trainer(GLOBALLOCAL, plans).initialize()
+    global_only = make_trainer("nnUNetTrainerGlobalContrast", plans)  # no local stage: the setting is unused
+    global_only.initialize()
+    assert set(global_only.heads) == {"global"}
 
 
 def test_variants_fix_what_their_name_says(hippocampus):

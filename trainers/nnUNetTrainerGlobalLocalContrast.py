@@ -50,16 +50,16 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         self.local_loss = RegionLocalLoss(self.method_settings["temperature"])
 
     def build_heads(self) -> nn.ModuleDict:
-        s = self.method_settings
-        blocks, available = s["decoder_blocks"], decoder_stage_count(self.network)
-        if blocks > available:
-            raise UserInputError(f"nnunet_contrast.globallocal.decoder_blocks is {blocks} but this network has "
-                                 f"{available} decoder stages: set it to at most {available} in the plans")
-        return nn.ModuleDict({
-            "global": self.global_head(),
-            "local": DenseProjectionHead(decoder_channels(self.network, blocks - 1), s["local_head_hidden"],
-                                         s["local_head_dim"], normalize=False),
-        })
+        heads = nn.ModuleDict({"global": self.global_head()})
+        if "local" in self.stage_names():  # a run without a local stage ignores its settings
+            s = self.method_settings
+            blocks, available = s["decoder_blocks"], decoder_stage_count(self.network)
+            if blocks > available:
+                raise UserInputError(f"nnunet_contrast.globallocal.decoder_blocks is {blocks} but this network has "
+                                     f"{available} decoder stages: set it to at most {available} in the plans")
+            heads["local"] = DenseProjectionHead(decoder_channels(self.network, blocks - 1), s["local_head_hidden"],
+                                                 s["local_head_dim"], normalize=False)
+        return heads
 
     def stage_parameters(self, stage: str):
         if stage == "global":
@@ -95,14 +95,13 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         if not partitioned:
             return self.build_image_loader(dataset, batch_size, SliceInfoDataLoader)
         where = "nnunet_contrast.globallocal in the plans"
-        if batch_size < 2 * partitions or batch_size % partitions:
-            raise UserInputError(f"a partition batch holds one slice per partition of at least 2 volumes: set "
-                                 f"pretrain_batch_size ({batch_size}) to a multiple of partitions ({partitions}), "
-                                 f"at least {2 * partitions} ({where})")
+        if batch_size < 2 * partitions:  # a single volume per batch would leave G^D / L^D without negatives
+            raise UserInputError(f"partition batches need at least 2 volumes: set pretrain_batch_size "
+                                 f"({batch_size}) to at least {2 * partitions}, 2 x partitions ({where})")
         try:
             check_partitionable(slice_counts(dataset), partitions)
             return self.build_image_loader(dataset, batch_size, PartitionDataLoader, partitions=partitions)
-        except ValueError as error:  # too few slices per volume, or too few volumes for a batch
+        except ValueError as error:  # too few slices per volume, too few volumes, not a multiple of partitions
             raise UserInputError(f"{error} ({where})") from None
 
     def on_train_epoch_start(self):
@@ -119,10 +118,10 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
 
     def enter_stage(self, stage: str) -> None:
         super().enter_stage(stage)
-        if stage == FINETUNE:  # the pretraining loaders' worker processes are no longer needed
-            for loader in self.pretrain_loaders.values():
-                loader.finish()
-            self.pretrain_loaders.clear()
+        # the worker processes of pretraining loaders the new stage does not read are no longer needed
+        needed = self.is_partitioned(stage) if stage != FINETUNE else None
+        for partitioned in [p for p in self.pretrain_loaders if p != needed]:
+            self.pretrain_loaders.pop(partitioned).finish()
 
     def on_train_end(self):
         self.dataloader_train = self.dataloader_labeled  # what nnU-Net shuts down

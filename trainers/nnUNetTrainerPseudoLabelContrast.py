@@ -12,9 +12,9 @@ One nnU-Net run (nnU-Net's SGD and poly schedule throughout), settings in
 Variants: ``nnUNetTrainerPseudoLabelContrastInter`` (inter-image matching).
 """
 import torch
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast, nn
+from torch import nn
 
+from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.heads import DenseProjectionHead
 from nnunet_contrast.losses import ClassMeanContrastLoss
 from nnunet_contrast.pixel_selection import sample_class_pixels
@@ -33,11 +33,26 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        s = self.method_settings
-        self.warmup_epochs = int(s["warmup_fraction"] * self.num_epochs + 0.5)  # rounded half up
-        self.round_starts = round_start_epochs(self.warmup_epochs, self.num_epochs, s["pseudo_label_rounds"])
+        self.warmup_epochs, self.round_starts = self.schedule(self.settings)
         self.pseudo_labeler = None
         self.pseudo_label_round = -1
+
+    @classmethod
+    def schedule(cls, settings: dict):
+        """(warm-up epochs, first epoch of each pseudo-labelling round) from the settings."""
+        epochs, s = settings["budget"]["num_epochs"], settings[cls.method_key]
+        warmup = int(s["warmup_fraction"] * epochs + 0.5)  # rounded half up
+        return warmup, round_start_epochs(warmup, epochs, s["pseudo_label_rounds"])
+
+    @classmethod
+    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict) -> dict:
+        settings = super().check_supported(plans_manager, configuration, dataset_json)
+        warmup, rounds = cls.schedule(settings)
+        if not rounds:
+            raise UserInputError(f"{cls.__name__}: the warm-up takes all {warmup} epochs, leaving none for the "
+                                 f"contrastive joint training: lower nnunet_contrast.pseudolabel.warmup_fraction or "
+                                 f"raise nnunet_contrast.budget.num_epochs in the plans")
+        return settings
 
     def stage_names(self):
         return [WARMUP, JOINT]
@@ -78,12 +93,11 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
         if self.round_at(self.current_epoch) < 0:
             return super().train_step(batch)  # warm-up: nnU-Net's own step
         unlabeled = self.next_unlabeled_images()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+
+        def joint_loss():
             seg_loss, contrast = self.joint_losses(batch, unlabeled)
-            loss = seg_loss + self.method_settings["lambda_cont"] * contrast
-        self.backward_and_step(loss)
-        return {"loss": loss.detach().cpu().numpy(), "contrast": contrast.detach().cpu().numpy()}
+            return seg_loss + self.method_settings["lambda_cont"] * contrast, {"contrast": contrast}
+        return self.optimizer_step(joint_loss)
 
     def joint_losses(self, batch: dict, unlabeled: torch.Tensor):
         """(nnU-Net's segmentation loss on the labelled batch, Eq. 3-4 on labelled and unlabelled images).

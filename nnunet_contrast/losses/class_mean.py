@@ -3,9 +3,10 @@
 Each anchor is a pixel ``i`` of foreground class ``c`` in image ``x`` (a few sampled per class and
 image: ``nnunet_contrast.pixel_selection.sample_class_pixels``). Its candidates are the class means
 ``z_bar_k`` (mean of the raw embeddings of class ``k``'s pixels, then normalised) of the classes
-present in the reference images; with ``s(.,.)`` the cosine similarity over ``tau``::
+present in the reference images: the positives ``P_i`` (class ``c``) and the negatives ``N_i``
+(the other classes). With ``s(.,.)`` the cosine similarity over ``tau``, Eq. 4 for each positive::
 
-    l_i = -1/|P_i| sum_{p in P_i} log( exp(s(z_i, p)) / sum_{k in candidates} exp(s(z_i, z_bar_k)) )
+    l_i = -1/|P_i| sum_{p in P_i} log( exp(s(z_i, p)) / (exp(s(z_i, p)) + sum_{n in N_i} exp(s(z_i, n))) )
 
 * ``matching="intra"``: the candidates are the means of ``x`` itself; ``P_i = {z_bar_c(x)}``.
 * ``matching="inter"``: the candidates are the means of ``x`` and of a partner image ``x'``;
@@ -15,7 +16,7 @@ present in the reference images; with ``s(.,.)`` the cosine similarity over ``ta
 Eq. 3 averages over anchors per class, then over classes, per image; the loss is the mean over
 images with at least one anchor. Background is never an anchor and, unless
 ``background_negative``, never a candidate (as in the paper). An anchor without a negative
-candidate (its image has one class) is skipped; pixels labelled < 0 belong to no class.
+candidate (no other class in its reference images) is skipped; pixels labelled < 0 belong to no class.
 """
 from typing import Optional, Tuple
 
@@ -91,11 +92,14 @@ class ClassMeanContrastLoss(nn.Module):
             available = torch.cat([available, partner_available], 1)
         z = F.normalize(embeddings.flatten(2).float()[image, :, pixel], dim=1)  # (n, D)
         logits = torch.einsum("nd,nkd->nk", z, candidates) / self.temperature
-        log_prob = logits - logits.masked_fill(~available, float("-inf")).logsumexp(1, keepdim=True)
-        per_anchor = -(log_prob.masked_fill(~is_positive, 0.0).sum(1)) / is_positive.sum(1).clamp(min=1)
-        valid = is_positive.any(1) & ((available & ~is_positive).any(1))
+        negative = available & ~is_positive
+        valid = is_positive.any(1) & negative.any(1)
         if not valid.any():
             return zero
+        # Eq. 4: each positive against the negatives only (the other positive is no negative)
+        log_negatives = logits.masked_fill(~negative, float("-inf")).logsumexp(1, keepdim=True)
+        per_positive = torch.logaddexp(logits, log_negatives) - logits          # -log(e^s / (e^s + sum_neg))
+        per_anchor = per_positive.masked_fill(~is_positive, 0.0).sum(1) / is_positive.sum(1).clamp(min=1)
         return _mean_per_class_then_image(per_anchor[valid], image[valid], label[valid], num_classes)
 
 

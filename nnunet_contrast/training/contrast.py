@@ -1,8 +1,10 @@
 """The common base of the method trainers: a settings section of their own, projection heads
 saved with the checkpoint, the contrastive loss logged per epoch, and what they refuse."""
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
 from torch import distributed as dist
 from torch import nn
 
@@ -60,6 +62,15 @@ class ContrastTrainer(SemiSupervisedTrainer):
         self.logger.log("stage", self.stage_names().index(stage), self.current_epoch)
         if loss == loss:
             self.print_to_log_file(f"contrastive loss ({stage}): {round(loss, 4)}")
+
+    def optimizer_step(self, compute_loss: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> dict:
+        """One update of the current optimizer. ``compute_loss()`` runs under nnU-Net's autocast on
+        CUDA and returns the loss and further values to log; returns nnU-Net's step output."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss, logged = compute_loss()
+        self.backward_and_step(loss)
+        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in logged.items()}}
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """nnU-Net's update (gradient scaling on CUDA, clipping at 12) over the optimizer's parameters."""

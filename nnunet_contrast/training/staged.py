@@ -8,8 +8,7 @@ import math
 from typing import Dict, List, NamedTuple
 
 import torch
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast, nn
+from torch import nn
 
 from nnunet_contrast.training.contrast import ContrastTrainer
 
@@ -122,11 +121,7 @@ class StagedContrastTrainer(ContrastTrainer):
     def train_step(self, batch: dict) -> dict:
         if self.current_stage == FINETUNE:
             return super().train_step(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self.contrast_loss(self.current_stage, batch)
-        self.backward_and_step(loss)
-        return {"loss": loss.detach().cpu().numpy()}
+        return self.optimizer_step(lambda: (self.contrast_loss(self.current_stage, batch), {}))
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
