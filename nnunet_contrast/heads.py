@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_contrast.subpatches import stride_factors
+
 
 class GlobalProjectionHead(nn.Module):
     """h1 of Hu et al.: global average pool -> Linear -> ReLU -> Linear -> L2 norm.
@@ -38,3 +40,27 @@ class DenseProjectionHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.net(features)
         return F.normalize(out, dim=1) if self.normalize else out
+
+
+class CellProjectionHead(nn.Module):
+    """p of Zhao et al. 2022: three strided convolutions whose kernels equal their strides, with
+    ReLUs between, then an L2 norm per output pixel. Their strides multiply to ``cell_size``, so each
+    output pixel sees exactly one ``cell_size`` cell of the input (non-overlapping receptive fields):
+    a full patch of n x n cells gives the n x n x D grid p(Z), a cell on its own the 1 x 1 x D p(z_i).
+
+    Shapes: (B, C, n*cH, n*cW) -> (B, out_dim, n, n).
+    """
+
+    def __init__(self, in_channels: int, cell_size, hidden_dim: int = 128, out_dim: int = 128):
+        super().__init__()
+        strides = list(zip(*(stride_factors(int(side)) for side in cell_size)))
+        channels = [in_channels, hidden_dim, hidden_dim, out_dim]
+        layers = []
+        for i, stride in enumerate(strides):
+            layers.append(nn.Conv2d(channels[i], channels[i + 1], stride, stride))
+            if i < len(strides) - 1:
+                layers.append(nn.ReLU(inplace=True))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(features), dim=1)

@@ -4,7 +4,8 @@ Separated from the losses (as in pytorch-metric-learning):
 * Hu et al. 2021 (Sec. 2.3): ``flatten_valid``, ``stride_pixels`` and ``block_pixels`` turn
   (V, C, H, W) features and (V, H, W) labels into flat (N, C) features and (N,) labels;
 * Chaitanya et al. 2023: ``sample_class_pixels`` draws anchor pixels per class and image;
-* Chaitanya et al. 2020: ``region_corners`` and ``region_vectors`` cut the 13 local regions.
+* Chaitanya et al. 2020: ``region_corners`` and ``region_vectors`` cut the 13 local regions;
+* Basak et al. 2023: ``sample_positions`` draws the positions of the dense loss.
 """
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -84,3 +85,12 @@ def region_vectors(features: torch.Tensor, size: int) -> torch.Tensor:
     corners = region_corners(features.shape[-2], features.shape[-1], size)
     regions = [features[:, :, top:top + size, left:left + size].flatten(1) for top, left in corners]
     return torch.stack(regions, dim=1)
+
+
+def sample_positions(positions: int, count: int, device=None) -> torch.Tensor:
+    """Indices of ``count`` random positions out of ``positions`` (all, in order, when ``count`` is 0
+    or not below ``positions``): the same positions for every image of a batch, so that the two views
+    of an image stay aligned."""
+    if count <= 0 or count >= positions:
+        return torch.arange(positions, device=device)
+    return torch.randperm(positions, device=device)[:count]

@@ -23,7 +23,7 @@ AT_LEAST_ONE = {"num_iterations_per_epoch", "num_val_iterations_per_epoch", "sav
                 "partitions", "decoder_blocks", "region_size"}
 POSITIVE = {"unlabeled_batch_ratio", "global_temperature", "local_temperature", "temperature", "pretrain_lr"}
 BELOW_ONE = {"warmup_fraction"}      # in [0, 1)
-AT_MOST_ONE = {"confidence_threshold"}  # in [0, 1]
+AT_MOST_ONE = {"confidence_threshold", "contrast_fraction"}  # in [0, 1]
 CHOICES = {"local_mode": MODES, "local_form": FORMS, "matching": MATCHINGS, "global_strategy": ("GR", "GD"),
            "local_strategy": ("LR", "LD")}
 

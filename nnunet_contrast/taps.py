@@ -105,3 +105,12 @@ def decoder_block_parameters(network: nn.Module, blocks: int) -> List[nn.Paramet
     net = unwrap_network(network)
     modules = list(net.decoder.transpconvs[:blocks]) + list(net.decoder.stages[:blocks])
     return [p for m in modules for p in m.parameters()]
+
+
+def total_stride(network: nn.Module, dims: int = 2) -> Tuple[int, ...]:
+    """Per spatial axis, the product of the encoder's stage strides (input size / bottleneck size)."""
+    product = [1] * dims
+    for stride in unwrap_network(network).encoder.strides:
+        stride = stride if isinstance(stride, (list, tuple)) else [stride] * dims
+        product = [p * int(s) for p, s in zip(product, stride)]
+    return tuple(product)

@@ -29,6 +29,7 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
     presets = ("base", "pseudolabel_chaitanya2023")
     method_key = "pseudolabel"
     requires_unlabeled = True
+    heads_in_network_optimizer = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -68,11 +69,6 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
         return nn.ModuleDict({"local": DenseProjectionHead(decoder_channels(self.network), s["head_hidden"],
                                                            s["embedding_dim"], normalize=False)})
 
-    def configure_optimizers(self):
-        optimizer, schedule = super().configure_optimizers()
-        optimizer.add_param_group({"params": list(self.heads.parameters())})  # same SGD settings and schedule
-        return optimizer, schedule
-
     # ------------------------------------------------------------ rounds
     def round_at(self, epoch: int) -> int:
         """Index of the pseudo-labelling round of ``epoch``; -1 during the warm-up."""
@@ -106,10 +102,7 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
         labelled outputs are those of the labelled batch alone). Pseudo-labels of the unlabelled
         images come from the frozen snapshot and enter the contrastive term only.
         """
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        data, target = self.labeled_batch_on_device(batch)
         unlabeled = unlabeled.to(self.device, non_blocking=True)
         pseudo = self.pseudo_labeler(unlabeled)
         output, features = forward_with_decoder_features(self.network, torch.cat([data, unlabeled]))

@@ -49,9 +49,7 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
 
     def global_step_loss(self, batch: dict) -> torch.Tensor:
         """Eq. 1 on labelled and unlabelled images together; labels are not read."""
-        images = [batch["data"]] + [x for x in [self.next_unlabeled_images()] if x is not None]
-        images = torch.cat(images).to(self.device, non_blocking=True)
-        return self.global_loss(*self.global_view_embeddings(images))
+        return self.global_loss(*self.global_view_embeddings(self.labeled_and_unlabeled_images(batch)))
 
     def local_step_loss(self, batch: dict) -> torch.Tensor:
         """Eq. 2-3 on labelled images: both views keep the labels (intensity-only changes)."""

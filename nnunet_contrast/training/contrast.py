@@ -18,6 +18,7 @@ class ContrastTrainer(SemiSupervisedTrainer):
     ``build_heads`` and ``stage_names``."""
 
     method_key = ""
+    heads_in_network_optimizer = False  # True: the heads join nnU-Net's SGD (joint training, no stages)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -45,6 +46,12 @@ class ContrastTrainer(SemiSupervisedTrainer):
     def build_heads(self) -> nn.ModuleDict:
         raise NotImplementedError
 
+    def configure_optimizers(self):
+        optimizer, schedule = super().configure_optimizers()
+        if self.heads_in_network_optimizer:
+            optimizer.add_param_group({"params": list(self.heads.parameters())})  # same SGD settings and schedule
+        return optimizer, schedule
+
     # ------------------------------------------------------------ heads and logging
     @property
     def heads(self) -> nn.ModuleDict:
@@ -62,6 +69,14 @@ class ContrastTrainer(SemiSupervisedTrainer):
         self.logger.log("stage", self.stage_names().index(stage), self.current_epoch)
         if loss == loss:
             self.print_to_log_file(f"contrastive loss ({stage}): {round(loss, 4)}")
+
+    def labeled_batch_on_device(self, batch: dict):
+        """(images, target) of nnU-Net's labelled batch on the device; target as nnU-Net gives it
+        (a list over the deep-supervision resolutions, or one tensor)."""
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        return batch["data"].to(self.device, non_blocking=True), target
 
     def optimizer_step(self, compute_loss: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> dict:
         """One update of the current optimizer. ``compute_loss()`` runs under nnU-Net's autocast on

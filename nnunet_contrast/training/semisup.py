@@ -166,6 +166,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             return None
         return next(self.dataloader_unlabeled)["data"]
 
+    def labeled_and_unlabeled_images(self, batch: dict) -> torch.Tensor:
+        """The images of nnU-Net's labelled batch followed by an unlabelled batch (when there is an
+        unlabelled pool), on the device; no label is read."""
+        images = [batch["data"]] + [x for x in [self.next_unlabeled_images()] if x is not None]
+        return torch.cat(images).to(self.device, non_blocking=True)
+
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extras(self) -> dict:
         """What a subclass adds to nnU-Net's checkpoint under the key ``nnunet_contrast``."""
