@@ -3,7 +3,8 @@
 An image of the planned patch size ``(H, W)`` is cut into ``n x n`` cells of ``(H/n, W/n)``
 pixels. Each cell, run through the network on its own, is zero-padded (centred; nnU-Net's images
 are normalised to mean 0, and nnU-Net pads with 0 too) to the next multiple of the network's total
-stride, and its outputs are cropped back to the cell.
+stride (one stride more along one axis where that would leave a 1 x 1 bottleneck, which nnU-Net's
+instance normalisation cannot train on), and its outputs are cropped back to the cell.
 """
 import math
 from typing import List, Sequence, Tuple
@@ -19,12 +20,15 @@ def valid_grids(patch_size: Sequence[int]) -> List[int]:
     return [n for n in range(2, min(patch_size) + 1) if all(side % n == 0 for side in patch_size)]
 
 
-def auto_grid(patch_size: Sequence[int], preferred: int = PAPER_GRID) -> int:
-    """The largest valid ``n`` not above ``preferred`` (5 on the paper's 320 x 320; 4 on nnU-Net's
-    56 x 40 Hippocampus patch); the smallest valid one when none is below. 0 when none exists."""
+def auto_grid(patch_size: Sequence[int], total_stride: Sequence[int] = (1, 1), preferred: int = PAPER_GRID) -> int:
+    """The largest valid ``n`` not above ``preferred`` whose cells are at least the network's total
+    stride (5 on the paper's 320 x 320 with a stride of 64; 4 on nnU-Net's 56 x 40 Hippocampus patch
+    with a stride of 8); without such an ``n``, the largest valid one not above ``preferred``, then the
+    smallest valid one. 0 when no ``n`` divides both sides."""
     grids = valid_grids(patch_size)
-    below = [n for n in grids if n <= preferred]
-    return max(below) if below else (min(grids) if grids else 0)
+    below = [n for n in grids if n <= preferred] or grids[:1]
+    roomy = [n for n in below if all(side // n >= s for side, s in zip(patch_size, total_stride))]
+    return max(roomy or below) if below else 0
 
 
 class SubPatchGrid:
@@ -38,13 +42,19 @@ class SubPatchGrid:
         patch_size, total_stride = tuple(int(s) for s in patch_size), tuple(int(s) for s in total_stride)
         if len(patch_size) != 2 or len(total_stride) != 2:
             raise ValueError(f"SubPatchGrid is 2D: got patch size {patch_size} and total stride {total_stride}")
-        n = auto_grid(patch_size) if n == 0 else n
+        n = auto_grid(patch_size, total_stride) if n == 0 else n
         if n not in valid_grids(patch_size):
             raise ValueError(f"a grid of {n} x {n} sub-patches does not fit the patch size {list(patch_size)}: n must "
                              f"be at least 2 and divide both sides; valid here: {valid_grids(patch_size) or 'none'}")
         self.n, self.patch_size, self.total_stride = n, patch_size, total_stride
         self.cell = tuple(side // n for side in patch_size)
-        self.padded = tuple(math.ceil(c / s) * s for c, s in zip(self.cell, total_stride))
+        padded = [math.ceil(c / s) * s for c, s in zip(self.cell, total_stride)]
+        if all(p == s for p, s in zip(padded, total_stride)):
+            # a 1 x 1 bottleneck: instance normalisation needs more than one value per channel, so the
+            # sub-patch grows by one stride along the axis of the smaller stride (the cheaper one)
+            axis = 0 if total_stride[0] <= total_stride[1] else 1
+            padded[axis] += total_stride[axis]
+        self.padded = tuple(padded)
         # (before, after) padding per axis, centred
         self.padding = tuple(((p - c) // 2, p - c - (p - c) // 2) for p, c in zip(self.padded, self.cell))
 

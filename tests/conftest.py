@@ -18,7 +18,7 @@ from nnunet_contrast.demo import command_path, prepare_dataset
 
 TEST_PLANS = "nnUNetPlans_test"
 # a budget of seconds: 2 fine-tuning epochs of 2 iterations, one epoch per contrastive stage
-# (PseudoLabelContrast: one warm-up and one joint epoch)
+# (PseudoLabelContrast: one warm-up and one joint epoch; CrossLevel: one contrast and one consistency epoch)
 TEST_SETTINGS = [
     "batch_size=4",
     "nnunet_contrast.budget.num_epochs=2",
@@ -34,6 +34,9 @@ TEST_SETTINGS = [
     "nnunet_contrast.globallocal.pretrain_iterations_per_epoch=3",
     "nnunet_contrast.globallocal.pretrain_batch_size=8",
     "nnunet_contrast.pseudolabel.warmup_fraction=0.5",
+    "nnunet_contrast.ideal.pretrain_epochs=1",
+    "nnunet_contrast.ideal.pretrain_iterations_per_epoch=3",
+    "nnunet_contrast.ideal.sampled_positions=64",
 ]
 
 

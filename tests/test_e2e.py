@@ -8,7 +8,8 @@ import torch
 from conftest import TEST_PLANS
 
 TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
-            "nnUNetTrainerPseudoLabelContrastInter", "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalContrast"]
+            "nnUNetTrainerPseudoLabelContrastInter", "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalContrast",
+            "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,25 @@ def test_globallocal_runs_its_stages(hippocampus, trained, trainer, stages):
     assert checkpoint["current_epoch"] == len(stages) + 1  # one epoch per pretraining stage, 2 fine-tuning
     assert checkpoint["logging"]["stage"] == list(range(len(stages))) + [len(stages) - 1]
     assert checkpoint["nnunet_contrast"]["optimizer_stage"] == "finetune"
+
+
+def test_crosslevel_runs_contrast_then_consistency(hippocampus, trained):
+    log = trained["nnUNetTrainerCrossLevel"]
+    assert "Cross-level grid: 4 x 4 sub-patches of 14 x 10 pixels" in log
+    assert "contrastive loss (contrast)" in log and "contrastive loss (consistency)" in log
+    checkpoint = final_checkpoint(hippocampus, "nnUNetTrainerCrossLevel")
+    assert checkpoint["logging"]["stage"] == [0, 1] and "cell" in checkpoint["nnunet_contrast"]["heads"]
+    assert not any(k.startswith("cell") for k in checkpoint["network_weights"])
+
+
+def test_ideal_pretrains_then_finetunes_two_decoders(hippocampus, trained):
+    log = trained["nnUNetTrainerIDEAL"]
+    assert "Entering stage 'dense'" in log and "Entering stage 'finetune'" in log
+    checkpoint = final_checkpoint(hippocampus, "nnUNetTrainerIDEAL")
+    assert checkpoint["current_epoch"] == 3 and checkpoint["logging"]["stage"] == [0, 1, 1]
+    weights = checkpoint["network_weights"]
+    assert any(k.startswith("decoder_bilinear.transpconvs") for k in weights)  # what nnUNetv2_predict loads
+    assert not any(k.startswith("dense") for k in weights)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
