@@ -24,8 +24,9 @@ from pathlib import Path
 
 DEFAULT_TRAINERS = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
                     "nnUNetTrainerPseudoLabelContrastInter", "nnUNetTrainerGlobalLocalContrast",
-                    "nnUNetTrainerGlobalContrast"]
+                    "nnUNetTrainerGlobalContrast", "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL"]
 # batch 16, 5 epochs x 250 iterations of supervised training, one 250-iteration epoch per pretraining stage
+# (IDEAL: Adam 1e-3, as the CPU preset, since the poster's 1e-5 barely moves in 250 steps; 256 positions)
 DEFAULT_BUDGET = ["batch_size=16",
                   "nnunet_contrast.budget.num_epochs=5",
                   "nnunet_contrast.budget.num_iterations_per_epoch=250",
@@ -38,7 +39,11 @@ DEFAULT_BUDGET = ["batch_size=16",
                   "nnunet_contrast.globallocal.global_epochs=1",
                   "nnunet_contrast.globallocal.local_epochs=1",
                   "nnunet_contrast.globallocal.pretrain_iterations_per_epoch=250",
-                  "nnunet_contrast.globallocal.pretrain_batch_size=16"]
+                  "nnunet_contrast.globallocal.pretrain_batch_size=16",
+                  "nnunet_contrast.ideal.pretrain_epochs=1",
+                  "nnunet_contrast.ideal.pretrain_iterations_per_epoch=250",
+                  "nnunet_contrast.ideal.pretrain_lr=0.001",
+                  "nnunet_contrast.ideal.sampled_positions=256"]
 PLANS = "nnUNetPlans_short"
 
 

@@ -8,7 +8,7 @@ What a step holds follows each method's own defaults (not the CPU preset's), exc
 batch, including the pretraining batches of the global/local trainers, is ``--batch`` images.
 
     python benchmarks/stage_timing.py [--batch 32] [--iterations 10] [--rounds 3] [--workdir DIR]
-        [--only SupConLocal PseudoLabel GlobalLocal]
+        [--only SupConLocal PseudoLabel GlobalLocal CrossLevel IDEAL]
 """
 import argparse
 import datetime
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("SupConLocal", "PseudoLabel", "GlobalLocal")
+FAMILIES = ("SupConLocal", "PseudoLabel", "GlobalLocal", "CrossLevel", "IDEAL")
 
 
 def build(trainer_name: str, plans: str):
@@ -102,6 +102,27 @@ def globallocal_cases(plans):
     return cases, [method]
 
 
+def crosslevel_cases(plans):
+    method = build("nnUNetTrainerCrossLevel", plans)
+
+    def at(epoch: int):
+        def setup():
+            method.current_epoch = epoch
+            return method
+        return setup
+
+    cases = {"CrossLevel contrast": at(0), "CrossLevel consistency": at(method.contrast_epochs)}
+    return cases, [method]
+
+
+def ideal_cases(plans):
+    method = build("nnUNetTrainerIDEAL", plans)
+    cases = {"IDEAL dense, all positions (default)": staged(method, "dense", sampled_positions=0),
+             "IDEAL dense, 256 sampled positions": staged(method, "dense", sampled_positions=256),
+             "IDEAL finetune (two decoders, cross pseudo-supervision)": staged(method, "finetune")}
+    return cases, [method]
+
+
 def shut_down(trainer):
     for loader in (getattr(trainer, "dataloader_labeled", None), trainer.dataloader_train, trainer.dataloader_val):
         getattr(loader, "_finish", lambda: None)()
@@ -136,7 +157,8 @@ def main():
     torch.set_num_threads(os.cpu_count())
     baseline = build("nnUNetTrainerLabeledOnly", plans)
     cases, trainers = {"LabeledOnly (nnU-Net step)": lambda: baseline}, [baseline]
-    for family, make in zip(FAMILIES, (supconlocal_cases, pseudolabel_cases, globallocal_cases)):
+    makers = (supconlocal_cases, pseudolabel_cases, globallocal_cases, crosslevel_cases, ideal_cases)
+    for family, make in zip(FAMILIES, makers):
         if family in args.only:
             more, built = make(plans)
             cases.update(more)
@@ -153,7 +175,8 @@ def main():
           f"unlabelled images and its local stage uses {supcon['local_images']} labelled images x 2 views; "
           f"PseudoLabelContrast joint adds {baseline.unlabeled_batch_size} unlabelled images; GlobalLocalContrast "
           f"pretraining batches are {args.batch} images (G^D/L^D: {args.batch // 4} volumes x 4 partitions) x 2 "
-          f"views; median of {args.rounds} rounds x {args.iterations} iterations")
+          f"views; CrossLevel and IDEAL add {baseline.unlabeled_batch_size} unlabelled images to each step; median of "
+          f"{args.rounds} rounds x {args.iterations} iterations")
     print("| stage | s / iteration | x LabeledOnly |")
     print("|---|---|---|")
     for name, values in times.items():
