@@ -189,3 +189,11 @@ def train_then_resume(trainer_name, plans, stop_after_epochs):
     resumed = make_trainer(trainer_name, plans)
     maybe_load_checkpoint(resumed, True, False)
     return first, resumed
+
+
+def assert_same_optimizer_moments(first, resumed):
+    """The Adam moments of a resumed trainer are those its checkpoint was saved with."""
+    first_state, resumed_state = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert first_state.keys() == resumed_state.keys() and len(first_state) > 0
+    for index in first_state:
+        torch.testing.assert_close(resumed_state[index]["exp_avg"], first_state[index]["exp_avg"])

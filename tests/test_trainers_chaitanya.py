@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
+from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.pseudo_labels import PseudoLabeler
@@ -148,10 +148,7 @@ def test_globallocal_resumes_mid_stage(hippocampus):
     assert isinstance(resumed.optimizer, torch.optim.Adam)
     for key, value in first.heads.state_dict().items():
         torch.testing.assert_close(resumed.heads.state_dict()[key], value)
-    first_state, resumed_state = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert first_state.keys() == resumed_state.keys() and len(first_state) > 0
-    for index in first_state:
-        torch.testing.assert_close(resumed_state[index]["exp_avg"], first_state[index]["exp_avg"])
+    assert_same_optimizer_moments(first, resumed)
     resumed.run_training()
     log = resumed.logger.local_logger.my_fantastic_logging
     assert log["stage"] == [0, 0, 1, 2]  # global, global, local, finetune

@@ -5,10 +5,11 @@ import re
 
 import pytest
 import torch
-from conftest import (TEST_PLANS, corrupt_images, losses_with_hidden_labels_corrupted, make_plans, make_trainer,
+from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images, losses_with_hidden_labels_corrupted, make_plans, make_trainer,
                       ready_trainer, seed_everything, split_of_fold0, train_then_resume)
 from nnunet_contrast.dual_decoder import DualDecoderUNet
 from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.taps import forward_with_decoder_features
 
 CROSSLEVEL = "nnUNetTrainerCrossLevel"
 IDEAL = "nnUNetTrainerIDEAL"
@@ -30,11 +31,17 @@ def crosslevel_losses(plans):
     return losses
 
 
-def test_crosslevel_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
+def losses_when_hidden_labels_or_unlabelled_images_change(hippocampus, backup, losses):
+    """(reference, with the labels of unlabelled cases corrupted, with their images corrupted)."""
     split = split_of_fold0(hippocampus)
-    reference, hidden, changed = losses_with_hidden_labels_corrupted(
-        hippocampus, tmp_path, lambda: crosslevel_losses(TEST_PLANS), split["unlabeled"],
-        lambda folder, backup: corrupt_images(folder, split["unlabeled"], backup))  # control: their images count
+    return losses_with_hidden_labels_corrupted(
+        hippocampus, backup, losses, split["unlabeled"],
+        lambda folder, saved: corrupt_images(folder, split["unlabeled"], saved))  # control: their images count
+
+
+def test_crosslevel_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
+    reference, hidden, changed = losses_when_hidden_labels_or_unlabelled_images_change(
+        hippocampus, tmp_path, lambda: crosslevel_losses(TEST_PLANS))
     assert hidden == reference
     assert reference["seg_contrast"] == pytest.approx(reference["seg_consistency"])  # the same supervised loss
     assert changed["contrast"] != reference["contrast"] and changed["consistency"] != reference["consistency"]
@@ -60,7 +67,6 @@ def test_crosslevel_contrast_reaches_network_and_head_but_not_through_the_key(hi
     trainer = ready_trainer(CROSSLEVEL, TEST_PLANS)
     seed_everything(1)
     images = next(trainer.dataloader_train)["data"]
-    from nnunet_contrast.taps import forward_with_decoder_features
     _, features = forward_with_decoder_features(trainer.network, images)
     loss = trainer.contrast_term(images, features)
     grads = torch.autograd.grad(loss, list(trainer.heads.parameters()) + [features])
@@ -89,10 +95,8 @@ def ideal_losses(plans):
 
 
 def test_ideal_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
-    split = split_of_fold0(hippocampus)
-    reference, hidden, changed = losses_with_hidden_labels_corrupted(
-        hippocampus, tmp_path, lambda: ideal_losses(TEST_PLANS), split["unlabeled"],
-        lambda folder, backup: corrupt_images(folder, split["unlabeled"], backup))  # control: their images count
+    reference, hidden, changed = losses_when_hidden_labels_or_unlabelled_images_change(
+        hippocampus, tmp_path, lambda: ideal_losses(TEST_PLANS))
     assert hidden == reference
     assert changed["dense"] != reference["dense"] and changed["cps"] != reference["cps"]
     assert changed["supervised"] == reference["supervised"]  # labelled images only
@@ -128,10 +132,7 @@ def test_ideal_resumes_mid_pretraining(hippocampus):
                        "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
     first, resumed = train_then_resume(IDEAL, plans, stop_after_epochs=1)
     assert resumed.current_epoch == 1 and resumed.current_stage == "dense"
-    first_state, resumed_state = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert first_state.keys() == resumed_state.keys() and len(first_state) > 0
-    for index in first_state:
-        torch.testing.assert_close(resumed_state[index]["exp_avg"], first_state[index]["exp_avg"])
+    assert_same_optimizer_moments(first, resumed)
     resumed.run_training()
     log = resumed.logger.local_logger.my_fantastic_logging
     assert log["stage"] == [0, 0, 1]
