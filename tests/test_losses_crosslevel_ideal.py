@@ -28,6 +28,15 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription slow-downs on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------------
 # naive references
 # --------------------------------------------------------------------------------------------------

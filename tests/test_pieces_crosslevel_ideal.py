@@ -21,6 +21,15 @@ from nnunet_contrast.subpatches import SubPatchGrid, auto_grid, stride_factors, 
 from nnunet_contrast.taps import total_stride
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription slow-downs on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rand(seed, *shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
