@@ -93,6 +93,15 @@ def hippocampus(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription slow-downs on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- in-process trainers
 def make_plans(hippocampus, name, *settings):
     sets = [a for s in settings for a in ("--set", s)]

@@ -21,25 +21,22 @@ import math
 import pytest
 import torch
 
+from loss_checks import F64, GRAD_TOL, assert_finite, assert_matches, grad_of, randn
 from nnunet_contrast.losses import CrossPseudoSupervisionLoss, DenseInfoNCELoss, PatchImageConsistencyLoss
 
-VALUE_TOL = dict(rtol=1e-4, atol=1e-5)
-GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
-F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription slow-downs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def assert_float32_matches(lib, ref, **tolerances):
+    """``lib`` and ``ref``: (value, gradients) from ``grad_of``; the library's value is float32."""
+    assert lib[0].dtype == torch.float32
+    assert_matches(lib[0], ref[0], lib[1], ref[1], **tolerances)
 
 
 # --------------------------------------------------------------------------------------------------
 # naive references
 # --------------------------------------------------------------------------------------------------
+
 def _zero():
     return torch.zeros((), dtype=F64)
 
@@ -117,41 +114,6 @@ def loop_cross_pseudo(logits1, logits2):
 
 
 # --------------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------------
-def grad_of(fn, *tensors):
-    """Value of fn(*leaves) and the gradients w.r.t. fresh float64 leaf copies of ``tensors``
-    (zeros for a leaf the value does not depend on)."""
-    leaves = [t.detach().clone().to(F64).requires_grad_(True) for t in tensors]
-    value = fn(*leaves)
-    grads = torch.autograd.grad(value, leaves, allow_unused=True)
-    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-    return value.detach(), grads
-
-
-def assert_finite(value, grads=()):
-    assert torch.isfinite(value).all()
-    for g in grads:
-        assert torch.isfinite(g).all()
-
-
-def assert_matches(lib, ref, value_tol=VALUE_TOL, grad_tol=GRAD_TOL):
-    (lib_value, lib_grads), (ref_value, ref_grads) = lib, ref
-    assert lib_value.ndim == 0
-    assert lib_value.dtype == torch.float32
-    assert_finite(lib_value, lib_grads)
-    torch.testing.assert_close(lib_value.double(), ref_value.double(), **value_tol)
-    assert len(lib_grads) == len(ref_grads)
-    for lg, rg in zip(lib_grads, ref_grads):
-        torch.testing.assert_close(lg.double(), rg.double(), **grad_tol)
-
-
-def randn(seed, *shape, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=F64) * scale
-
-
-# --------------------------------------------------------------------------------------------------
 # 1. Dense InfoNCE
 # --------------------------------------------------------------------------------------------------
 SHAPES = [(1, 2, 3), (1, 5, 4), (2, 3, 5), (3, 4, 3), (2, 7, 2)]
@@ -165,10 +127,10 @@ def test_dense_infonce_keys_as_negatives_matches_loop(seed, shape, tau):
     loss = DenseInfoNCELoss(tau)
     lib = grad_of(lambda a, b: loss(a, b), q, k)
     ref = grad_of(lambda a, b: loop_dense_infonce(a, b, b, tau), q, k)
-    assert_matches(lib, ref)
+    assert_float32_matches(lib, ref)
     # passing the keys explicitly is the same thing
     explicit = grad_of(lambda a, b: loss(a, b, b), q, k)
-    assert_matches(explicit, ref)
+    assert_float32_matches(explicit, ref)
 
 
 @pytest.mark.parametrize("seed,shape", list(enumerate(SHAPES)))
@@ -179,7 +141,7 @@ def test_dense_infonce_queries_as_negatives_matches_loop(seed, shape, tau):
     loss = DenseInfoNCELoss(tau)
     lib = grad_of(lambda a, b: loss(a, b, a), q, k)
     ref = grad_of(lambda a, b: loop_dense_infonce(a, b, a, tau), q, k)
-    assert_matches(lib, ref)
+    assert_float32_matches(lib, ref)
     if shape[1] > 1:
         # the negative role of q matters: treating q as a constant negative gives another gradient
         q_only_query = grad_of(lambda a, b: loop_dense_infonce(a, b, a.detach(), tau), q, k)
@@ -196,7 +158,7 @@ def test_dense_infonce_separate_negatives_matches_loop(seed):
     loss = DenseInfoNCELoss(0.2)
     lib = grad_of(lambda a, b, c: loss(a, b, c), q, k, g)
     ref = grad_of(lambda a, b, c: loop_dense_infonce(a, b, c, 0.2), q, k, g)
-    assert_matches(lib, ref)
+    assert_float32_matches(lib, ref)
     assert all(torch.count_nonzero(grad) > 0 for grad in lib[1])
 
 
@@ -243,7 +205,7 @@ def test_dense_infonce_identical_queries_and_keys(positions):
     loss = DenseInfoNCELoss(0.1)
     lib = grad_of(lambda a: loss(a, a), q)
     ref = grad_of(lambda a: loop_dense_infonce(a, a, a, 0.1), q)
-    assert_matches(lib, ref)
+    assert_float32_matches(lib, ref)
     # positive logit 1/tau is the largest, so 0 < l < log N
     assert 0.0 < lib[0].item() < math.log(positions)
 
@@ -269,7 +231,7 @@ def test_dense_infonce_large_logits_stay_finite(negatives):
               else (lambda a, b: loop_dense_infonce(a, b, a, tau)))
     lib, ref = grad_of(fn, q, k), grad_of(ref_fn, q, k)
     assert_finite(*lib)
-    assert_matches(lib, ref, value_tol=dict(rtol=1e-3, atol=1e-4), grad_tol=dict(rtol=1e-3, atol=1e-3))
+    assert_float32_matches(lib, ref, value_tol=dict(rtol=1e-3, atol=1e-4), grad_tol=dict(rtol=1e-3, atol=1e-3))
     # perfectly aligned and everything else orthogonal: the loss underflows towards 0, not NaN
     eye = torch.eye(4, dtype=F64).expand(2, 4, 4).contiguous()
     value, grads = grad_of(fn, eye, eye)
@@ -333,7 +295,7 @@ def test_patch_image_matches_loop(seed, shape):
     loss = PatchImageConsistencyLoss()
     lib = grad_of(lambda a, b: loss(a, b), patch, image)
     ref = grad_of(lambda a, b: loop_patch_image(a, b), patch, image)
-    assert_matches(lib, ref)
+    assert_float32_matches(lib, ref)
     if shape[2] > 1:
         assert lib[0].item() > 0 and torch.count_nonzero(lib[1][0]) > 0
 
@@ -419,7 +381,7 @@ def test_cross_pseudo_matches_loop(seed, shape):
     loss = CrossPseudoSupervisionLoss()
     lib = grad_of(lambda a, b: loss(a, b), l1, l2)
     ref = grad_of(lambda a, b: loop_cross_pseudo(a, b), l1, l2)
-    assert_matches(lib, ref)
+    assert_float32_matches(lib, ref)
     assert all(torch.count_nonzero(g) > 0 for g in lib[1])
 
 

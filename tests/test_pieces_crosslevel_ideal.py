@@ -21,13 +21,7 @@ from nnunet_contrast.subpatches import SubPatchGrid, auto_grid, stride_factors, 
 from nnunet_contrast.taps import total_stride
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription slow-downs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rand(seed, *shape):
@@ -364,7 +358,8 @@ def test_dual_encoder_is_shared_not_duplicated():
     assert {id(p) for p in params} == encoder | decoder_own | bilinear_own
     assert {id(p) for p in unet.parameters()} <= {id(p) for p in params}
     numel = sum(p.numel() for p in params)
-    bilinear_numel = sum(p.numel() for n, p in model.decoder_bilinear.named_parameters() if not n.startswith("encoder."))
+    bilinear_numel = sum(p.numel() for n, p in model.decoder_bilinear.named_parameters()
+                         if not n.startswith("encoder."))
     assert numel == sum(p.numel() for p in unet.parameters()) + bilinear_numel
 
 

@@ -40,7 +40,7 @@ class DenseInfoNCELoss(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
         negatives = k if negatives is None else negatives
-        if q.ndim != 3 or q.shape != k.shape or q.shape != negatives.shape or q.shape[0] * q.shape[1] == 0:
+        if q.ndim != 3 or q.shape != k.shape or q.shape != negatives.shape or q.numel() == 0:
             raise ValueError(f"DenseInfoNCELoss: expected non-empty (B, N, D) queries, keys and negatives of equal "
                              f"shape, got {tuple(q.shape)}, {tuple(k.shape)} and {tuple(negatives.shape)}")
         with torch.autocast(device_type=q.device.type, enabled=False):  # float32 under AMP
