@@ -29,7 +29,8 @@ def blob_case(rng):
 def blobs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rgb")
     env = nnunet_environment(root)
-    env["nnUNet_def_n_proc"] = "1"
+    # planning needs a positive count of processes (the hippocampus fixture may have set 0 in os.environ)
+    env.update({"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "2"})
     raw = root / "nnUNet_raw" / DATASET
     folders = {name: raw / name for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
     for folder in folders.values():
@@ -44,7 +45,7 @@ def blobs(tmp_path_factory):
         "channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "blob": 1},
         "numTraining": CASES, "file_ending": ".png", "overwrite_image_reader_writer": "NaturalImage2DIO"}))
     run_cmd(["nnUNetv2_plan_and_preprocess", "-d", "5", "-c", "2d", "-np", "1"], env)
-    env["nnUNet_n_proc_DA"] = "0"  # single-threaded data loading for training (planning needs a positive count)
+    env["nnUNet_n_proc_DA"] = "0"  # single-threaded data loading for training
     run_cmd(["nnunet-contrast", "split", "-d", "5", "--labeled", "0.5"], env)
     run_cmd(["nnunet-contrast", "plans", "-d", "5", "-o", "RGBPlans", "--preset", "cpu_budget",
              "--set", "batch_size=4", "--set", "nnunet_contrast.budget.num_epochs=2",
