@@ -19,14 +19,9 @@ from nnunet_contrast.heads import CellProjectionHead
 from nnunet_contrast.losses import DenseInfoNCELoss, PatchImageConsistencyLoss
 from nnunet_contrast.subpatches import SubPatchGrid
 from nnunet_contrast.taps import check_unet, decoder_channels, forward_with_decoder_features, total_stride
-from nnunet_contrast.training.contrast import ContrastTrainer
+from nnunet_contrast.training.contrast import ContrastTrainer, batch_part, full_resolution
 
 CONTRAST, CONSISTENCY = "contrast", "consistency"
-
-
-def full_resolution(output):
-    """nnU-Net's output at the patch's resolution (the first of the deep-supervision outputs)."""
-    return output[0] if isinstance(output, (list, tuple)) else output
 
 
 class nnUNetTrainerCrossLevel(ContrastTrainer):
@@ -102,9 +97,7 @@ class nnUNetTrainerCrossLevel(ContrastTrainer):
         else:
             output = self.network(images)
             unsupervised = s["beta"] * self.consistency_term(images, full_resolution(output))
-        n = data.shape[0]
-        labeled_output = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
-        return self.loss(labeled_output, target), unsupervised
+        return self.loss(batch_part(output, slice(0, data.shape[0])), target), unsupervised
 
     def contrast_term(self, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Eq. 1: features (B, C, H, W) of the full patches' last decoder stage."""

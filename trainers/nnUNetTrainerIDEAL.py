@@ -25,12 +25,8 @@ from nnunet_contrast.losses import CrossPseudoSupervisionLoss, DenseInfoNCELoss
 from nnunet_contrast.pixel_selection import sample_positions
 from nnunet_contrast.taps import (check_unet, decoder_block_features, decoder_block_parameters, decoder_channels,
                                   decoder_stage_count, unwrap_network)
+from nnunet_contrast.training.contrast import batch_part
 from nnunet_contrast.training.staged import FINETUNE, Stage, StagedContrastTrainer
-
-
-def batch_part(output, part: slice):
-    """Images ``part`` of a network output (a tensor, or a list over deep-supervision resolutions)."""
-    return [o[part] for o in output] if isinstance(output, (list, tuple)) else output[part]
 
 
 class nnUNetTrainerIDEAL(StagedContrastTrainer):

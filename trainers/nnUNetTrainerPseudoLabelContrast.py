@@ -20,7 +20,7 @@ from nnunet_contrast.losses import ClassMeanContrastLoss
 from nnunet_contrast.pixel_selection import sample_class_pixels
 from nnunet_contrast.pseudo_labels import PseudoLabeler, round_start_epochs
 from nnunet_contrast.taps import check_unet, decoder_channels, forward_with_decoder_features
-from nnunet_contrast.training.contrast import ContrastTrainer
+from nnunet_contrast.training.contrast import ContrastTrainer, batch_part, full_resolution
 
 WARMUP, JOINT = "warmup", "joint"
 
@@ -106,11 +106,8 @@ class nnUNetTrainerPseudoLabelContrast(ContrastTrainer):
         unlabeled = unlabeled.to(self.device, non_blocking=True)
         pseudo = self.pseudo_labeler(unlabeled)
         output, features = forward_with_decoder_features(self.network, torch.cat([data, unlabeled]))
-        n = data.shape[0]
-        labeled_output = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
-        seg_loss = self.loss(labeled_output, target)
-        full_target = target[0] if isinstance(target, list) else target
-        contrast = self.contrast_term(features, torch.cat([full_target[:, 0].long(), pseudo]))
+        seg_loss = self.loss(batch_part(output, slice(0, data.shape[0])), target)
+        contrast = self.contrast_term(features, torch.cat([full_resolution(target)[:, 0].long(), pseudo]))
         return seg_loss, contrast
 
     def contrast_term(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,16 @@ from nnunet_contrast.training.progress import ContrastLocalLogger
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
 
+def batch_part(output, part: slice):
+    """Images ``part`` of a network output (a tensor, or a list over deep-supervision resolutions)."""
+    return [o[part] for o in output] if isinstance(output, (list, tuple)) else output[part]
+
+
+def full_resolution(output):
+    """nnU-Net's output (or target) at the patch's resolution: the first of the deep-supervision ones."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
 class ContrastTrainer(SemiSupervisedTrainer):
     """Subclasses set ``method_key`` (their settings section, e.g. ``"supconlocal"``) and define
     ``build_heads`` and ``stage_names``."""
