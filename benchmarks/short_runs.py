@@ -10,7 +10,8 @@ with ``nnUNetv2_train``. Each run is scored by nnU-Net's own final validation of
         [--labeled 0.05] [--fold 0] [--trainers T1 T2 ...] [--set KEY=VALUE ...]
 
 Prints a markdown table with the command, machine, date and budget, and writes results.json in
-the work folder. Runs whose summary exists are not trained again.
+the work folder. Runs whose summary exists are not trained again; a run that was stopped part-way
+(a ``checkpoint_latest.pth`` but no summary) is continued with nnU-Net's ``--c``.
 """
 import argparse
 import datetime
@@ -66,11 +67,13 @@ def main():
     results = []
     for trainer in args.trainers:
         fold = results_dir / f"{trainer}__{PLANS}__2d" / f"fold_{args.fold}"
-        started = time.time()
+        started, resumed = time.time(), False
         if not (fold / "validation" / "summary.json").exists():
             command = ["nnUNetv2_train", "4", "2d", args.fold, "-tr", trainer, "-p", PLANS, "-device", "cpu"]
+            resumed = (fold / "checkpoint_latest.pth").exists()
+            command += ["--c"] if resumed else []
             print("$ " + " ".join(command), flush=True)
-            with open(root / f"train_{trainer}_fold{args.fold}.log", "w") as log:
+            with open(root / f"train_{trainer}_fold{args.fold}.log", "a" if resumed else "w") as log:
                 subprocess.run([command_path(command[0])] + command[1:], env=env, check=True, stdout=log,
                                stderr=subprocess.STDOUT)
         seconds = time.time() - started
@@ -79,7 +82,7 @@ def main():
                         "foreground_dice": summary["foreground_mean"]["Dice"],
                         "dice_per_class": {k: v["Dice"] for k, v in summary["mean"].items()},
                         "validation_cases": len(summary["metric_per_case"]),
-                        "train_seconds_this_call": round(seconds)})
+                        "train_seconds_this_call": round(seconds), "resumed": resumed})
         print(json.dumps(results[-1]), flush=True)
     split = json.loads((root / "nnUNet_preprocessed" / "Dataset004_Hippocampus" / "splits_semisup.json").read_text())
     fold_split = split["folds"][int(args.fold)]
