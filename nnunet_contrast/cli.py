@@ -1,4 +1,4 @@
-"""The ``nnunet-contrast`` command: split, add-unlabeled, plans, demo."""
+"""The ``nnunet-contrast`` command: split, add-unlabeled, plans, demo, benchmark, report."""
 import argparse
 import json
 import sys
@@ -77,7 +77,45 @@ def cmd_demo(args) -> None:
                              f"its output is above") from None
 
 
+def cmd_benchmark(args) -> None:
+    from nnunet_contrast.benchmark.report import write_report
+    from nnunet_contrast.benchmark.runs import Benchmark, Budget, execute
+    from nnunet_contrast.demo import nnunet_environment
+    from nnunet_contrast.plans_presets import parse_assignment
+    from nnunet_contrast.settings import all_preset_names
+
+    trainers = args.trainers or [t for t in project_trainers()]
+    unknown = sorted(set(trainers) - set(project_trainers()))
+    if unknown:
+        raise UserInputError(f"--trainers {' '.join(unknown)}: not a trainer of this project; choose from "
+                             f"{project_trainers()}")
+    if args.budget not in all_preset_names():
+        raise UserInputError(f"--budget {args.budget} is not a preset of plans/: choose one of {all_preset_names()}")
+    for text in args.set or []:
+        parse_assignment(text)
+    if not Path(args.msd).is_dir():
+        raise UserInputError(f"--msd {args.msd} is not a folder: pass an MSD task folder, e.g. Task04_Hippocampus")
+    benchmark = Benchmark(Path(args.workdir), Path(args.msd), trainers, args.fractions, args.folds,
+                          Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
+                          upper_bound=not args.no_upper_bound)
+    env = nnunet_environment(benchmark.workdir) if not args.dry_run else {}
+    todo = execute(benchmark.steps(), env, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"{todo} step(s) to do; {len(benchmark.runs())} run(s) in this benchmark")
+    elif (benchmark.workdir / "results").is_dir():
+        print(f"report: {write_report(benchmark.workdir)}")
+
+
+def cmd_report(args) -> None:
+    from nnunet_contrast.benchmark.records import write_csv
+    from nnunet_contrast.benchmark.report import write_report
+
+    path = write_report(Path(args.workdir))
+    print(f"wrote {path} and {write_csv(Path(args.workdir))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nnunet_contrast.benchmark.runs import BASELINE, DEFAULT_BUDGET, DEFAULT_FRACTIONS
     from nnunet_contrast.settings import all_preset_names
 
     parser = argparse.ArgumentParser(prog="nnunet-contrast", description=__doc__)
@@ -117,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep everything in this folder (default: a temporary folder, removed after)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra plans settings, as for 'plans'")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="train and score every trainer at several labelled fractions and folds "
+                                         "with one budget, through nnU-Net's commands (resumable)")
+    p.add_argument("--workdir", required=True, help="folder for nnU-Net's data, the runs and the results")
+    p.add_argument("--msd", required=True, help="MSD task folder, e.g. Task04_Hippocampus (read only)")
+    p.add_argument("--fractions", nargs="+", default=list(DEFAULT_FRACTIONS),
+                   help="labelled fractions (0.05) or counts (10) of each fold's training cases "
+                        f"(default {' '.join(DEFAULT_FRACTIONS)})")
+    p.add_argument("--folds", nargs="+", type=int, default=[0], help="nnU-Net folds (default 0)")
+    p.add_argument("--trainers", nargs="+", help="default: every trainer of this project")
+    p.add_argument("--budget", default=DEFAULT_BUDGET, help=f"preset of plans/ (default {DEFAULT_BUDGET})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="budget settings after the preset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the labelled/unlabelled split (default 0)")
+    p.add_argument("--device", default="cpu", help="nnUNetv2_train -device (default cpu)")
+    p.add_argument("--no-upper-bound", action="store_true",
+                   help=f"skip {BASELINE} on all labels of each fold (the upper bound)")
+    p.add_argument("--dry-run", action="store_true", help="list the commands it would run, run nothing")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("report", help="tables, plots and training curves of a benchmark from its result files")
+    p.add_argument("--workdir", required=True, help="the benchmark's work folder")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""One JSON record per finished benchmark run, and the CSV of all of them.
+
+A record holds what identifies the run (trainer, labelled fraction, fold, budget digest, split seed
+and the digest of the fold's labelled cases), nnU-Net's validation scores of the fold, the training
+time read from nnU-Net's own epoch timestamps (so a run continued with ``--c`` counts only its
+epochs, not the pause) and the per-epoch curves of nnU-Net's logger, from which the report redraws
+the training curves.
+"""
+import csv
+import datetime
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import List
+
+CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "contrast_loss", "stage")
+CSV_COLUMNS = ("budget_digest", "plans", "trainer", "fraction", "fold", "labelled_cases", "unlabelled_cases",
+               "foreground_dice", "dice_per_class", "training_seconds", "seconds_per_iteration", "epochs", "date")
+
+
+def seconds_per_iteration(logging: dict, iterations_per_epoch: int) -> float:
+    """Mean duration of the epochs of the last stage (nnU-Net's supervised or joint training) divided
+    by its training iterations per epoch; an epoch's time includes its validation iterations."""
+    durations = epoch_durations(logging)
+    stages = list(logging.get("stage") or [])[:len(durations)] or [0] * len(durations)
+    last = [d for d, s in zip(durations, stages) if s == stages[-1]]
+    return sum(last) / len(last) / iterations_per_epoch
+
+
+def epoch_durations(logging: dict) -> List[float]:
+    return [end - start for start, end in zip(logging["epoch_start_timestamps"], logging["epoch_end_timestamps"])]
+
+
+def run_record(run, fold_folder: Path, split: dict, budget, seed: int) -> dict:
+    import torch
+
+    summary = json.loads((fold_folder / "validation" / "summary.json").read_text())
+    settings = json.loads((fold_folder / "nnunet_contrast_settings.json").read_text())
+    logging = torch.load(fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    fold_split = split["folds"][run.fold]
+    iterations = settings["budget"]["num_iterations_per_epoch"]
+    return {
+        "trainer": run.trainer, "fraction": run.fraction, "fold": run.fold, "upper_bound": run.is_upper_bound,
+        "plans": budget.plans_identifier(run.fraction), "budget_preset": budget.preset,
+        "budget_set": list(budget.assignments), "budget_digest": budget.digest, "split_seed": seed,
+        "labelled_cases": len(fold_split["labeled"]), "unlabelled_cases": len(fold_split["unlabeled"]),
+        "labelled_digest": hashlib.sha256(json.dumps(sorted(fold_split["labeled"])).encode()).hexdigest()[:8],
+        "validation_cases": len(summary["metric_per_case"]),
+        "foreground_dice": summary["foreground_mean"]["Dice"],
+        "dice_per_class": {k: v["Dice"] for k, v in summary["mean"].items()},
+        "epochs": len(epoch_durations(logging)),
+        "training_seconds": round(sum(epoch_durations(logging)), 1),
+        "seconds_per_iteration": round(seconds_per_iteration(logging, iterations), 4),
+        "curves": {k: [float(v) for v in logging[k]] for k in CURVES if k in logging},
+        "settings": settings,
+        "environment": environment(),
+    }
+
+
+def environment() -> dict:
+    from importlib.metadata import version
+
+    import torch
+
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "nnunetv2": version("nnunetv2"),
+            "nnunet_contrast": version("nnunet-contrast"), "commit": source_commit()}
+
+
+def source_commit() -> str:
+    """The git commit of this package's source when it is a checkout (editable installs), else ''."""
+    try:
+        result = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True)
+    except OSError:  # no git on this machine
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def load_records(workdir: Path) -> List[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(workdir) / "results").glob("*/*.json"))]
+
+
+def csv_text(records: List[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        row = dict(record, date=record["environment"]["date"], dice_per_class=json.dumps(record["dice_per_class"]))
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_csv(workdir: Path) -> Path:
+    path = Path(workdir) / "results.csv"
+    scratch = path.with_name(path.name + ".partial")
+    scratch.write_text(csv_text(load_records(workdir)))
+    scratch.replace(path)
+    return path

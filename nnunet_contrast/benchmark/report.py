@@ -1,0 +1,186 @@
+"""``nnunet-contrast report``: tables and plots of a benchmark, redrawn from its result files only.
+
+One section per budget digest and split seed, so runs of different budgets or splits never share
+a table: the Dice table (method x labelled fraction, mean and standard deviation over folds), the
+difference to ``nnUNetTrainerLabeledOnly`` on the same fraction and fold, the training cost, a PNG
+of Dice against the labelled fraction and each run's training curves.
+"""
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from nnunet_contrast.benchmark.records import load_records
+from nnunet_contrast.benchmark.runs import ALL_LABELS, BASELINE
+from nnunet_contrast.errors import UserInputError
+
+UPPER_BOUND_NAME = "nnU-Net, all labels (LabeledOnly at 1.0)"
+
+
+def group_records(records: Sequence[dict]) -> Dict[tuple, List[dict]]:
+    groups = defaultdict(list)
+    for record in records:
+        groups[(record["budget_digest"], record["split_seed"])].append(record)
+    return dict(groups)
+
+
+def mean_spread(values: Sequence[float], signed: bool = False) -> str:
+    """``0.830`` for one fold, ``0.830 ± 0.004 (n=3)`` (standard deviation) for several, ``""`` for none."""
+    if not values:
+        return ""
+    mean = f"{statistics.mean(values):{'+' if signed else ''}.3f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f} (n={len(values)})"
+
+
+def method_order(records: Sequence[dict]) -> List[str]:
+    names = sorted({r["trainer"] for r in records if not r["upper_bound"]})
+    return sorted(names, key=lambda n: n != BASELINE)
+
+
+def fraction_order(records: Sequence[dict]) -> List[str]:
+    return sorted({r["fraction"] for r in records if not r["upper_bound"]}, key=float)
+
+
+def by_cell(records: Sequence[dict]) -> Dict[tuple, Dict[int, dict]]:
+    """(trainer, fraction) -> fold -> record."""
+    cells: Dict[tuple, Dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        cells[(r["trainer"], r["fraction"])][r["fold"]] = r
+    return cells
+
+
+def dice_table(records: Sequence[dict]) -> List[str]:
+    fractions, cells = fraction_order(records), by_cell(records)
+    headers = [f"{f} ({labelled_counts(cells, f)} labelled)" for f in fractions]
+    lines = ["| method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+    for trainer in method_order(records):
+        values = [mean_spread([r["foreground_dice"] for r in cells[(trainer, f)].values()]) for f in fractions]
+        lines.append(f"| {trainer} | " + " | ".join(values) + " |")
+    upper = [r["foreground_dice"] for r in cells.get((BASELINE, ALL_LABELS), {}).values()]
+    if upper:
+        lines.append(f"| {UPPER_BOUND_NAME} | " + " | ".join([mean_spread(upper)] * len(fractions)) + " |")
+    return lines
+
+
+def labelled_counts(cells: Dict[tuple, Dict[int, dict]], fraction: str) -> str:
+    counts = sorted({r["labelled_cases"] for (t, f), folds in cells.items() if f == fraction for r in folds.values()})
+    return "/".join(str(c) for c in counts)
+
+
+def delta_table(records: Sequence[dict]) -> List[str]:
+    """Per-fold paired difference to the baseline at the same fraction, then its mean over folds."""
+    fractions, cells = fraction_order(records), by_cell(records)
+    lines = ["| method | " + " | ".join(fractions) + " |", "|---" * (len(fractions) + 1) + "|"]
+    for trainer in method_order(records):
+        if trainer == BASELINE:
+            continue
+        values = []
+        for f in fractions:
+            base, ours = cells.get((BASELINE, f), {}), cells[(trainer, f)]
+            diffs = [ours[k]["foreground_dice"] - base[k]["foreground_dice"] for k in sorted(set(base) & set(ours))]
+            values.append(mean_spread(diffs, signed=True))
+        lines.append(f"| {trainer} | " + " | ".join(values) + " |")
+    return lines
+
+
+def cost_table(records: Sequence[dict]) -> List[str]:
+    lines = ["| method | fraction | fold | epochs | training time (s) | s per iteration (last stage) |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["trainer"], float(r["fraction"]), r["fold"])):
+        lines.append(f"| {r['trainer']} | {r['fraction']} | {r['fold']} | {r['epochs']} | "
+                     f"{r['training_seconds']:.0f} | {r['seconds_per_iteration']:.3f} |")
+    return lines
+
+
+def plot_dice(records: Sequence[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions, cells = fraction_order(records), by_cell(records)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for trainer in method_order(records):
+        points = [(float(f), [r["foreground_dice"] for r in cells[(trainer, f)].values()]) for f in fractions
+                  if cells[(trainer, f)]]
+        xs = [x for x, _ in points]
+        means = [statistics.mean(v) for _, v in points]
+        spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+        ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=trainer.replace("nnUNetTrainer", ""),
+                    linewidth=2.5 if trainer == BASELINE else 1.2)
+    upper = [r["foreground_dice"] for r in cells.get((BASELINE, ALL_LABELS), {}).values()]
+    if upper:
+        ax.axhline(statistics.mean(upper), color="black", linestyle="--", label="all labels")
+    ax.set_xscale("log")
+    ax.set_xticks([float(f) for f in fractions], [f"{float(f):g}" for f in fractions])
+    ax.set_xlabel("labelled fraction of the fold's training cases")
+    ax.set_ylabel("mean foreground Dice (fold validation)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = record["curves"]
+    panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice"]),
+              ("contrastive loss", ["contrast_loss"])]
+    panels = [(title, [k for k in keys if k in curves]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), dpi=100, squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], panels):
+        for key in keys:
+            ax.plot(range(len(curves[key])), curves[key], marker="o", label=key)
+        for epoch, stage in enumerate(curves.get("stage", [])):
+            ax.axvspan(epoch - 0.5, epoch + 0.5, color=f"C{int(stage) + 4}", alpha=0.08)
+        ax.set_ylabel(title)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(f"{record['trainer']}, labelled {record['fraction']}, fold {record['fold']}")
+    axes[-1, 0].set_xlabel("epoch (shading: training stage)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def section(records: Sequence[dict], folder: Path) -> List[str]:
+    first = records[0]
+    env = first["environment"]
+    plot = folder / f"dice_vs_labels_{first['budget_digest']}_seed{first['split_seed']}.png"
+    plot_dice(records, plot)
+    for r in records:
+        plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}.png")
+    return [f"## Budget `{first['budget_preset']}` (digest {first['budget_digest']}), split seed "
+            f"{first['split_seed']}", "",
+            f"Extra settings: {' '.join(first['budget_set']) or 'none'}. Machine: {env['machine']} "
+            f"({env['device']}), torch {env['torch']}, nnunetv2 {env['nnunetv2']}, nnunet-contrast "
+            f"{env['nnunet_contrast']} {env['commit']}. Runs finished between "
+            f"{min(r['environment']['date'] for r in records)} and {max(r['environment']['date'] for r in records)}."
+            f" Scores: nnU-Net's validation of each fold ({first['validation_cases']} cases in fold "
+            f"{first['fold']}).", "",
+            "Mean foreground Dice:", "", *dice_table(records), "",
+            f"Difference to {BASELINE} on the same fraction and fold:", "", *delta_table(records), "",
+            f"![Dice against labelled fraction]({plot.name})", "",
+            "Cost:", "", *cost_table(records), ""]
+
+
+def write_report(workdir: Path) -> Path:
+    records = load_records(workdir)
+    if not records:
+        raise UserInputError(f"no finished runs in {Path(workdir) / 'results'}: run 'nnunet-contrast benchmark' "
+                             f"with this --workdir first")
+    folder = Path(workdir) / "report"
+    lines = ["# nnunet-contrast benchmark report", "",
+             "Generated by `nnunet-contrast report` from the result files of this work folder.", ""]
+    for _, group in sorted(group_records(records).items()):
+        lines += section(group, folder)
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,263 @@
+"""``nnunet-contrast benchmark``: every trainer against nnU-Net at one budget, through nnU-Net's commands.
+
+For an MSD task folder it runs, in a work folder and skipping whatever is already done:
+nnU-Net's convert and 2d plan-and-preprocess (once), ``nnunet-contrast add-unlabeled`` (the task's
+``imagesTs`` scans that have no label), and for each labelled fraction ``nnunet-contrast split`` (one
+split file per fraction, one seed) and ``nnunet-contrast plans`` (the budget plus that split file),
+then ``nnUNetv2_train`` for every trainer and fold. A run is scored by nnU-Net's own final validation
+of its fold (``fold_F/validation/summary.json``): the fold's validation cases, which are never
+training cases and which nnU-Net predicts with the final weights (no model selection on them).
+
+Work folder::
+
+    nnUNet_raw/ nnUNet_preprocessed/ nnUNet_results/   nnU-Net's folders
+    logs/PLANS/TRAINER_foldF.log                        each training's output
+    results/PLANS/TRAINER_foldF.json                    one record per finished run
+    results.csv                                         every record, one line each
+
+``PLANS`` is ``nnUNetPlans_bench-BUDGET-DIGEST_lFRACTION``: the digest covers the budget preset's
+content and the ``--set`` arguments, so runs of two budgets never share a results folder or a table.
+A run stopped part-way (``checkpoint_latest.pth`` without a summary) is continued with ``--c``.
+"""
+import hashlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from nnunet_contrast.errors import UserInputError
+
+BASELINE = "nnUNetTrainerLabeledOnly"
+ALL_LABELS = "1.0"   # the upper bound: the baseline trained on every training case of the fold
+DEFAULT_FRACTIONS = ("0.01", "0.05", "0.1", "0.2")
+DEFAULT_BUDGET = "benchmark_cpu"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A preset of ``plans/`` plus ``--set`` assignments: the same for every run of a benchmark."""
+    preset: str
+    assignments: tuple = ()
+
+    @property
+    def digest(self) -> str:
+        from nnunet_contrast.settings import load_preset
+
+        content = json.dumps({"preset": load_preset(self.preset), "set": list(self.assignments)}, sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:8]
+
+    def plans_identifier(self, fraction: str) -> str:
+        return f"nnUNetPlans_bench-{self.preset}-{self.digest}_l{fraction}"
+
+
+@dataclass(frozen=True)
+class Run:
+    trainer: str
+    fraction: str
+    fold: int
+
+    @property
+    def is_upper_bound(self) -> bool:
+        return self.fraction == ALL_LABELS
+
+
+@dataclass
+class Step:
+    """One thing to do; ``done`` exists once it has been done. Either a command or a Python action."""
+    describe: str
+    done: Path
+    command: Optional[List[str]] = None
+    action: Optional[Callable[[], None]] = None
+    before: Optional[Callable[[], None]] = None
+    resume_if: Optional[Path] = None     # add nnU-Net's --c when this file exists
+    log: Optional[Path] = None
+    stamp: bool = False                  # ``done`` is a stamp written after success, not the command's output
+
+    def command_now(self) -> List[str]:
+        resume = self.resume_if is not None and self.resume_if.exists()
+        return self.command + (["--c"] if resume else [])
+
+
+@dataclass
+class Benchmark:
+    workdir: Path
+    msd: Path
+    trainers: Sequence[str]
+    fractions: Sequence[str] = DEFAULT_FRACTIONS
+    folds: Sequence[int] = (0,)
+    budget: Budget = field(default_factory=lambda: Budget(DEFAULT_BUDGET))
+    seed: int = 0
+    device: str = "cpu"
+    upper_bound: bool = True
+
+    def __post_init__(self):
+        from nnunet_contrast.semisup.split import parse_labeled
+
+        self.workdir = Path(self.workdir).resolve()
+        self.msd = Path(self.msd).resolve()
+        match = re.fullmatch(r"Task(\d+)_(\w+)", self.msd.name)
+        if not match:
+            raise UserInputError(f"--msd {self.msd} is not an MSD task folder (TaskXX_Name): pass e.g. "
+                                 f"--msd Task04_Hippocampus")
+        self.dataset_id = str(int(match.group(1)))
+        self.dataset = f"Dataset{int(match.group(1)):03d}_{match.group(2)}"
+        for fraction in self.fractions:
+            parse_labeled(fraction)
+        if not self.trainers:
+            raise UserInputError("no trainers to run: pass --trainers NAME ...")
+
+    # -- where things are -------------------------------------------------------------------------
+    @property
+    def preprocessed(self) -> Path:
+        return self.workdir / "nnUNet_preprocessed" / self.dataset
+
+    def split_name(self, fraction: str) -> str:
+        return f"splits_semisup_seed{self.seed}_l{fraction}.json"
+
+    def fold_folder(self, run: Run) -> Path:
+        plans = self.budget.plans_identifier(run.fraction)
+        return (self.workdir / "nnUNet_results" / self.dataset / f"{run.trainer}__{plans}__2d" /
+                f"fold_{run.fold}")
+
+    def record_path(self, run: Run) -> Path:
+        return self.workdir / "results" / self.budget.plans_identifier(run.fraction) / \
+            f"{run.trainer}_fold{run.fold}.json"
+
+    # -- what to do -------------------------------------------------------------------------------
+    def runs(self) -> List[Run]:
+        """Fraction by fraction, fold by fold, the baseline first: a stopped benchmark leaves whole cells."""
+        trainers = sorted(self.trainers, key=lambda t: t != BASELINE)
+        runs = [Run(t, f, fold) for f in self.fractions for fold in self.folds for t in trainers]
+        if self.upper_bound:
+            runs += [Run(BASELINE, ALL_LABELS, fold) for fold in self.folds]
+        return list(dict.fromkeys(runs))
+
+    def steps(self) -> List[Step]:
+        steps = self.preparation_steps()
+        fractions = list(dict.fromkeys(r.fraction for r in self.runs()))
+        for fraction in fractions:
+            steps += self.fraction_steps(fraction)
+        for run in self.runs():
+            steps += self.run_steps(run)
+        return steps
+
+    def preparation_steps(self) -> List[Step]:
+        raw = self.workdir / "nnUNet_raw" / self.dataset
+        unlabeled = self.workdir / "unlabeled"
+        stamps = self.workdir / "stamps"   # these commands' outputs exist before they finish
+        steps = [
+            Step("convert the MSD task", stamps / "converted",
+                 ["nnUNetv2_convert_MSD_dataset", "-i", str(self.msd), "-np", "2"], stamp=True),
+            Step("plan and preprocess 2d", stamps / "preprocessed",
+                 ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, "-c", "2d", "-np", "2"], stamp=True)]
+        if self.unlabeled_scans():
+            steps.append(Step("add the unlabelled scans", stamps / "unlabeled_added",
+                              ["nnunet-contrast", "add-unlabeled", "-d", self.dataset_id, "-i", str(unlabeled)],
+                              before=lambda: self.collect_unlabeled(unlabeled), stamp=True))
+        return steps
+
+    def fraction_steps(self, fraction: str) -> List[Step]:
+        split, plans = self.split_name(fraction), self.budget.plans_identifier(fraction)
+        sets = [a for s in self.budget.assignments for a in ("--set", s)]
+        return [
+            Step(f"split {fraction}", self.preprocessed / split,
+                 ["nnunet-contrast", "split", "-d", self.dataset_id, "--labeled", fraction, "--seed",
+                  str(self.seed), "--name", split]),
+            Step(f"plans {plans}", self.preprocessed / f"{plans}.json",
+                 ["nnunet-contrast", "plans", "-d", self.dataset_id, "--preset", self.budget.preset, *sets,
+                  "--set", f"nnunet_contrast.semisup.split_file={split}", "-o", plans])]
+
+    def run_steps(self, run: Run) -> List[Step]:
+        plans = self.budget.plans_identifier(run.fraction)
+        fold = self.fold_folder(run)
+        train = Step(f"train {run.trainer} {run.fraction} fold {run.fold}", fold / "validation" / "summary.json",
+                     ["nnUNetv2_train", self.dataset_id, "2d", str(run.fold), "-tr", run.trainer, "-p", plans,
+                      "-device", self.device],
+                     resume_if=fold / "checkpoint_latest.pth",
+                     log=self.workdir / "logs" / plans / f"{run.trainer}_fold{run.fold}.log")
+        record = Step(f"record {run.trainer} {run.fraction} fold {run.fold}", self.record_path(run),
+                      action=lambda: self.write_record(run))
+        return [train, record]
+
+    # -- the unlabelled scans of the MSD task -------------------------------------------------------
+    def unlabeled_scans(self) -> List[Path]:
+        """``imagesTs`` scans of the MSD task with no label in ``labelsTs`` (MSD's test images)."""
+        images = self.msd / "imagesTs"
+        if not images.is_dir():
+            return []
+        labels = self.msd / "labelsTs"
+        return sorted(p for p in images.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith(".")
+                      and not (labels / p.name).exists())
+
+    def collect_unlabeled(self, folder: Path) -> None:
+        """nnU-Net's converted copies (``CASE_0000.nii.gz``) of the unlabelled scans, into ``folder``."""
+        raw_images = self.workdir / "nnUNet_raw" / self.dataset / "imagesTs"
+        if not raw_images.is_dir():
+            raise UserInputError(f"{raw_images} is missing: the conversion of {self.msd} did not finish; delete "
+                                 f"{self.workdir / 'stamps'} and run the benchmark again")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for scan in self.unlabeled_scans():
+            case = scan.name[:-len(".nii.gz")]
+            for converted in raw_images.glob(f"{case}_*.nii.gz"):
+                shutil.copy(converted, folder / converted.name)
+
+    # -- records ----------------------------------------------------------------------------------
+    def write_record(self, run: Run) -> None:
+        from nnunet_contrast.benchmark.records import run_record, write_csv
+        from nnunet_contrast.nnunet_env import write_json_atomic
+
+        split = json.loads((self.preprocessed / self.split_name(run.fraction)).read_text())
+        record = run_record(run, self.fold_folder(run), split, self.budget, self.seed)
+        self.record_path(run).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.record_path(run), record)
+        write_csv(self.workdir)
+
+
+def subprocess_runner(command: List[str], env: dict, log: Optional[Path]) -> None:
+    """Runs a command of this environment; its output goes to ``log`` (appended) or to the console."""
+    from nnunet_contrast.demo import command_path
+
+    if log is None:
+        result = subprocess.run([command_path(command[0])] + command[1:], env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            result = subprocess.run([command_path(command[0])] + command[1:], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        where = f"; its output is in {log}" if log else ""
+        raise UserInputError(f"'{shlex.join(command)}' failed with exit code {result.returncode}{where}. Fix the "
+                             f"cause and run the benchmark again: finished runs are skipped, stopped ones continue")
+
+
+def execute(steps: Sequence[Step], env: dict, runner=subprocess_runner, dry_run: bool = False,
+            out: Callable[[str], None] = print) -> int:
+    """Does every step not done yet, in order; returns how many were (or, dry, would be) done."""
+    count = 0
+    for step in steps:
+        if step.done.exists():
+            continue
+        count += 1
+        if step.action is not None:
+            out(f"# {step.describe}")
+            if not dry_run:
+                step.action()
+            continue
+        command = step.command_now()
+        out("$ " + shlex.join(command) + (f"   > {step.log}" if step.log else ""))
+        if dry_run:
+            continue
+        if step.before is not None:
+            step.before()
+        runner(command, env, step.log)
+        if step.stamp:
+            step.done.parent.mkdir(parents=True, exist_ok=True)
+            step.done.touch()
+        if not step.done.exists():
+            raise UserInputError(f"'{shlex.join(command)}' finished without writing {step.done}: see its output")
+    return count

@@ -1,0 +1,231 @@
+"""The benchmark's planning, resume and aggregation on a fake runner: no training here.
+
+The fake runner stands in for nnU-Net's and our commands: it writes the files each real command
+leaves behind (split file, plans file, a fold's validation summary, settings and final checkpoint)
+with made-up scores, so the logic around the commands is tested, not nnU-Net.
+"""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_contrast.benchmark.records import load_records, seconds_per_iteration
+from nnunet_contrast.benchmark.report import delta_table, dice_table, group_records, write_report
+from nnunet_contrast.benchmark.runs import ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute
+from nnunet_contrast.cli import main
+from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.semisup.split import make_split
+
+TRAINERS = [BASELINE, "nnUNetTrainerCrossLevel"]
+NNUNET_FOLDS = [{"train": [f"case_{i:03d}" for i in range(40) if i % 5 != f], "val": [f"case_{i:03d}" for i in
+                                                                                       range(40) if i % 5 == f]}
+                for f in range(5)]
+
+
+def fake_dice(trainer: str, fraction: str, fold: int) -> float:
+    return round(0.5 + 0.4 * float(fraction) + 0.01 * fold + (0.02 if trainer != BASELINE else 0.0), 6)
+
+
+class FakeRunner:
+    """Writes what each command would write; ``stop_training`` makes the next training stop part-way."""
+
+    def __init__(self, benchmark: Benchmark):
+        self.benchmark, self.commands, self.stop_training = benchmark, [], False
+
+    def __call__(self, command, env, log):
+        self.commands.append(command)
+        handler = {"nnUNetv2_convert_MSD_dataset": self.convert, "split": self.split, "plans": self.plans,
+                   "nnUNetv2_train": self.train}.get(command[0] if command[0] != "nnunet-contrast" else command[1])
+        if handler:
+            handler(command)
+
+    def convert(self, command):
+        images = self.benchmark.workdir / "nnUNet_raw" / self.benchmark.dataset / "imagesTs"
+        images.mkdir(parents=True)
+        for name in ["hippocampus_118_0000.nii.gz", "hippocampus_200_0000.nii.gz"]:
+            (images / name).write_bytes(b"")
+
+    def split(self, command):
+        labeled = command[command.index("--labeled") + 1]
+        path = self.benchmark.preprocessed / command[command.index("--name") + 1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(make_split(NNUNET_FOLDS, float(labeled), 0)))
+
+    def plans(self, command):
+        (self.benchmark.preprocessed / f"{command[command.index('-o') + 1]}.json").write_text("{}")
+
+    def train(self, command):
+        trainer, plans, fold = command[command.index("-tr") + 1], command[command.index("-p") + 1], int(command[3])
+        fraction = plans.rsplit("_l", 1)[1]
+        folder = self.benchmark.fold_folder(Run(trainer, fraction, fold))
+        (folder / "validation").mkdir(parents=True, exist_ok=True)
+        logging = {"epoch_start_timestamps": [0.0, 100.0, 200.0], "epoch_end_timestamps": [50.0, 120.0, 230.0],
+                   "train_losses": [1.0, 0.5, 0.2], "val_losses": [0.9, 0.6, 0.4], "mean_fg_dice": [0.3, 0.6, 0.7],
+                   "ema_fg_dice": [0.03, 0.09, 0.15], "stage": [0, 1, 1], "contrast_loss": [2.0, 1.0, float("nan")]}
+        torch.save({"logging": logging}, folder / "checkpoint_latest.pth")
+        if self.stop_training:
+            self.stop_training = False
+            raise UserInputError("stopped part-way")
+        torch.save({"logging": logging}, folder / "checkpoint_final.pth")
+        (folder / "nnunet_contrast_settings.json").write_text(json.dumps({"budget": {"num_iterations_per_epoch": 10}}))
+        dice = fake_dice(trainer, fraction, fold)
+        summary = {"foreground_mean": {"Dice": dice}, "mean": {"1": {"Dice": dice + 0.01}, "2": {"Dice": dice - 0.01}},
+                   "metric_per_case": [{}] * 8}
+        (folder / "validation" / "summary.json").write_text(json.dumps(summary))
+
+
+def refuse(*args):
+    raise AssertionError("a dry run ran a command")
+
+
+@pytest.fixture()
+def msd(tmp_path):
+    """An MSD task folder: one test scan has a label (held out), one has none (unlabelled)."""
+    folder = tmp_path / "Task04_Hippocampus"
+    for sub, name in [("imagesTs", "hippocampus_118.nii.gz"), ("imagesTs", "hippocampus_200.nii.gz"),
+                      ("labelsTs", "hippocampus_200.nii.gz")]:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / name).write_bytes(b"")
+    return folder
+
+
+def make_benchmark(tmp_path, msd, **kwargs) -> Benchmark:
+    options = dict(trainers=TRAINERS, fractions=["0.05", "0.2"], folds=[0, 1])
+    options.update(kwargs)
+    return Benchmark(tmp_path / "work", msd, **options)
+
+
+def train_commands(commands):
+    return [c for c in commands if c[0] == "nnUNetv2_train"]
+
+
+def test_runs_cover_fractions_folds_trainers_and_the_upper_bound(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerCrossLevel", BASELINE])
+    runs = benchmark.runs()
+    assert len(runs) == 2 * 2 * 2 + 2
+    assert runs[0] == Run(BASELINE, "0.05", 0)  # the baseline first in each cell
+    assert runs[-2:] == [Run(BASELINE, ALL_LABELS, 0), Run(BASELINE, ALL_LABELS, 1)]
+    assert len(make_benchmark(tmp_path, msd, upper_bound=False).runs()) == 8
+
+
+def test_dry_run_lists_every_command_and_runs_nothing(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd)
+    printed = []
+    count = execute(benchmark.steps(), {}, runner=refuse, dry_run=True, out=printed.append)
+    trains = [line for line in printed if line.startswith("$ nnUNetv2_train")]
+    assert len(trains) == len(benchmark.runs()) == 10 and count == len(printed)
+    assert any("--labeled 0.05" in line and "--seed 0" in line for line in printed)
+    assert any(line.startswith("$ nnunet-contrast add-unlabeled") for line in printed)
+    assert not benchmark.workdir.exists()
+
+
+def test_a_second_call_skips_finished_runs(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd)
+    runner = FakeRunner(benchmark)
+    execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+    assert len(train_commands(runner.commands)) == 10
+    assert sorted(p.name for p in (benchmark.workdir / "unlabeled").iterdir()) == ["hippocampus_118_0000.nii.gz"]
+    assert len(load_records(benchmark.workdir)) == 10
+    again = FakeRunner(benchmark)
+    assert execute(benchmark.steps(), {}, runner=again, out=lambda line: None) == 0 and again.commands == []
+    bigger = make_benchmark(tmp_path, msd, folds=[0, 1, 2])  # a new fold: only its runs are trained
+    more = FakeRunner(bigger)
+    execute(bigger.steps(), {}, runner=more, out=lambda line: None)
+    assert {c[3] for c in train_commands(more.commands)} == {"2"} and len(train_commands(more.commands)) == 5
+
+
+def test_a_stopped_training_continues_with_c_and_is_recorded_once(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], upper_bound=False)
+    runner = FakeRunner(benchmark)
+    runner.stop_training = True
+    with pytest.raises(UserInputError):
+        execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+    assert load_records(benchmark.workdir) == []
+    resumed = FakeRunner(benchmark)
+    execute(benchmark.steps(), {}, runner=resumed, out=lambda line: None)
+    trains = train_commands(resumed.commands)
+    assert trains[0][-1] == "--c" and trains[0][trains[0].index("-tr") + 1] == BASELINE
+    assert "--c" not in trains[1]
+    assert not any(c[0] == "nnUNetv2_convert_MSD_dataset" or "split" in c for c in resumed.commands)
+
+
+def test_records_hold_scores_split_and_cost(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[1], upper_bound=False)
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    record = next(r for r in load_records(benchmark.workdir) if r["trainer"] == BASELINE)
+    assert record["foreground_dice"] == fake_dice(BASELINE, "0.05", 1)
+    assert record["labelled_cases"] == 2 and record["unlabelled_cases"] == 30 and record["fold"] == 1
+    assert record["budget_digest"] == benchmark.budget.digest and record["validation_cases"] == 8
+    assert record["training_seconds"] == 50 + 20 + 30 and record["seconds_per_iteration"] == pytest.approx(2.5)
+    rows = list(csv.DictReader(open(benchmark.workdir / "results.csv")))
+    assert len(rows) == 2 and {r["trainer"] for r in rows} == set(TRAINERS)
+
+
+def test_seconds_per_iteration_uses_the_last_stage():
+    logging = {"epoch_start_timestamps": [0, 10, 30], "epoch_end_timestamps": [5, 20, 60], "stage": [0, 0, 1]}
+    assert seconds_per_iteration(logging, 10) == 3.0
+    del logging["stage"]  # nnU-Net's own logger: every epoch is one stage
+    assert seconds_per_iteration(logging, 5) == pytest.approx((5 + 10 + 30) / 3 / 5)
+
+
+def test_budgets_never_share_plans_or_tables(tmp_path, msd):
+    default, other = Budget("benchmark_cpu"), Budget("benchmark_cpu", ("batch_size=8",))
+    assert default.plans_identifier("0.05") != other.plans_identifier("0.05")
+    assert default.digest == Budget("benchmark_cpu").digest
+    for budget in (default, other):
+        benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], budget=budget, upper_bound=False)
+        execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    records = load_records(tmp_path / "work")
+    assert len(records) == 4 and len(group_records(records)) == 2
+    report = write_report(tmp_path / "work").read_text()
+    assert report.count("## Budget") == 2
+
+
+def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd)
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    records = load_records(benchmark.workdir)
+    table = dice_table(records)
+    baseline_row = next(line for line in table if line.startswith(f"| {BASELINE} "))
+    # fraction 0.05: folds 0 and 1 score 0.52 and 0.53 -> mean 0.525, sd 0.007
+    assert "0.525 ± 0.007 (n=2)" in baseline_row
+    assert table[0].startswith("| method | 0.05 (2 labelled) | 0.2 (6 labelled) |")
+    assert "all labels" in table[-1] and "0.905 ± 0.007 (n=2)" in table[-1]
+    cross = next(line for line in delta_table(records) if "CrossLevel" in line)
+    assert cross.count("+0.020 ± 0.000 (n=2)") == 2
+    report = write_report(benchmark.workdir)
+    assert (report.parent / f"dice_vs_labels_{benchmark.budget.digest}_seed0.png").stat().st_size > 0
+    curves = list((report.parent / "curves").glob("*/*.png"))
+    assert len(curves) == 10
+
+
+def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):
+    assert [p.name for p in make_benchmark(tmp_path, msd).unlabeled_scans()] == ["hippocampus_118.nii.gz"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--trainers", "nnUNetTrainerNope"], "not a trainer of this project"),
+    (["--fractions", "1.5"], "outside (0, 1]"),
+    (["--budget", "nope"], "not a preset of plans/"),
+    (["--set", "nope"], "is not KEY=VALUE"),
+])
+def test_bad_arguments_give_one_line_errors_and_write_nothing(tmp_path, msd, capsys, arguments, message):
+    work = tmp_path / "work"
+    code = main(["benchmark", "--workdir", str(work), "--msd", str(msd), "--dry-run", *arguments])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and error.count("\n") == 1
+    assert not work.exists()
+
+
+def test_msd_folder_must_exist_and_be_a_task(tmp_path, capsys):
+    assert main(["benchmark", "--workdir", str(tmp_path / "w"), "--msd", str(tmp_path / "nope")]) == 2
+    (tmp_path / "Hippocampus").mkdir()
+    assert main(["benchmark", "--workdir", str(tmp_path / "w"), "--msd", str(tmp_path / "Hippocampus")]) == 2
+    assert "TaskXX_Name" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_report_without_results_says_what_to_run(tmp_path, capsys):
+    assert main(["report", "--workdir", str(tmp_path)]) == 2
+    assert "run 'nnunet-contrast benchmark'" in capsys.readouterr().err
