@@ -6,7 +6,6 @@ with made-up scores, so the logic around the commands is tested, not nnU-Net.
 """
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -146,7 +146,6 @@ class Benchmark:
         return steps
 
     def preparation_steps(self) -> List[Step]:
-        raw = self.workdir / "nnUNet_raw" / self.dataset
         unlabeled = self.workdir / "unlabeled"
         stamps = self.workdir / "stamps"   # these commands' outputs exist before they finish
         steps = [
