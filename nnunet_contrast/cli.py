@@ -1,6 +1,7 @@
-"""The ``nnunet-contrast`` command: split, add-unlabeled, plans, demo, benchmark, report."""
+"""The ``nnunet-contrast`` command: split, add-unlabeled, plans, demo, benchmark, report, embed."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -114,6 +115,19 @@ def cmd_report(args) -> None:
     print(f"wrote {path} and {write_csv(Path(args.workdir))}")
 
 
+def cmd_embed(args) -> None:
+    from nnunet_contrast.embedding import embed
+    from nnunet_contrast.nnunet_env import dataset_name, require_path_variables
+
+    require_path_variables("nnUNet_results")
+    model = Path(os.environ["nnUNet_results"]) / dataset_name(args.dataset) / f"{args.tr}__{args.p}__{args.c}"
+    if not model.is_dir():
+        raise UserInputError(f"no trained model in {model}: check -d, -tr, -p and -c (as for nnUNetv2_predict)")
+    score = embed(model, args.f, args.chk, Path(args.i), Path(args.l), Path(args.o), args.stage, args.pixels,
+                  args.device)
+    print(f"wrote {args.o}; silhouette of the classes (cosine, normalised features): {score:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_contrast.benchmark.runs import BASELINE, DEFAULT_BUDGET, DEFAULT_FRACTIONS
     from nnunet_contrast.settings import all_preset_names
@@ -173,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"skip {BASELINE} on all labels of each fold (the upper bound)")
     p.add_argument("--dry-run", action="store_true", help="list the commands it would run, run nothing")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("embed", help="t-SNE picture of a trained model's pixel embeddings of labelled held-out "
+                                     "images, coloured by class")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-tr", default="nnUNetTrainerSupConLocal", help="trainer (default nnUNetTrainerSupConLocal)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-c", default="2d", help="configuration (default 2d)")
+    p.add_argument("-f", default="0", help="fold (default 0)")
+    p.add_argument("--chk", default="checkpoint_final.pth", help="checkpoint (default checkpoint_final.pth)")
+    p.add_argument("-i", required=True, help="folder of images named as nnU-Net names them (CASE_0000.nii.gz)")
+    p.add_argument("-l", required=True, help="folder of their labels (CASE.nii.gz)")
+    p.add_argument("-o", required=True, help="output PNG")
+    p.add_argument("--stage", type=int, default=-1, help="decoder stage (default -1: the last, full resolution)")
+    p.add_argument("--pixels", type=int, default=300, help="pixels per class (default 300)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("report", help="tables, plots and training curves of a benchmark from its result files")
     p.add_argument("--workdir", required=True, help="the benchmark's work folder")

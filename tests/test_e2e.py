@@ -128,6 +128,27 @@ def test_stock_trainer_finetunes_from_supconlocal_checkpoint(hippocampus, traine
     assert (hippocampus.model_folder("nnUNetTrainer_1epoch") / "fold_0" / "checkpoint_final.pth").exists()
 
 
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerLabeledOnly", "nnUNetTrainerIDEAL"])
+def test_embed_draws_the_pixel_embeddings_of_a_trained_model(hippocampus, trained, trainer, tmp_path):
+    picture = tmp_path / f"{trainer}.png"
+    result = hippocampus.run("nnunet-contrast", "embed", "-d", "4", "-tr", trainer, "-p", TEST_PLANS, "-f", "0",
+                             "-i", hippocampus.heldout, "-l", hippocampus.heldout_labels, "-o", picture,
+                             "--pixels", "40")
+    assert picture.read_bytes()[:4] == b"\x89PNG" and "silhouette of the classes" in result.stdout
+
+
+def test_embed_without_a_model_or_labels_is_a_one_line_error(hippocampus, trained, tmp_path):
+    missing_model = hippocampus.run("nnunet-contrast", "embed", "-d", "4", "-tr", "nnUNetTrainerNope", "-p",
+                                    TEST_PLANS, "-i", hippocampus.heldout, "-l", hippocampus.heldout_labels, "-o",
+                                    tmp_path / "x.png", check=False)
+    assert_one_line_error(missing_model, "no trained model")
+    no_labels = hippocampus.run("nnunet-contrast", "embed", "-d", "4", "-tr", "nnUNetTrainerLabeledOnly", "-p",
+                                TEST_PLANS, "-i", hippocampus.heldout, "-l", tmp_path, "-o", tmp_path / "x.png",
+                                check=False)
+    assert_one_line_error(no_labels, "no label for")
+    assert not (tmp_path / "x.png").exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stdout + result.stderr

@@ -1,0 +1,155 @@
+"""``nnunet-contrast embed``: a t-SNE picture of a trained model's pixel embeddings, coloured by class.
+
+As in the papers' embedding figures (Hu et al. 2021 Fig. 3, Chaitanya et al. 2023 Fig. 4): held-out
+images are preprocessed by nnU-Net's own preprocessor, every 2D slice goes through the trained
+network, and the output of one decoder stage (default: the last, which the segmentation layer
+reads) is taken at up to ``pixels_per_class`` randomly chosen pixels of each class (upsampled to
+the image's resolution for a coarser stage). Features are L2-normalised, as the contrastive losses
+compare them, before t-SNE. The silhouette score of the classes in the normalised feature space
+(cosine distance) is printed beside the picture: a number for what the picture shows.
+"""
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nnunet_contrast.errors import UserInputError
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: Sequence[int]) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
+    """Zero-pad the last two axes of ``image`` (N, C, H, W) up to multiples of ``multiple``;
+    returns the padded image and the slices that crop an output of the same size back."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = (-height) % multiple[0], (-width) % multiple[1]
+    padded = F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return padded, (slice(pad_h // 2, pad_h // 2 + height), slice(pad_w // 2, pad_w // 2 + width))
+
+
+def sample_pixels(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> Dict[int, np.ndarray]:
+    """Up to ``per_class`` flat indices of each class present in ``labels`` (any shape); negative
+    labels (nnU-Net's ignore / outside-of-image marks) are never chosen."""
+    flat = labels.reshape(-1)
+    chosen = {}
+    for value in np.unique(flat):
+        if value < 0:
+            continue
+        where = np.flatnonzero(flat == value)
+        chosen[int(value)] = rng.choice(where, size=min(per_class, where.size), replace=False)
+    return chosen
+
+
+def slice_features(network: torch.nn.Module, data: torch.Tensor, stage: int, stride: Sequence[int]) -> torch.Tensor:
+    """Decoder-stage features of each slice of a preprocessed volume (C, Z, H, W) -> (Z, F, H, W)."""
+    from nnunet_contrast.taps import forward_with_decoder_features
+
+    padded, crop = pad_to_multiple(data.permute(1, 0, 2, 3), stride)
+    maps = []
+    for chunk in padded.split(16):  # a few slices at a time: whole volumes may not fit
+        with torch.no_grad():
+            _, features = forward_with_decoder_features(network, chunk.to(next(network.parameters()).device), stage)
+        features = features.float().cpu()
+        if features.shape[-2:] != chunk.shape[-2:]:
+            features = F.interpolate(features, size=chunk.shape[-2:], mode="bilinear", align_corners=False)
+        maps.append(F.normalize(features[..., crop[0], crop[1]], dim=1))
+    return torch.cat(maps)
+
+
+def collect_embeddings(network, volumes: List[Tuple[torch.Tensor, np.ndarray]], stage: int, stride: Sequence[int],
+                       per_class: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """(features N x F, class N) over all volumes, at most ``per_class`` pixels of each class in all."""
+    rng = np.random.default_rng(seed)
+    features, classes = [], []
+    for data, seg in volumes:
+        maps = slice_features(network, data, stage, stride)           # Z, F, H, W
+        flat = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).numpy()
+        for value, index in sample_pixels(seg[0], per_class, rng).items():
+            features.append(flat[index])
+            classes.append(np.full(index.size, value))
+    if not features:
+        raise UserInputError("no labelled pixels in the given images: pass label files with classes")
+    features, classes = np.concatenate(features), np.concatenate(classes)
+    keep = np.concatenate([rng.permutation(np.flatnonzero(classes == v))[:per_class] for v in np.unique(classes)])
+    return features[keep], classes[keep]
+
+
+def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, max(2.0, (len(features) - 1) / 3))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+def silhouette(features: np.ndarray, classes: np.ndarray) -> float:
+    """Silhouette of the classes under cosine distance; nan with fewer than two classes."""
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(classes)) < 2:
+        return float("nan")
+    return float(silhouette_score(features, classes, metric="cosine"))
+
+
+def plot_embedding(points: np.ndarray, classes: np.ndarray, names: Dict[int, str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    for value in np.unique(classes):
+        mask = classes == value
+        ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, label=names.get(int(value), str(value)))
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def image_label_pairs(images: Path, labels: Path, file_ending: str) -> List[Tuple[List[str], str]]:
+    """nnU-Net's image naming (CASE_XXXX + ending) paired with label files CASE + ending."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder, \
+        get_identifiers_from_splitted_dataset_folder
+
+    if not Path(images).is_dir() or not Path(labels).is_dir():
+        raise UserInputError(f"-i {images} and -l {labels} must be folders of images and of their labels")
+    cases = get_identifiers_from_splitted_dataset_folder(str(images), file_ending)
+    pairs = [(files, str(Path(labels) / f"{case}{file_ending}"))
+             for case, files in zip(cases, create_lists_from_splitted_dataset_folder(str(images), file_ending, cases))]
+    missing = [label for _, label in pairs if not Path(label).is_file()]
+    if not pairs or missing:
+        raise UserInputError(f"no label for {missing[0] if missing else 'any image'}: -l must hold CASE{file_ending} "
+                             f"for each CASE_0000{file_ending} in -i")
+    return pairs
+
+
+def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: Path, output: Path,
+          stage: int = -1, per_class: int = 300, device: str = "cpu") -> float:
+    """Draws the picture of ``model_folder``'s fold; returns the silhouette score."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_contrast.taps import total_stride
+
+    if not (Path(model_folder) / f"fold_{fold}" / checkpoint).is_file():
+        raise UserInputError(f"no {checkpoint} in {Path(model_folder) / f'fold_{fold}'}: train that fold first, or "
+                             f"pass --chk checkpoint_best.pth / checkpoint_latest.pth")
+    predictor = nnUNetPredictor(device=torch.device(device), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,), checkpoint_name=checkpoint)
+    network = predictor.network.eval()
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    volumes = []
+    for files, label in image_label_pairs(images, labels, predictor.dataset_json["file_ending"]):
+        data, seg, _ = preprocessor.run_case(files, label, predictor.plans_manager, predictor.configuration_manager,
+                                             predictor.dataset_json)
+        volumes.append((torch.from_numpy(np.asarray(data)).float(), np.asarray(seg)))
+    features, classes = collect_embeddings(network, volumes, stage, total_stride(network), per_class)
+    score = silhouette(features, classes)
+    names = {int(v): k for k, v in predictor.dataset_json["labels"].items() if isinstance(v, int)}
+    title = (f"{predictor.trainer_name}, fold {fold}, decoder stage {stage}: {len(volumes)} images, "
+             f"silhouette {score:.3f}")
+    plot_embedding(tsne(features), classes, names, title, output)
+    return score

@@ -1,0 +1,79 @@
+"""The embedding picture's pieces on tensors: padding, pixel sampling, features, t-SNE, plot."""
+import numpy as np
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+from nnunet_contrast.embedding import collect_embeddings, pad_to_multiple, plot_embedding, sample_pixels, \
+    silhouette, slice_features, tsne
+from nnunet_contrast.errors import UserInputError
+
+
+def small_unet():
+    torch.manual_seed(0)
+    return PlainConvUNet(1, 3, [4, 8, 16], torch.nn.Conv2d, 3, [1, 2, 2], 2, 3, [2, 2],
+                         norm_op=torch.nn.InstanceNorm2d, nonlin=torch.nn.LeakyReLU).eval()
+
+
+@pytest.mark.parametrize("shape, multiple", [((1, 2, 7, 9), (4, 4)), ((3, 1, 8, 8), (4, 2)), ((1, 1, 5, 3), (8, 1))])
+def test_padding_to_a_multiple_is_undone_by_its_crop(shape, multiple):
+    image = torch.randn(shape)
+    padded, crop = pad_to_multiple(image, multiple)
+    assert padded.shape[-2] % multiple[0] == 0 and padded.shape[-1] % multiple[1] == 0
+    assert torch.equal(padded[..., crop[0], crop[1]], image)
+
+
+def test_pixel_sampling_balances_classes_and_skips_negative_labels():
+    labels = np.zeros((2, 6, 6), dtype=np.int16)
+    labels[0, 0, 0] = 2           # a single pixel of a class
+    labels[1, :3] = 1
+    labels[1, 5, 5] = -1          # nnU-Net's outside-of-image mark
+    chosen = sample_pixels(labels, 10, np.random.default_rng(0))
+    assert sorted(chosen) == [0, 1, 2]
+    assert [len(chosen[c]) for c in (0, 1, 2)] == [10, 10, 1]
+    flat = labels.reshape(-1)
+    for value, index in chosen.items():
+        assert (flat[index] == value).all() and len(set(index.tolist())) == len(index)
+
+
+def test_slice_features_are_normalised_maps_of_each_slice():
+    net = small_unet()
+    volume = torch.randn(1, 3, 10, 13)                 # C, Z, H, W: odd sizes need padding
+    maps = slice_features(net, volume, -1, (4, 4))
+    assert maps.shape == (3, 4, 10, 13)
+    assert torch.allclose(maps.norm(dim=1), torch.ones(3, 10, 13), atol=1e-5)
+    coarse = slice_features(net, volume, 0, (4, 4))   # a coarser stage is brought to full size
+    assert coarse.shape == (3, 8, 10, 13)
+    single = slice_features(net, volume[:, 1:2], -1, (4, 4))
+    assert torch.allclose(single[0], maps[1], atol=1e-3)  # each slice on its own
+
+
+def test_embeddings_hold_at_most_the_asked_pixels_of_each_class():
+    net = small_unet()
+    seg = np.zeros((1, 2, 8, 8), dtype=np.int16)
+    seg[0, 0, 2:6, 2:6] = 1
+    seg[0, 1, 0, 0] = 2
+    volumes = [(torch.randn(1, 2, 8, 8), seg), (torch.randn(1, 2, 8, 8), seg)]
+    features, classes = collect_embeddings(net, volumes, -1, (4, 4), per_class=20)
+    assert features.shape == (20 + 20 + 2, 4)
+    assert [int((classes == c).sum()) for c in (0, 1, 2)] == [20, 20, 2]
+    points = tsne(features)
+    assert points.shape == (42, 2) and np.isfinite(points).all()
+
+
+def test_silhouette_separates_clusters_and_is_nan_for_one_class():
+    a = np.array([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5) + 0.01 * np.random.default_rng(0).standard_normal((10, 2))
+    classes = np.array([0] * 5 + [1] * 5)
+    assert silhouette(a, classes) > 0.9
+    assert np.isnan(silhouette(a, np.zeros(10)))
+
+
+def test_no_labelled_pixels_is_a_clear_error():
+    with pytest.raises(UserInputError, match="no labelled pixels"):
+        collect_embeddings(small_unet(), [], -1, (4, 4), 10)
+
+
+def test_plot_writes_a_png(tmp_path):
+    points = np.random.default_rng(0).standard_normal((12, 2))
+    plot_embedding(points, np.array([0, 1, 2] * 4), {0: "background", 1: "a"}, "title", tmp_path / "e" / "x.png")
+    assert (tmp_path / "e" / "x.png").read_bytes()[:4] == b"\x89PNG"
