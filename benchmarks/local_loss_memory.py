@@ -4,9 +4,10 @@ Each measurement runs in a fresh subprocess: peak resident memory (ru_maxrss) of
 backward pass of SupConLocalLoss, minus the resident memory just before it. Features are random
 (2 views, C channels), labels have a foreground square of about 20 % of the pixels, 2 classes.
 
-    python benchmarks/local_loss_memory.py [--sizes 16 32 64 96 128] [--channels 128]
+    python benchmarks/local_loss_memory.py [--sizes 16 32 64 96 128] [--channels 128] [--plot FILE.png]
 
-Prints a markdown table with the command, machine and date.
+Prints a markdown table with the command, machine and date; ``--plot`` also draws peak memory and
+time against the number of pixels, one line per variant ("full" is the naive all-pairs form).
 """
 import argparse
 import datetime
@@ -57,6 +58,7 @@ def main():
     parser.add_argument("--channels", type=int, default=128)
     parser.add_argument("--full-max", type=int, default=128,
                         help="largest map side for the quadratic 'full' variant (memory grows fast)")
+    parser.add_argument("--plot", help="PNG of memory and time against pixels")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -67,6 +69,7 @@ def main():
           f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print("| variant | pixels (2 views) | anchors | peak extra memory (MB) | fwd+bwd time (s) |")
     print("|---|---|---|---|---|")
+    rows = []
     for size in args.sizes:
         for mode in MODES:
             if mode == "full" and size > args.full_max:
@@ -78,7 +81,36 @@ def main():
                 print(f"| {mode} | {2 * size * size} | - | failed: {out.stderr.strip().splitlines()[-1]} | - |")
                 continue
             r = json.loads(out.stdout)
+            rows.append(r)
             print(f"| {r['mode']} | {r['pixels']} | {r['anchors']} | {r['peak_mb']} | {r['seconds']} |", flush=True)
+    if args.plot:
+        plot(rows, args.plot, " ".join(sys.argv[1:]))
+
+
+def plot(rows, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for mode in MODES:
+        mine = [r for r in rows if r["mode"] == mode]
+        for ax, key in zip(axes, ("peak_mb", "seconds")):
+            ax.plot([r["pixels"] for r in mine], [max(r[key], 1e-3) for r in mine], marker="o",
+                    label=mode if mode != "full" else "full (naive)")
+    for ax, label in zip(axes, ("peak extra memory (MB)", "forward + backward time (s)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pixels (2 views)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"SupConLocalLoss variants: local_loss_memory.py {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def environment() -> dict:
 def source_commit() -> str:
     """The git commit of this package's source when it is a checkout (editable installs), else ''."""
     try:
-        result = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+        result = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty", "--abbrev=7"],
                                 capture_output=True, text=True)
     except OSError:  # no git on this machine
         return ""
