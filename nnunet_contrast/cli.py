@@ -58,19 +58,29 @@ def project_trainers() -> List[str]:
     return sorted(name for names in found for name in names)
 
 
+def check_trainers(names: List[str], option: str) -> None:
+    trainers = project_trainers()
+    unknown = [n for n in names if n not in trainers]
+    if unknown:
+        raise UserInputError(f"{option} {' '.join(unknown)}: not a trainer of this project; choose from {trainers}")
+
+
+def check_assignments(texts: Optional[List[str]]) -> None:
+    from nnunet_contrast.plans_presets import parse_assignment
+
+    for text in texts or []:
+        parse_assignment(text)
+
+
 def cmd_demo(args) -> None:
     import subprocess
 
     from nnunet_contrast.demo import run_demo
-    from nnunet_contrast.plans_presets import parse_assignment
     from nnunet_contrast.semisup.split import parse_labeled
 
-    trainers = project_trainers()
-    if args.trainer not in trainers:
-        raise UserInputError(f"--trainer {args.trainer} is not a trainer of this project: choose one of {trainers}")
+    check_trainers([args.trainer], "--trainer")
     parse_labeled(args.labeled)
-    for text in args.set or []:
-        parse_assignment(text)
+    check_assignments(args.set)
     try:
         run_demo(args.trainer, Path(args.workdir) if args.workdir else None, args.labeled, args.set or [])
     except subprocess.CalledProcessError as err:
@@ -82,18 +92,13 @@ def cmd_benchmark(args) -> None:
     from nnunet_contrast.benchmark.report import write_report
     from nnunet_contrast.benchmark.runs import Benchmark, Budget, execute
     from nnunet_contrast.demo import nnunet_environment
-    from nnunet_contrast.plans_presets import parse_assignment
     from nnunet_contrast.settings import all_preset_names
 
-    trainers = args.trainers or [t for t in project_trainers()]
-    unknown = sorted(set(trainers) - set(project_trainers()))
-    if unknown:
-        raise UserInputError(f"--trainers {' '.join(unknown)}: not a trainer of this project; choose from "
-                             f"{project_trainers()}")
+    trainers = args.trainers or project_trainers()
+    check_trainers(trainers, "--trainers")
     if args.budget not in all_preset_names():
         raise UserInputError(f"--budget {args.budget} is not a preset of plans/: choose one of {all_preset_names()}")
-    for text in args.set or []:
-        parse_assignment(text)
+    check_assignments(args.set)
     if not Path(args.msd).is_dir():
         raise UserInputError(f"--msd {args.msd} is not a folder: pass an MSD task folder, e.g. Task04_Hippocampus")
     benchmark = Benchmark(Path(args.workdir), Path(args.msd), trainers, args.fractions, args.folds,

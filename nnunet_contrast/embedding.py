@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from nnunet_contrast.errors import UserInputError
 
+MIN_PIXELS = 5  # per class; t-SNE needs more points than its perplexity
+
 
 def pad_to_multiple(image: torch.Tensor, multiple: Sequence[int]) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
     """Zero-pad the last two axes of ``image`` (N, C, H, W) up to multiples of ``multiple``;
@@ -91,12 +93,9 @@ def silhouette(features: np.ndarray, classes: np.ndarray) -> float:
 
 
 def plot_embedding(points: np.ndarray, classes: np.ndarray, names: Dict[int, str], title: str, path: Path) -> None:
-    import matplotlib
+    from nnunet_contrast.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 6), dpi=100)
     for value in np.unique(classes):
         mask = classes == value
         ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, label=names.get(int(value), str(value)))
@@ -105,9 +104,7 @@ def plot_embedding(points: np.ndarray, classes: np.ndarray, names: Dict[int, str
     ax.set_yticks([])
     ax.legend(markerscale=3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def image_label_pairs(images: Path, labels: Path, file_ending: str) -> List[Tuple[List[str], str]]:
@@ -118,12 +115,14 @@ def image_label_pairs(images: Path, labels: Path, file_ending: str) -> List[Tupl
     if not Path(images).is_dir() or not Path(labels).is_dir():
         raise UserInputError(f"-i {images} and -l {labels} must be folders of images and of their labels")
     cases = get_identifiers_from_splitted_dataset_folder(str(images), file_ending)
+    if not cases:
+        raise UserInputError(f"no images in {images}: -i must hold CASE_0000{file_ending} files, as nnU-Net names them")
     pairs = [(files, str(Path(labels) / f"{case}{file_ending}"))
              for case, files in zip(cases, create_lists_from_splitted_dataset_folder(str(images), file_ending, cases))]
     missing = [label for _, label in pairs if not Path(label).is_file()]
-    if not pairs or missing:
-        raise UserInputError(f"no label for {missing[0] if missing else 'any image'}: -l must hold CASE{file_ending} "
-                             f"for each CASE_0000{file_ending} in -i")
+    if missing:
+        raise UserInputError(f"no label for {missing[0]}: -l must hold CASE{file_ending} for each "
+                             f"CASE_0000{file_ending} in -i")
     return pairs
 
 
@@ -132,14 +131,20 @@ def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: 
     """Draws the picture of ``model_folder``'s fold; returns the silhouette score."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_contrast.taps import total_stride
+    from nnunet_contrast.taps import decoder_stage_count, total_stride
 
     if not (Path(model_folder) / f"fold_{fold}" / checkpoint).is_file():
         raise UserInputError(f"no {checkpoint} in {Path(model_folder) / f'fold_{fold}'}: train that fold first, or "
                              f"pass --chk checkpoint_best.pth / checkpoint_latest.pth")
+    if per_class < MIN_PIXELS:
+        raise UserInputError(f"--pixels {per_class} is too few for t-SNE: pass at least {MIN_PIXELS}")
     predictor = nnUNetPredictor(device=torch.device(device), verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,), checkpoint_name=checkpoint)
     network = predictor.network.eval()
+    stages = decoder_stage_count(network)
+    if not -stages <= stage < stages:
+        raise UserInputError(f"--stage {stage}: this network has {stages} decoder stages; pass -{stages} to "
+                             f"{stages - 1} (-1 is the last, full-resolution one)")
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     volumes = []
     for files, label in image_label_pairs(images, labels, predictor.dataset_json["file_ending"]):

@@ -24,14 +24,16 @@ NNUNET_FOLDS = [{"train": [f"case_{i:03d}" for i in range(40) if i % 5 != f], "v
 
 
 def fake_dice(trainer: str, fraction: str, fold: int) -> float:
-    return round(0.5 + 0.4 * float(fraction) + 0.01 * fold + (0.02 if trainer != BASELINE else 0.0), 6)
+    """The method gains 0.02 on fold 0 and 0.04 on fold 1 over the baseline: paired differences differ."""
+    gain = 0.0 if trainer == BASELINE else 0.02 * (fold + 1)
+    return round(0.5 + 0.4 * float(fraction) + 0.01 * fold + gain, 6)
 
 
 class FakeRunner:
     """Writes what each command would write; ``stop_training`` makes the next training stop part-way."""
 
     def __init__(self, benchmark: Benchmark):
-        self.benchmark, self.commands, self.stop_training = benchmark, [], False
+        self.benchmark, self.commands, self.stop_training = benchmark, [], None
 
     def __call__(self, command, env, log):
         self.commands.append(command)
@@ -64,11 +66,17 @@ class FakeRunner:
                    "train_losses": [1.0, 0.5, 0.2], "val_losses": [0.9, 0.6, 0.4], "mean_fg_dice": [0.3, 0.6, 0.7],
                    "ema_fg_dice": [0.03, 0.09, 0.15], "stage": [0, 1, 1], "contrast_loss": [2.0, 1.0, float("nan")]}
         torch.save({"logging": logging}, folder / "checkpoint_latest.pth")
-        if self.stop_training:
-            self.stop_training = False
+        if self.stop_training == "in training":
+            self.stop_training = None
             raise UserInputError("stopped part-way")
         torch.save({"logging": logging}, folder / "checkpoint_final.pth")
-        (folder / "nnunet_contrast_settings.json").write_text(json.dumps({"budget": {"num_iterations_per_epoch": 10}}))
+        (folder / "checkpoint_latest.pth").unlink()  # as nnU-Net does before its final validation
+        split_file = self.benchmark.split_name(fraction)
+        (folder / "nnunet_contrast_settings.json").write_text(json.dumps(
+            {"budget": {"num_iterations_per_epoch": 10}, "semisup": {"split_file": split_file}}))
+        if self.stop_training == "in validation":
+            self.stop_training = None
+            raise UserInputError("stopped in the final validation")
         dice = fake_dice(trainer, fraction, fold)
         summary = {"foreground_mean": {"Dice": dice}, "mean": {"1": {"Dice": dice + 0.01}, "2": {"Dice": dice - 0.01}},
                    "metric_per_case": [{}] * 8}
@@ -135,10 +143,11 @@ def test_a_second_call_skips_finished_runs(tmp_path, msd):
     assert {c[3] for c in train_commands(more.commands)} == {"2"} and len(train_commands(more.commands)) == 5
 
 
-def test_a_stopped_training_continues_with_c_and_is_recorded_once(tmp_path, msd):
+@pytest.mark.parametrize("where", ["in training", "in validation"])
+def test_a_stopped_training_continues_with_c_and_is_recorded_once(tmp_path, msd, where):
     benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], upper_bound=False)
     runner = FakeRunner(benchmark)
-    runner.stop_training = True
+    runner.stop_training = where
     with pytest.raises(UserInputError):
         execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
     assert load_records(benchmark.workdir) == []
@@ -158,6 +167,8 @@ def test_records_hold_scores_split_and_cost(tmp_path, msd):
     assert record["labelled_cases"] == 2 and record["unlabelled_cases"] == 30 and record["fold"] == 1
     assert record["budget_digest"] == benchmark.budget.digest and record["validation_cases"] == 8
     assert record["training_seconds"] == 50 + 20 + 30 and record["seconds_per_iteration"] == pytest.approx(2.5)
+    assert record["wall_seconds"] is None  # the fake runner writes no wall times
+    assert record["curves"]["contrast_loss"] == [2.0, 1.0, None]  # JSON has no NaN
     rows = list(csv.DictReader(open(benchmark.workdir / "results.csv")))
     assert len(rows) == 2 and {r["trainer"] for r in rows} == set(TRAINERS)
 
@@ -169,9 +180,32 @@ def test_seconds_per_iteration_uses_the_last_stage():
     assert seconds_per_iteration(logging, 5) == pytest.approx((5 + 10 + 30) / 3 / 5)
 
 
+def test_another_split_seed_trains_again_and_records_its_own_split(tmp_path, msd):
+    for seed in (0, 1):
+        benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], upper_bound=False, seed=seed)
+        runner = FakeRunner(benchmark)
+        execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+        assert len(train_commands(runner.commands)) == 2
+    records = load_records(tmp_path / "work")
+    assert len(group_records(records)) == 2
+    for record in records:
+        split = json.loads((benchmark.preprocessed / record["split_file"]).read_text())
+        assert f"seed{record['split_seed']}" in record["split_file"] and f"_s{record['split_seed']}_" in record["plans"]
+        assert record["labelled_cases"] == len(split["folds"][0]["labeled"])
+
+
+def test_fractions_are_normalised_and_the_baseline_always_runs(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerCrossLevel"], fractions=["0.050", "0.05", "3"])
+    assert benchmark.fractions == ["0.05", "3"] and benchmark.trainers == [BASELINE, "nnUNetTrainerCrossLevel"]
+    with pytest.raises(UserInputError, match="upper bound"):
+        make_benchmark(tmp_path, msd, fractions=["1.0"])
+    with pytest.raises(UserInputError, match="folds"):
+        make_benchmark(tmp_path, msd, folds=[-1])
+
+
 def test_budgets_never_share_plans_or_tables(tmp_path, msd):
     default, other = Budget("benchmark_cpu"), Budget("benchmark_cpu", ("batch_size=8",))
-    assert default.plans_identifier("0.05") != other.plans_identifier("0.05")
+    assert default.plans_identifier("0.05", 0) != other.plans_identifier("0.05", 0)
     assert default.digest == Budget("benchmark_cpu").digest
     for budget in (default, other):
         benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], budget=budget, upper_bound=False)
@@ -193,11 +227,15 @@ def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
     assert table[0].startswith("| method | 0.05 (2 labelled) | 0.2 (6 labelled) |")
     assert "all labels" in table[-1] and "0.905 ± 0.007 (n=2)" in table[-1]
     cross = next(line for line in delta_table(records) if "CrossLevel" in line)
-    assert cross.count("+0.020 ± 0.000 (n=2)") == 2
+    assert cross.count("+0.030 ± 0.014 (n=2)") == 2  # fold-wise gains 0.02 and 0.04
     report = write_report(benchmark.workdir)
-    assert (report.parent / f"dice_vs_labels_{benchmark.budget.digest}_seed0.png").stat().st_size > 0
+    assert (report.parent / f"dice_vs_labels_{benchmark.budget.digest}_seed0_cpu.png").stat().st_size > 0
     curves = list((report.parent / "curves").glob("*/*.png"))
     assert len(curves) == 10
+    # a fold missing for the baseline: the difference uses only the folds both have
+    without = [r for r in records if not (r["trainer"] == BASELINE and r["fold"] == 1 and r["fraction"] == "0.05")]
+    cross = next(line for line in delta_table(without) if "CrossLevel" in line)
+    assert "| +0.020 |" in cross and cross.endswith("+0.030 ± 0.014 (n=2) |")
 
 
 def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):
@@ -209,10 +247,11 @@ def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):
     (["--fractions", "1.5"], "outside (0, 1]"),
     (["--budget", "nope"], "not a preset of plans/"),
     (["--set", "nope"], "is not KEY=VALUE"),
+    (["--fractions", "0.05", "1.0"], "is the upper bound"),
 ])
 def test_bad_arguments_give_one_line_errors_and_write_nothing(tmp_path, msd, capsys, arguments, message):
     work = tmp_path / "work"
-    code = main(["benchmark", "--workdir", str(work), "--msd", str(msd), "--dry-run", *arguments])
+    code = main(["benchmark", "--workdir", str(work), "--msd", str(msd), *arguments])
     error = capsys.readouterr().err
     assert code == 2 and message in error and error.count("\n") == 1
     assert not work.exists()

@@ -11,15 +11,17 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "contrast_loss", "stage")
-CSV_COLUMNS = ("budget_digest", "plans", "trainer", "fraction", "fold", "labelled_cases", "unlabelled_cases",
-               "foreground_dice", "dice_per_class", "training_seconds", "seconds_per_iteration", "epochs", "date")
+CSV_COLUMNS = ("budget_digest", "split_seed", "device", "plans", "trainer", "fraction", "upper_bound", "fold",
+               "labelled_cases", "unlabelled_cases", "labelled_digest", "foreground_dice", "dice_per_class",
+               "wall_seconds", "training_seconds", "seconds_per_iteration", "epochs", "date")
 
 
 def seconds_per_iteration(logging: dict, iterations_per_epoch: int) -> float:
@@ -35,30 +37,41 @@ def epoch_durations(logging: dict) -> List[float]:
     return [end - start for start, end in zip(logging["epoch_start_timestamps"], logging["epoch_end_timestamps"])]
 
 
-def run_record(run, fold_folder: Path, split: dict, budget, seed: int) -> dict:
+def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, device: str,
+               wall_seconds: Optional[float]) -> dict:
+    """The record of a finished run; the split is the one the run trained on (its saved settings)."""
     import torch
 
     summary = json.loads((fold_folder / "validation" / "summary.json").read_text())
     settings = json.loads((fold_folder / "nnunet_contrast_settings.json").read_text())
+    split = json.loads((Path(preprocessed) / settings["semisup"]["split_file"]).read_text())
     logging = torch.load(fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
     fold_split = split["folds"][run.fold]
     iterations = settings["budget"]["num_iterations_per_epoch"]
     return {
         "trainer": run.trainer, "fraction": run.fraction, "fold": run.fold, "upper_bound": run.is_upper_bound,
-        "plans": budget.plans_identifier(run.fraction), "budget_preset": budget.preset,
+        "plans": budget.plans_identifier(run.fraction, seed), "budget_preset": budget.preset,
         "budget_set": list(budget.assignments), "budget_digest": budget.digest, "split_seed": seed,
+        "split_file": settings["semisup"]["split_file"], "device": device,
         "labelled_cases": len(fold_split["labeled"]), "unlabelled_cases": len(fold_split["unlabeled"]),
         "labelled_digest": hashlib.sha256(json.dumps(sorted(fold_split["labeled"])).encode()).hexdigest()[:8],
         "validation_cases": len(summary["metric_per_case"]),
         "foreground_dice": summary["foreground_mean"]["Dice"],
         "dice_per_class": {k: v["Dice"] for k, v in summary["mean"].items()},
         "epochs": len(epoch_durations(logging)),
+        "wall_seconds": wall_seconds,
         "training_seconds": round(sum(epoch_durations(logging)), 1),
         "seconds_per_iteration": round(seconds_per_iteration(logging, iterations), 4),
-        "curves": {k: [float(v) for v in logging[k]] for k in CURVES if k in logging},
+        "curves": {k: [finite_or_none(v) for v in logging[k]] for k in CURVES if k in logging},
         "settings": settings,
         "environment": environment(),
     }
+
+
+def finite_or_none(value) -> Optional[float]:
+    """JSON has no NaN: epochs without a contrastive loss are written as null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def environment() -> dict:
@@ -68,7 +81,6 @@ def environment() -> dict:
 
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "nnunetv2": version("nnunetv2"),
             "nnunet_contrast": version("nnunet-contrast"), "commit": source_commit()}
 

@@ -1,7 +1,7 @@
 """``nnunet-contrast report``: tables and plots of a benchmark, redrawn from its result files only.
 
-One section per budget digest and split seed, so runs of different budgets or splits never share
-a table: the Dice table (method x labelled fraction, mean and standard deviation over folds), the
+One section per budget digest, split seed and device, so runs of different budgets or splits never
+share a table: the Dice table (method x labelled fraction, mean and standard deviation over folds), the
 difference to ``nnUNetTrainerLabeledOnly`` on the same fraction and fold, the training cost, a PNG
 of Dice against the labelled fraction and each run's training curves.
 """
@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence
 from nnunet_contrast.benchmark.records import load_records
 from nnunet_contrast.benchmark.runs import ALL_LABELS, BASELINE
 from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.plotting import pyplot, save_figure
 
 UPPER_BOUND_NAME = "nnU-Net, all labels (LabeledOnly at 1.0)"
 
@@ -20,7 +21,7 @@ UPPER_BOUND_NAME = "nnU-Net, all labels (LabeledOnly at 1.0)"
 def group_records(records: Sequence[dict]) -> Dict[tuple, List[dict]]:
     groups = defaultdict(list)
     for record in records:
-        groups[(record["budget_digest"], record["split_seed"])].append(record)
+        groups[(record["budget_digest"], record["split_seed"], record["device"])].append(record)
     return dict(groups)
 
 
@@ -38,7 +39,13 @@ def method_order(records: Sequence[dict]) -> List[str]:
 
 
 def fraction_order(records: Sequence[dict]) -> List[str]:
-    return sorted({r["fraction"] for r in records if not r["upper_bound"]}, key=float)
+    """The labelled fractions (or counts) of the method runs, by their mean number of labelled cases."""
+    fractions = {r["fraction"] for r in records if not r["upper_bound"]}
+    return sorted(fractions, key=lambda f: mean_labelled_cases(records, f))
+
+
+def mean_labelled_cases(records: Sequence[dict], fraction: str) -> float:
+    return statistics.mean(r["labelled_cases"] for r in records if r["fraction"] == fraction)
 
 
 def by_cell(records: Sequence[dict]) -> Dict[tuple, Dict[int, dict]]:
@@ -84,25 +91,22 @@ def delta_table(records: Sequence[dict]) -> List[str]:
 
 
 def cost_table(records: Sequence[dict]) -> List[str]:
-    lines = ["| method | fraction | fold | epochs | training time (s) | s per iteration (last stage) |",
-             "|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["trainer"], float(r["fraction"]), r["fold"])):
-        lines.append(f"| {r['trainer']} | {r['fraction']} | {r['fold']} | {r['epochs']} | "
+    lines = ["| method | fraction | fold | epochs | wall time (s) | sum of epoch times (s) | s per iteration "
+             "(last stage) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], r["fold"])):
+        wall = "" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"
+        lines.append(f"| {r['trainer']} | {r['fraction']} | {r['fold']} | {r['epochs']} | {wall} | "
                      f"{r['training_seconds']:.0f} | {r['seconds_per_iteration']:.3f} |")
     return lines
 
 
 def plot_dice(records: Sequence[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Dice against the (mean) number of labelled cases, so fractions and counts share one axis."""
     fractions, cells = fraction_order(records), by_cell(records)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 4.5), dpi=100)
     for trainer in method_order(records):
-        points = [(float(f), [r["foreground_dice"] for r in cells[(trainer, f)].values()]) for f in fractions
-                  if cells[(trainer, f)]]
+        points = [(mean_labelled_cases(records, f), [r["foreground_dice"] for r in cells[(trainer, f)].values()])
+                  for f in fractions if cells[(trainer, f)]]
         xs = [x for x, _ in points]
         means = [statistics.mean(v) for _, v in points]
         spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
@@ -112,59 +116,54 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
     if upper:
         ax.axhline(statistics.mean(upper), color="black", linestyle="--", label="all labels")
     ax.set_xscale("log")
-    ax.set_xticks([float(f) for f in fractions], [f"{float(f):g}" for f in fractions])
-    ax.set_xlabel("labelled fraction of the fold's training cases")
+    ax.set_xticks([mean_labelled_cases(records, f) for f in fractions],
+                  [f"{mean_labelled_cases(records, f):g}\n({f})" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training cases (fraction)")
     ax.set_ylabel("mean foreground Dice (fold validation)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = record["curves"]
+    curves = {k: [float("nan") if v is None else v for v in values] for k, values in record["curves"].items()}
     panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice"]),
               ("contrastive loss", ["contrast_loss"])]
     panels = [(title, [k for k in keys if k in curves]) for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), dpi=100, squeeze=False)
+    fig, axes = pyplot().subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), dpi=100, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for key in keys:
             ax.plot(range(len(curves[key])), curves[key], marker="o", label=key)
         for epoch, stage in enumerate(curves.get("stage", [])):
-            ax.axvspan(epoch - 0.5, epoch + 0.5, color=f"C{int(stage) + 4}", alpha=0.08)
+            ax.axvspan(epoch - 0.5, epoch + 0.5, color=f"C{int(stage) + 4}", alpha=0.15)
         ax.set_ylabel(title)
         ax.legend(fontsize=8)
     axes[0, 0].set_title(f"{record['trainer']}, labelled {record['fraction']}, fold {record['fold']}")
     axes[-1, 0].set_xlabel("epoch (shading: training stage)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def section(records: Sequence[dict], folder: Path) -> List[str]:
     first = records[0]
     env = first["environment"]
-    plot = folder / f"dice_vs_labels_{first['budget_digest']}_seed{first['split_seed']}.png"
+    plot = folder / f"dice_vs_labels_{first['budget_digest']}_seed{first['split_seed']}_{first['device']}.png"
     plot_dice(records, plot)
     for r in records:
         plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}.png")
+    machines = sorted({r["environment"]["machine"] for r in records})
+    commits = sorted({r["environment"]["commit"] or r["environment"]["nnunet_contrast"] for r in records})
+    validation = sorted({(r["fold"], r["validation_cases"]) for r in records})
     return [f"## Budget `{first['budget_preset']}` (digest {first['budget_digest']}), split seed "
-            f"{first['split_seed']}", "",
-            f"Extra settings: {' '.join(first['budget_set']) or 'none'}. Machine: {env['machine']} "
-            f"({env['device']}), torch {env['torch']}, nnunetv2 {env['nnunetv2']}, nnunet-contrast "
-            f"{env['nnunet_contrast']} {env['commit']}. Runs finished between "
-            f"{min(r['environment']['date'] for r in records)} and {max(r['environment']['date'] for r in records)}."
-            f" Scores: nnU-Net's validation of each fold ({first['validation_cases']} cases in fold "
-            f"{first['fold']}).", "",
+            f"{first['split_seed']}, device {first['device']}", "",
+            f"Extra settings: {' '.join(first['budget_set']) or 'none'}. Machine(s): {'; '.join(machines)}; "
+            f"torch {env['torch']}, nnunetv2 {env['nnunetv2']}, nnunet-contrast {', '.join(commits)}. Runs "
+            f"finished between {min(r['environment']['date'] for r in records)} and "
+            f"{max(r['environment']['date'] for r in records)}. Scores: nnU-Net's validation of each fold ("
+            + ", ".join(f"fold {fold}: {n} cases" for fold, n in validation) + ").", "",
             "Mean foreground Dice:", "", *dice_table(records), "",
             f"Difference to {BASELINE} on the same fraction and fold:", "", *delta_table(records), "",
             f"![Dice against labelled fraction]({plot.name})", "",
@@ -182,5 +181,7 @@ def write_report(workdir: Path) -> Path:
     for _, group in sorted(group_records(records).items()):
         lines += section(group, folder)
     path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    scratch = path.with_name(".report.md.partial")
+    scratch.write_text("\n".join(lines))
+    scratch.replace(path)
     return path

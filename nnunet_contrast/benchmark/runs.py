@@ -15,16 +15,19 @@ Work folder::
     results/PLANS/TRAINER_foldF.json                    one record per finished run
     results.csv                                         every record, one line each
 
-``PLANS`` is ``nnUNetPlans_bench-BUDGET-DIGEST_lFRACTION``: the digest covers the budget preset's
-content and the ``--set`` arguments, so runs of two budgets never share a results folder or a table.
-A run stopped part-way (``checkpoint_latest.pth`` without a summary) is continued with ``--c``.
+``PLANS`` is ``nnUNetPlans_bench-BUDGET-DIGEST_sSEED_lFRACTION``: the digest covers the budget
+preset's content and the ``--set`` arguments, so runs of two budgets or two split seeds never share a
+results folder or a table. A run stopped part-way (a checkpoint but no validation summary: training or
+nnU-Net's final validation was interrupted) is continued with ``--c``.
 """
+import functools
 import hashlib
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -37,21 +40,34 @@ DEFAULT_FRACTIONS = ("0.01", "0.05", "0.1", "0.2")
 DEFAULT_BUDGET = "benchmark_cpu"
 
 
+def normalised_fraction(text: str) -> str:
+    """``"0.050"`` -> ``"0.05"`` (one plans folder per fraction); counts stay counts (``"10"``)."""
+    from nnunet_contrast.semisup.split import parse_labeled
+
+    value = parse_labeled(text)
+    if isinstance(value, int):
+        return str(value)
+    if value == 1.0:
+        raise UserInputError("--fractions 1.0 is the upper bound, which runs by itself (LabeledOnly on all labels): "
+                             "leave it out, or pass --no-upper-bound to skip it")
+    return f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Budget:
     """A preset of ``plans/`` plus ``--set`` assignments: the same for every run of a benchmark."""
     preset: str
     assignments: tuple = ()
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         from nnunet_contrast.settings import load_preset
 
         content = json.dumps({"preset": load_preset(self.preset), "set": list(self.assignments)}, sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()[:8]
 
-    def plans_identifier(self, fraction: str) -> str:
-        return f"nnUNetPlans_bench-{self.preset}-{self.digest}_l{fraction}"
+    def plans_identifier(self, fraction: str, seed: int) -> str:
+        return f"nnUNetPlans_bench-{self.preset}-{self.digest}_s{seed}_l{fraction}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,7 @@ class Run:
 
     @property
     def is_upper_bound(self) -> bool:
-        return self.fraction == ALL_LABELS
+        return self.fraction == ALL_LABELS and self.trainer == BASELINE
 
 
 @dataclass
@@ -73,13 +89,12 @@ class Step:
     command: Optional[List[str]] = None
     action: Optional[Callable[[], None]] = None
     before: Optional[Callable[[], None]] = None
-    resume_if: Optional[Path] = None     # add nnU-Net's --c when this file exists
+    resume_if: Sequence[Path] = ()       # add nnU-Net's --c when one of these files exists
     log: Optional[Path] = None
     stamp: bool = False                  # ``done`` is a stamp written after success, not the command's output
 
     def command_now(self) -> List[str]:
-        resume = self.resume_if is not None and self.resume_if.exists()
-        return self.command + (["--c"] if resume else [])
+        return self.command + (["--c"] if any(p.exists() for p in self.resume_if) else [])
 
 
 @dataclass
@@ -95,8 +110,6 @@ class Benchmark:
     upper_bound: bool = True
 
     def __post_init__(self):
-        from nnunet_contrast.semisup.split import parse_labeled
-
         self.workdir = Path(self.workdir).resolve()
         self.msd = Path(self.msd).resolve()
         match = re.fullmatch(r"Task(\d+)_(\w+)", self.msd.name)
@@ -105,10 +118,10 @@ class Benchmark:
                                  f"--msd Task04_Hippocampus")
         self.dataset_id = str(int(match.group(1)))
         self.dataset = f"Dataset{int(match.group(1)):03d}_{match.group(2)}"
-        for fraction in self.fractions:
-            parse_labeled(fraction)
-        if not self.trainers:
-            raise UserInputError("no trainers to run: pass --trainers NAME ...")
+        self.fractions = list(dict.fromkeys(normalised_fraction(f) for f in self.fractions))
+        self.trainers = list(dict.fromkeys([BASELINE, *self.trainers]))  # every table needs its baseline
+        if any(fold < 0 for fold in self.folds):
+            raise UserInputError(f"--folds {' '.join(map(str, self.folds))}: folds are nnU-Net's, 0 to 4 by default")
 
     # -- where things are -------------------------------------------------------------------------
     @property
@@ -118,14 +131,21 @@ class Benchmark:
     def split_name(self, fraction: str) -> str:
         return f"splits_semisup_seed{self.seed}_l{fraction}.json"
 
+    def plans(self, run_or_fraction) -> str:
+        fraction = getattr(run_or_fraction, "fraction", run_or_fraction)
+        return self.budget.plans_identifier(fraction, self.seed)
+
     def fold_folder(self, run: Run) -> Path:
-        plans = self.budget.plans_identifier(run.fraction)
+        plans = self.plans(run)
         return (self.workdir / "nnUNet_results" / self.dataset / f"{run.trainer}__{plans}__2d" /
                 f"fold_{run.fold}")
 
+    def run_file(self, folder: str, run: Run, suffix: str) -> Path:
+        """``WORKDIR/folder/PLANS/TRAINER_foldF.suffix``: records, logs and wall times of a run."""
+        return self.workdir / folder / self.plans(run) / f"{run.trainer}_fold{run.fold}.{suffix}"
+
     def record_path(self, run: Run) -> Path:
-        return self.workdir / "results" / self.budget.plans_identifier(run.fraction) / \
-            f"{run.trainer}_fold{run.fold}.json"
+        return self.run_file("results", run, "json")
 
     # -- what to do -------------------------------------------------------------------------------
     def runs(self) -> List[Run]:
@@ -147,7 +167,7 @@ class Benchmark:
 
     def preparation_steps(self) -> List[Step]:
         unlabeled = self.workdir / "unlabeled"
-        stamps = self.workdir / "stamps"   # these commands' outputs exist before they finish
+        stamps = self.workdir / "stamps" / self.dataset  # these commands' outputs exist before they finish
         steps = [
             Step("convert the MSD task", stamps / "converted",
                  ["nnUNetv2_convert_MSD_dataset", "-i", str(self.msd), "-np", "2"], stamp=True),
@@ -160,7 +180,7 @@ class Benchmark:
         return steps
 
     def fraction_steps(self, fraction: str) -> List[Step]:
-        split, plans = self.split_name(fraction), self.budget.plans_identifier(fraction)
+        split, plans = self.split_name(fraction), self.plans(fraction)
         sets = [a for s in self.budget.assignments for a in ("--set", s)]
         return [
             Step(f"split {fraction}", self.preprocessed / split,
@@ -171,13 +191,12 @@ class Benchmark:
                   "--set", f"nnunet_contrast.semisup.split_file={split}", "-o", plans])]
 
     def run_steps(self, run: Run) -> List[Step]:
-        plans = self.budget.plans_identifier(run.fraction)
         fold = self.fold_folder(run)
         train = Step(f"train {run.trainer} {run.fraction} fold {run.fold}", fold / "validation" / "summary.json",
-                     ["nnUNetv2_train", self.dataset_id, "2d", str(run.fold), "-tr", run.trainer, "-p", plans,
-                      "-device", self.device],
-                     resume_if=fold / "checkpoint_latest.pth",
-                     log=self.workdir / "logs" / plans / f"{run.trainer}_fold{run.fold}.log")
+                     ["nnUNetv2_train", self.dataset_id, "2d", str(run.fold), "-tr", run.trainer, "-p",
+                      self.plans(run), "-device", self.device],
+                     resume_if=(fold / "checkpoint_latest.pth", fold / "checkpoint_final.pth"),
+                     log=self.run_file("logs", run, "log"))
         record = Step(f"record {run.trainer} {run.fraction} fold {run.fold}", self.record_path(run),
                       action=lambda: self.write_record(run))
         return [train, record]
@@ -210,17 +229,25 @@ class Benchmark:
         from nnunet_contrast.benchmark.records import run_record, write_csv
         from nnunet_contrast.nnunet_env import write_json_atomic
 
-        split = json.loads((self.preprocessed / self.split_name(run.fraction)).read_text())
-        record = run_record(run, self.fold_folder(run), split, self.budget, self.seed)
+        record = run_record(run, self.fold_folder(run), self.preprocessed, self.budget, self.seed, self.device,
+                            wall_seconds(self.run_file("logs", run, "log")))
         self.record_path(run).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.record_path(run), record)
         write_csv(self.workdir)
 
 
+def wall_seconds(log: Path) -> Optional[float]:
+    """Seconds the training commands of a run took, over all calls (``LOG.wall``, one line per call)."""
+    wall = log.with_suffix(".wall")
+    return round(sum(float(line) for line in wall.read_text().split()), 1) if wall.is_file() else None
+
+
 def subprocess_runner(command: List[str], env: dict, log: Optional[Path]) -> None:
-    """Runs a command of this environment; its output goes to ``log`` (appended) or to the console."""
+    """Runs a command of this environment; its output goes to ``log`` (appended) or to the console.
+    With a log, the command's wall time is appended to ``LOG.wall``."""
     from nnunet_contrast.demo import command_path
 
+    started = time.time()
     if log is None:
         result = subprocess.run([command_path(command[0])] + command[1:], env=env)
     else:
@@ -228,6 +255,8 @@ def subprocess_runner(command: List[str], env: dict, log: Optional[Path]) -> Non
         with open(log, "a") as out:
             result = subprocess.run([command_path(command[0])] + command[1:], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
+        with open(log.with_suffix(".wall"), "a") as wall:
+            wall.write(f"{time.time() - started:.1f}\n")
     if result.returncode != 0:
         where = f"; its output is in {log}" if log else ""
         raise UserInputError(f"'{shlex.join(command)}' failed with exit code {result.returncode}{where}. Fix the "
