@@ -115,7 +115,7 @@ def image_label_pairs(images: Path, labels: Path, file_ending: str) -> List[Tupl
     if not Path(images).is_dir() or not Path(labels).is_dir():
         raise UserInputError(f"-i {images} and -l {labels} must be folders of images and of their labels")
     cases = get_identifiers_from_splitted_dataset_folder(str(images), file_ending)
-    if not cases:
+    if len(cases) == 0:  # nnU-Net returns a numpy array
         raise UserInputError(f"no images in {images}: -i must hold CASE_0000{file_ending} files, as nnU-Net names them")
     pairs = [(files, str(Path(labels) / f"{case}{file_ending}"))
              for case, files in zip(cases, create_lists_from_splitted_dataset_folder(str(images), file_ending, cases))]

@@ -1,11 +1,13 @@
 """The embedding picture's pieces on tensors: padding, pixel sampling, features, t-SNE, plot."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_contrast.embedding import collect_embeddings, pad_to_multiple, plot_embedding, sample_pixels, \
-    silhouette, slice_features, tsne
+from nnunet_contrast.embedding import collect_embeddings, image_label_pairs, pad_to_multiple, plot_embedding, \
+    sample_pixels, silhouette, slice_features, tsne
 from nnunet_contrast.errors import UserInputError
 
 
@@ -77,3 +79,19 @@ def test_plot_writes_a_png(tmp_path):
     points = np.random.default_rng(0).standard_normal((12, 2))
     plot_embedding(points, np.array([0, 1, 2] * 4), {0: "background", 1: "a"}, "title", tmp_path / "e" / "x.png")
     assert (tmp_path / "e" / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_images_are_paired_with_their_labels_by_nnunet_naming(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for folder in (images, labels):
+        folder.mkdir()
+    with pytest.raises(UserInputError, match="no images in"):
+        image_label_pairs(images, labels, ".nii.gz")
+    for case in ("case_a", "case_b"):
+        (images / f"{case}_0000.nii.gz").write_bytes(b"")
+    (labels / "case_a.nii.gz").write_bytes(b"")
+    with pytest.raises(UserInputError, match="no label for .*case_b.nii.gz"):
+        image_label_pairs(images, labels, ".nii.gz")
+    (labels / "case_b.nii.gz").write_bytes(b"")
+    pairs = image_label_pairs(images, labels, ".nii.gz")
+    assert [(len(files), Path(label).name) for files, label in pairs] == [(1, "case_a.nii.gz"), (1, "case_b.nii.gz")]
