@@ -149,11 +149,11 @@ class Benchmark:
 
     # -- what to do -------------------------------------------------------------------------------
     def runs(self) -> List[Run]:
-        """Fraction by fraction, fold by fold, the baseline first: a stopped benchmark leaves whole cells."""
+        """The upper bound first, then fraction by fraction and fold by fold with the baseline first: a
+        stopped benchmark leaves whole cells, each with its reference points."""
         trainers = sorted(self.trainers, key=lambda t: t != BASELINE)
-        runs = [Run(t, f, fold) for f in self.fractions for fold in self.folds for t in trainers]
-        if self.upper_bound:
-            runs += [Run(BASELINE, ALL_LABELS, fold) for fold in self.folds]
+        runs = [Run(BASELINE, ALL_LABELS, fold) for fold in self.folds] if self.upper_bound else []
+        runs += [Run(t, f, fold) for f in self.fractions for fold in self.folds for t in trainers]
         return list(dict.fromkeys(runs))
 
     def steps(self) -> List[Step]:
