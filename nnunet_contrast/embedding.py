@@ -138,7 +138,9 @@ def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: 
                              f"pass --chk checkpoint_best.pth / checkpoint_latest.pth")
     if per_class < MIN_PIXELS:
         raise UserInputError(f"--pixels {per_class} is too few for t-SNE: pass at least {MIN_PIXELS}")
-    predictor = nnUNetPredictor(device=torch.device(device), verbose=False, allow_tqdm=False)
+    device = torch.device(device)
+    predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda", verbose=False,
+                                allow_tqdm=False)  # nnU-Net warns about the default on other devices
     predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,), checkpoint_name=checkpoint)
     network = predictor.network.eval()
     stages = decoder_stage_count(network)
