@@ -8,6 +8,8 @@ the image's resolution for a coarser stage). Features are L2-normalised, as the 
 compare them, before t-SNE. The silhouette score of the classes in the normalised feature space
 (cosine distance) is printed beside the picture: a number for what the picture shows.
 """
+import json
+import warnings
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -126,11 +128,22 @@ def image_label_pairs(images: Path, labels: Path, file_ending: str) -> List[Tupl
     return pairs
 
 
+def load_predictor(model_folder: Path, fold: str, checkpoint: str, device: torch.device):
+    """nnU-Net's predictor with the fold's weights (nnU-Net builds the trainer's own network)."""
+    with warnings.catch_warnings():  # the trainer search imports modules with deprecation notices, not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda",
+                                    verbose=False, allow_tqdm=False)  # nnU-Net warns about its default off CUDA
+        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                       checkpoint_name=checkpoint)
+    return predictor
+
+
 def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: Path, output: Path,
           stage: int = -1, per_class: int = 300, device: str = "cpu") -> float:
     """Draws the picture of ``model_folder``'s fold; returns the silhouette score."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     from nnunet_contrast.taps import decoder_stage_count, total_stride
 
     if not (Path(model_folder) / f"fold_{fold}" / checkpoint).is_file():
@@ -138,10 +151,9 @@ def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: 
                              f"pass --chk checkpoint_best.pth / checkpoint_latest.pth")
     if per_class < MIN_PIXELS:
         raise UserInputError(f"--pixels {per_class} is too few for t-SNE: pass at least {MIN_PIXELS}")
-    device = torch.device(device)
-    predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda", verbose=False,
-                                allow_tqdm=False)  # nnU-Net warns about the default on other devices
-    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,), checkpoint_name=checkpoint)
+    file_ending = json.loads((Path(model_folder) / "dataset.json").read_text())["file_ending"]
+    pairs = image_label_pairs(images, labels, file_ending)  # before the model loads: bad folders fail fast
+    predictor = load_predictor(model_folder, fold, checkpoint, torch.device(device))
     network = predictor.network.eval()
     stages = decoder_stage_count(network)
     if not -stages <= stage < stages:
@@ -149,7 +161,7 @@ def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: 
                              f"{stages - 1} (-1 is the last, full-resolution one)")
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     volumes = []
-    for files, label in image_label_pairs(images, labels, predictor.dataset_json["file_ending"]):
+    for files, label in pairs:
         data, seg, _ = preprocessor.run_case(files, label, predictor.plans_manager, predictor.configuration_manager,
                                              predictor.dataset_json)
         volumes.append((torch.from_numpy(np.asarray(data)).float(), np.asarray(seg)))
