@@ -224,8 +224,8 @@ def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
     baseline_row = next(line for line in table if line.startswith(f"| {BASELINE} "))
     # fraction 0.05: folds 0 and 1 score 0.52 and 0.53 -> mean 0.525, sd 0.007
     assert "0.525 ± 0.007 (n=2)" in baseline_row
-    assert table[0].startswith("| method | 0.05 (2 labelled) | 0.2 (6 labelled) |")
-    assert "all labels" in table[-1] and "0.905 ± 0.007 (n=2)" in table[-1]
+    assert table[0] == "| method | 0.05 (2 labelled) | 0.2 (6 labelled) | all labels (32 labelled) |"
+    assert table[-1].startswith("| nnU-Net, all labels") and table[-1].endswith("|  |  | 0.905 ± 0.007 (n=2) |")
     cross = next(line for line in delta_table(records) if "CrossLevel" in line)
     assert cross.count("+0.030 ± 0.014 (n=2)") == 2  # fold-wise gains 0.02 and 0.04
     report = write_report(benchmark.workdir)
@@ -236,6 +236,14 @@ def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
     without = [r for r in records if not (r["trainer"] == BASELINE and r["fold"] == 1 and r["fraction"] == "0.05")]
     cross = next(line for line in delta_table(without) if "CrossLevel" in line)
     assert "| +0.020 |" in cross and cross.endswith("+0.030 ± 0.014 (n=2) |")
+
+
+def test_a_report_of_the_upper_bound_alone(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=[BASELINE], fractions=["0.05"], folds=[0])
+    steps = [s for s in benchmark.steps() if "0.05" not in s.describe]  # stopped after the upper bound
+    execute(steps, {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    report = write_report(benchmark.workdir).read_text()
+    assert "| method | all labels (32 labelled) |" in report and "(no method runs yet)" in report
 
 
 def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):

@@ -57,16 +57,22 @@ def by_cell(records: Sequence[dict]) -> Dict[tuple, Dict[int, dict]]:
 
 
 def dice_table(records: Sequence[dict]) -> List[str]:
+    """Methods x labelled fractions; the upper bound has its own column ("all labels")."""
     fractions, cells = fraction_order(records), by_cell(records)
+    upper = [r["foreground_dice"] for r in cells.get((BASELINE, ALL_LABELS), {}).values()]
     headers = [f"{f} ({labelled_counts(cells, f)} labelled)" for f in fractions]
-    lines = ["| method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+    headers += [f"all labels ({labelled_counts(cells, ALL_LABELS)} labelled)"] if upper else []
+    lines = [table_row("method", headers), "|---" * (len(headers) + 1) + "|"]
     for trainer in method_order(records):
         values = [mean_spread([r["foreground_dice"] for r in cells[(trainer, f)].values()]) for f in fractions]
-        lines.append(f"| {trainer} | " + " | ".join(values) + " |")
-    upper = [r["foreground_dice"] for r in cells.get((BASELINE, ALL_LABELS), {}).values()]
+        lines.append(table_row(trainer, values + [""] * bool(upper)))
     if upper:
-        lines.append(f"| {UPPER_BOUND_NAME} | " + " | ".join([mean_spread(upper)] * len(fractions)) + " |")
+        lines.append(table_row(UPPER_BOUND_NAME, [""] * len(fractions) + [mean_spread(upper)]))
     return lines
+
+
+def table_row(name: str, cells: Sequence[str]) -> str:
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 def labelled_counts(cells: Dict[tuple, Dict[int, dict]], fraction: str) -> str:
@@ -77,7 +83,9 @@ def labelled_counts(cells: Dict[tuple, Dict[int, dict]], fraction: str) -> str:
 def delta_table(records: Sequence[dict]) -> List[str]:
     """Per-fold paired difference to the baseline at the same fraction, then its mean over folds."""
     fractions, cells = fraction_order(records), by_cell(records)
-    lines = ["| method | " + " | ".join(fractions) + " |", "|---" * (len(fractions) + 1) + "|"]
+    if not fractions:
+        return ["(no method runs yet)"]
+    lines = [table_row("method", fractions), "|---" * (len(fractions) + 1) + "|"]
     for trainer in method_order(records):
         if trainer == BASELINE:
             continue
@@ -86,7 +94,7 @@ def delta_table(records: Sequence[dict]) -> List[str]:
             base, ours = cells.get((BASELINE, f), {}), cells[(trainer, f)]
             diffs = [ours[k]["foreground_dice"] - base[k]["foreground_dice"] for k in sorted(set(base) & set(ours))]
             values.append(mean_spread(diffs, signed=True))
-        lines.append(f"| {trainer} | " + " | ".join(values) + " |")
+        lines.append(table_row(trainer, values))
     return lines
 
 
@@ -115,7 +123,8 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
     upper = [r["foreground_dice"] for r in cells.get((BASELINE, ALL_LABELS), {}).values()]
     if upper:
         ax.axhline(statistics.mean(upper), color="black", linestyle="--", label="all labels")
-    ax.set_xscale("log")
+    if fractions:
+        ax.set_xscale("log")
     ax.set_xticks([mean_labelled_cases(records, f) for f in fractions],
                   [f"{mean_labelled_cases(records, f):g}\n({f})" for f in fractions])
     ax.minorticks_off()
