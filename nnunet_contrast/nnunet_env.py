@@ -71,10 +71,15 @@ def case_identifiers(folder: Path) -> list:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON so that readers see either the old file or the complete new one."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text so that readers see either the old file or the complete new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -110,8 +110,8 @@ def csv_text(records: List[dict]) -> str:
 
 
 def write_csv(workdir: Path) -> Path:
+    from nnunet_contrast.nnunet_env import write_text_atomic
+
     path = Path(workdir) / "results.csv"
-    scratch = path.with_name(path.name + ".partial")
-    scratch.write_text(csv_text(load_records(workdir)))
-    scratch.replace(path)
+    write_text_atomic(path, csv_text(load_records(workdir)))
     return path

@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence
 from nnunet_contrast.benchmark.records import load_records
 from nnunet_contrast.benchmark.runs import ALL_LABELS, BASELINE
 from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure
 
 UPPER_BOUND_NAME = "nnU-Net, all labels (LabeledOnly at 1.0)"
@@ -190,7 +191,5 @@ def write_report(workdir: Path) -> Path:
     for _, group in sorted(group_records(records).items()):
         lines += section(group, folder)
     path = folder / "report.md"
-    scratch = path.with_name(".report.md.partial")
-    scratch.write_text("\n".join(lines))
-    scratch.replace(path)
+    write_text_atomic(path, "\n".join(lines))
     return path
