@@ -5,9 +5,11 @@ backward pass of SupConLocalLoss, minus the resident memory just before it. Feat
 (2 views, C channels), labels have a foreground square of about 20 % of the pixels, 2 classes.
 
     python benchmarks/local_loss_memory.py [--sizes 16 32 64 96 128] [--channels 128] [--plot FILE.png]
+    python benchmarks/local_loss_memory.py --from-table docs/costs.md --plot FILE.png
 
 Prints a markdown table with the command, machine and date; ``--plot`` also draws peak memory and
-time against the number of pixels, one line per variant ("full" is the naive all-pairs form).
+time against the number of pixels, one line per variant ("full" is the naive all-pairs form);
+``--from-table`` draws it from a table printed earlier (time is only comparable from a quiet machine).
 """
 import argparse
 import datetime
@@ -59,10 +61,17 @@ def main():
     parser.add_argument("--full-max", type=int, default=128,
                         help="largest map side for the quadratic 'full' variant (memory grows fast)")
     parser.add_argument("--plot", help="PNG of memory and time against pixels")
+    parser.add_argument("--from-table", metavar="FILE",
+                        help="plot the rows of a table this script printed earlier (kept in FILE) instead of measuring")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.channels)))
+        return
+    if args.from_table:
+        if not args.plot:
+            parser.error("--from-table needs --plot FILE.png")
+        plot(rows_from_table(args.from_table), args.plot, f"(table kept in {args.from_table})")
         return
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
@@ -85,6 +94,23 @@ def main():
             print(f"| {r['mode']} | {r['pixels']} | {r['anchors']} | {r['peak_mb']} | {r['seconds']} |", flush=True)
     if args.plot:
         plot(rows, args.plot, " ".join(sys.argv[1:]))
+
+
+def rows_from_table(path: str) -> list:
+    """The measured rows of this script's markdown table in a file (skipped and failed rows left out)."""
+    rows = []
+    for line in open(path).read().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or cells[0] not in MODES:
+            continue
+        try:
+            rows.append({"mode": cells[0], "pixels": int(cells[1]), "anchors": int(cells[2]),
+                         "peak_mb": float(cells[3]), "seconds": float(cells[4])})
+        except ValueError:  # "skipped" or "failed" rows
+            continue
+    if not rows:
+        raise SystemExit(f"{path} holds no table printed by this script: pass the file that keeps it")
+    return rows
 
 
 def plot(rows, path: str, title: str) -> None:

@@ -104,11 +104,14 @@ def cmd_benchmark(args) -> None:
     benchmark = Benchmark(Path(args.workdir), Path(args.msd), trainers, args.fractions, args.folds,
                           Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
                           upper_bound=not args.no_upper_bound)
-    env = nnunet_environment(benchmark.workdir) if not args.dry_run else {}
-    todo = execute(benchmark.steps(), env, dry_run=args.dry_run)
     if args.dry_run:
+        todo = execute(benchmark.steps(), {}, dry_run=True)
         print(f"{todo} step(s) to do; {len(benchmark.runs())} run(s) in this benchmark")
-    elif (benchmark.workdir / "results").is_dir():
+        return
+    with benchmark.lock():
+        benchmark.complete_records()
+        execute(benchmark.steps(), nnunet_environment(benchmark.workdir))
+    if (benchmark.workdir / "results").is_dir():
         print(f"report: {write_report(benchmark.workdir)}")
 
 

@@ -6,13 +6,16 @@ with made-up scores, so the logic around the commands is tested, not nnU-Net.
 """
 import csv
 import json
+import os
+import re
 
 import pytest
 import torch
 
 from nnunet_contrast.benchmark.records import load_records, seconds_per_iteration
-from nnunet_contrast.benchmark.report import delta_table, dice_table, group_records, write_report
-from nnunet_contrast.benchmark.runs import ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute
+from nnunet_contrast.benchmark.report import case_table, delta_table, dice_table, group_records, write_report
+from nnunet_contrast.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
+                                            wall_time)
 from nnunet_contrast.cli import main
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.semisup.split import make_split
@@ -79,8 +82,15 @@ class FakeRunner:
             raise UserInputError("stopped in the final validation")
         dice = fake_dice(trainer, fraction, fold)
         summary = {"foreground_mean": {"Dice": dice}, "mean": {"1": {"Dice": dice + 0.01}, "2": {"Dice": dice - 0.01}},
-                   "metric_per_case": [{}] * 8}
+                   "metric_per_case": [fake_case(k, dice) for k in range(8)]}
         (folder / "validation" / "summary.json").write_text(json.dumps(summary))
+
+
+def fake_case(k: int, dice: float) -> dict:
+    """Case 6 lacks class 2 in reference and prediction, case 7 lacks both classes (nnU-Net's NaN)."""
+    nan = float("nan")
+    values = {6: (dice + 0.01, nan), 7: (nan, nan)}.get(k, (dice + 0.01, dice - 0.01))
+    return {"reference_file": f"/gt/case_{k:03d}.nii.gz", "metrics": {"1": {"Dice": values[0]}, "2": {"Dice": values[1]}}}
 
 
 def refuse(*args):
@@ -167,10 +177,53 @@ def test_records_hold_scores_split_and_cost(tmp_path, msd):
     assert record["labelled_cases"] == 2 and record["unlabelled_cases"] == 30 and record["fold"] == 1
     assert record["budget_digest"] == benchmark.budget.digest and record["validation_cases"] == 8
     assert record["training_seconds"] == 50 + 20 + 30 and record["seconds_per_iteration"] == pytest.approx(2.5)
-    assert record["wall_seconds"] is None  # the fake runner writes no wall times
+    assert record["wall_seconds"] is None and record["stopped_calls"] == 0  # the fake runner writes no wall times
     assert record["curves"]["contrast_loss"] == [2.0, 1.0, None]  # JSON has no NaN
     rows = list(csv.DictReader(open(benchmark.workdir / "results.csv")))
     assert len(rows) == 2 and {r["trainer"] for r in rows} == set(TRAINERS)
+
+
+def test_records_hold_each_validation_case_dice_over_its_present_classes(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], upper_bound=False)
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    record = next(r for r in load_records(benchmark.workdir) if r["trainer"] == BASELINE)
+    dice = fake_dice(BASELINE, "0.05", 0)
+    cases = record["dice_per_case"]
+    assert len(cases) == 8 and cases["case_000.nii.gz"] == pytest.approx(dice)
+    assert cases["case_006.nii.gz"] == pytest.approx(dice + 0.01) and cases["case_007.nii.gz"] is None
+
+
+def test_records_written_without_per_case_dice_are_completed_from_their_summary(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], upper_bound=False)
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    path = benchmark.record_path(Run(BASELINE, "0.05", 0))
+    complete = json.loads(path.read_text())
+    old = {k: v for k, v in complete.items() if k != "dice_per_case"}
+    path.write_text(json.dumps(old))
+    assert benchmark.complete_records() == 1 and json.loads(path.read_text()) == complete
+    assert benchmark.complete_records() == 0
+
+
+def test_a_second_benchmark_in_the_same_work_folder_is_refused(tmp_path, msd, capsys):
+    benchmark = make_benchmark(tmp_path, msd)
+    with benchmark.lock():
+        code = main(["benchmark", "--workdir", str(benchmark.workdir), "--msd", str(msd), "--trainers", BASELINE])
+    error = capsys.readouterr().err
+    assert code == 2 and "another 'nnunet-contrast benchmark' is running" in error and error.count("\n") == 1
+    assert list(benchmark.workdir.iterdir()) == [benchmark.workdir / ".benchmark.lock"]
+
+
+def test_wall_time_counts_ended_calls_and_names_killed_ones(tmp_path):
+    log = tmp_path / "logs" / "run.log"
+    subprocess_runner(["python", "-c", "pass"], dict(os.environ), log)
+    assert log.with_suffix(".wall").read_text().split()[0] == "start"
+    seconds, stopped = wall_time(log)
+    assert seconds is not None and seconds >= 0 and stopped == 0
+    log.with_suffix(".wall").write_text("start\n100.0\nstart\nstart\n50.5\n")  # the second call was killed
+    assert wall_time(log) == (150.5, 1)
+    log.with_suffix(".wall").write_text("100.0\n50.0\n")  # written before calls marked their start
+    assert wall_time(log) == (150.0, 0)
+    assert wall_time(tmp_path / "none.log") == (None, 0)
 
 
 def test_seconds_per_iteration_uses_the_last_stage():
@@ -236,6 +289,22 @@ def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
     without = [r for r in records if not (r["trainer"] == BASELINE and r["fold"] == 1 and r["fraction"] == "0.05")]
     cross = next(line for line in delta_table(without) if "CrossLevel" in line)
     assert "| +0.020 |" in cross and cross.endswith("+0.030 ± 0.014 (n=2) |")
+
+
+def test_report_per_case_differences_pool_the_folds_with_a_bootstrap_interval(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"])
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    records = load_records(benchmark.workdir)
+    cross = next(line for line in case_table(records) if "CrossLevel" in line)
+    # 7 scored cases per fold (case 7 has no class): gains 0.02 (fold 0) and 0.04 (fold 1)
+    mean, low, high, better = re.fullmatch(r"\| \w+ \| ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\], "
+                                           r"better on (\d+/\d+) \|", cross).groups()
+    assert float(mean) == pytest.approx(0.03) and 0.02 < float(low) < 0.03 < float(high) < 0.04
+    assert better == "14/14"
+    assert "Per validation case" in write_report(benchmark.workdir).read_text()
+    for record in records:  # records of older versions: no per-case section, nothing breaks
+        del record["dice_per_case"]
+    assert next(line for line in case_table(records) if "CrossLevel" in line) == "| nnUNetTrainerCrossLevel |  |"
 
 
 def test_a_report_of_the_upper_bound_alone(tmp_path, msd):

@@ -38,8 +38,9 @@ def epoch_durations(logging: dict) -> List[float]:
 
 
 def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, device: str,
-               wall_seconds: Optional[float]) -> dict:
-    """The record of a finished run; the split is the one the run trained on (its saved settings)."""
+               wall_seconds: Optional[float], stopped_calls: int = 0) -> dict:
+    """The record of a finished run; the split is the one the run trained on (its saved settings).
+    ``wall_seconds`` leaves out ``stopped_calls`` training calls that were killed (their time is unknown)."""
     import torch
 
     summary = json.loads((fold_folder / "validation" / "summary.json").read_text())
@@ -58,14 +59,27 @@ def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, de
         "validation_cases": len(summary["metric_per_case"]),
         "foreground_dice": summary["foreground_mean"]["Dice"],
         "dice_per_class": {k: v["Dice"] for k, v in summary["mean"].items()},
+        "dice_per_case": dice_per_case(summary),
         "epochs": len(epoch_durations(logging)),
         "wall_seconds": wall_seconds,
+        "stopped_calls": stopped_calls,
         "training_seconds": round(sum(epoch_durations(logging)), 1),
         "seconds_per_iteration": round(seconds_per_iteration(logging, iterations), 4),
         "curves": {k: [finite_or_none(v) for v in logging[k]] for k in CURVES if k in logging},
         "settings": settings,
         "environment": environment(),
     }
+
+
+def dice_per_case(summary: dict) -> dict:
+    """Reference file name -> mean foreground Dice over the classes present in the case's reference or prediction
+    (nnU-Net scores a class absent from both as NaN); None when no class is present."""
+    cases = {}
+    for entry in summary["metric_per_case"]:
+        case = Path(entry["reference_file"]).name
+        values = [m["Dice"] for m in entry["metrics"].values() if math.isfinite(m["Dice"])]
+        cases[case] = sum(values) / len(values) if values else None
+    return cases
 
 
 def finite_or_none(value) -> Optional[float]:

@@ -20,6 +20,7 @@ preset's content and the ``--set`` arguments, so runs of two budgets or two spli
 results folder or a table. A run stopped part-way (a checkpoint but no validation summary: training or
 nnU-Net's final validation was interrupted) is continued with ``--c``.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,9 +31,14 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from nnunet_contrast.errors import UserInputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no work-folder lock
+    fcntl = None
 
 BASELINE = "nnUNetTrainerLabeledOnly"
 ALL_LABELS = "1.0"   # the upper bound: the baseline trained on every training case of the fold
@@ -230,21 +236,58 @@ class Benchmark:
         from nnunet_contrast.nnunet_env import write_json_atomic
 
         record = run_record(run, self.fold_folder(run), self.preprocessed, self.budget, self.seed, self.device,
-                            wall_seconds(self.run_file("logs", run, "log")))
+                            *wall_time(self.run_file("logs", run, "log")))
         self.record_path(run).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.record_path(run), record)
         write_csv(self.workdir)
 
+    def complete_records(self) -> int:
+        """Adds the per-case Dice, read from the run's own validation summary, to records written before
+        records held it; returns how many records were completed."""
+        from nnunet_contrast.benchmark.records import dice_per_case
+        from nnunet_contrast.nnunet_env import write_json_atomic
 
-def wall_seconds(log: Path) -> Optional[float]:
-    """Seconds the training commands of a run took, over all calls (``LOG.wall``, one line per call)."""
+        completed = 0
+        for run in self.runs():
+            path, summary = self.record_path(run), self.fold_folder(run) / "validation" / "summary.json"
+            if not path.is_file() or not summary.is_file():
+                continue
+            record = json.loads(path.read_text())
+            if "dice_per_case" not in record:
+                record["dice_per_case"] = dice_per_case(json.loads(summary.read_text()))
+                write_json_atomic(path, record)
+                completed += 1
+        return completed
+
+    @contextlib.contextmanager
+    def lock(self):
+        """One benchmark at a time per work folder: two would train the same run into one folder."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / ".benchmark.lock", "w") as handle:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserInputError(f"another 'nnunet-contrast benchmark' is running in {self.workdir}: wait for "
+                                     f"it to finish, or pass another --workdir") from None
+            yield
+
+
+def wall_time(log: Path) -> Tuple[Optional[float], int]:
+    """Seconds the training commands of a run took over the calls that ended, and how many calls were
+    killed before they could write their time (``LOG.wall``: ``start`` when a call starts, its seconds
+    when it ends)."""
     wall = log.with_suffix(".wall")
-    return round(sum(float(line) for line in wall.read_text().split()), 1) if wall.is_file() else None
+    if not wall.is_file():
+        return None, 0
+    lines = wall.read_text().split()
+    stopped = sum(1 for line, after in zip(lines, lines[1:] + ["start"]) if line == after == "start")
+    return round(sum(float(line) for line in lines if line != "start"), 1), stopped
 
 
 def subprocess_runner(command: List[str], env: dict, log: Optional[Path]) -> None:
     """Runs a command of this environment; its output goes to ``log`` (appended) or to the console.
-    With a log, the command's wall time is appended to ``LOG.wall``."""
+    With a log, the command's start and then its wall time are appended to ``LOG.wall``."""
     from nnunet_contrast.demo import command_path
 
     started = time.time()
@@ -252,6 +295,8 @@ def subprocess_runner(command: List[str], env: dict, log: Optional[Path]) -> Non
         result = subprocess.run([command_path(command[0])] + command[1:], env=env)
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log.with_suffix(".wall"), "a") as wall:
+            wall.write("start\n")
         with open(log, "a") as out:
             result = subprocess.run([command_path(command[0])] + command[1:], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
