@@ -71,7 +71,14 @@ def main():
     if args.from_table:
         if not args.plot:
             parser.error("--from-table needs --plot FILE.png")
-        plot(rows_from_table(args.from_table), args.plot, f"(table kept in {args.from_table})")
+        try:
+            rows = rows_from_table(args.from_table)
+        except OSError as err:
+            parser.error(f"--from-table {args.from_table}: {err.strerror}; pass the file that keeps the table")
+        if not rows:
+            parser.error(f"--from-table {args.from_table} holds no table printed by this script; pass the file "
+                         f"that keeps it")
+        plot(rows, args.plot, f"(table kept in {args.from_table})")
         return
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
@@ -97,19 +104,21 @@ def main():
 
 
 def rows_from_table(path: str) -> list:
-    """The measured rows of this script's markdown table in a file (skipped and failed rows left out)."""
-    rows = []
+    """The measured rows of the first markdown table of this script in a file (skipped and failed rows
+    left out); ``[]`` when there is none."""
+    rows, in_table = [], False
     for line in open(path).read().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 5 or cells[0] not in MODES:
-            continue
-        try:
-            rows.append({"mode": cells[0], "pixels": int(cells[1]), "anchors": int(cells[2]),
-                         "peak_mb": float(cells[3]), "seconds": float(cells[4])})
-        except ValueError:  # "skipped" or "failed" rows
-            continue
-    if not rows:
-        raise SystemExit(f"{path} holds no table printed by this script: pass the file that keeps it")
+        if cells[:2] == ["variant", "pixels (2 views)"]:
+            in_table = True
+        elif in_table and not line.startswith("|"):
+            break
+        elif in_table and cells[0] in MODES:
+            try:
+                rows.append({"mode": cells[0], "pixels": int(cells[1]), "anchors": int(cells[2]),
+                             "peak_mb": float(cells[3]), "seconds": float(cells[4])})
+            except ValueError:  # "skipped" or "failed" rows
+                continue
     return rows
 
 

@@ -1,5 +1,6 @@
 """The ``nnunet-contrast`` command: split, add-unlabeled, plans, demo, benchmark, report, embed."""
 import argparse
+import functools
 import json
 import os
 import sys
@@ -90,7 +91,7 @@ def cmd_demo(args) -> None:
 
 def cmd_benchmark(args) -> None:
     from nnunet_contrast.benchmark.report import write_report
-    from nnunet_contrast.benchmark.runs import Benchmark, Budget, execute
+    from nnunet_contrast.benchmark import runs
     from nnunet_contrast.demo import nnunet_environment
     from nnunet_contrast.settings import all_preset_names
 
@@ -101,16 +102,19 @@ def cmd_benchmark(args) -> None:
     check_assignments(args.set)
     if not Path(args.msd).is_dir():
         raise UserInputError(f"--msd {args.msd} is not a folder: pass an MSD task folder, e.g. Task04_Hippocampus")
-    benchmark = Benchmark(Path(args.workdir), Path(args.msd), trainers, args.fractions, args.folds,
-                          Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
-                          upper_bound=not args.no_upper_bound)
+    benchmark = runs.Benchmark(Path(args.workdir), Path(args.msd), trainers, args.fractions, args.folds,
+                               runs.Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
+                               upper_bound=not args.no_upper_bound)
     if args.dry_run:
-        todo = execute(benchmark.steps(), {}, dry_run=True)
+        todo = runs.execute(benchmark.steps(), {}, dry_run=True)
         print(f"{todo} step(s) to do; {len(benchmark.runs())} run(s) in this benchmark")
         return
-    with benchmark.lock():
-        benchmark.complete_records()
-        execute(benchmark.steps(), nnunet_environment(benchmark.workdir))
+    with benchmark.lock() as lock:
+        completed = benchmark.complete_records()
+        if completed:
+            print(f"added per-case Dice to {completed} record(s) of an older version")
+        runner = functools.partial(runs.subprocess_runner, keep_fds=(lock,))
+        runs.execute(benchmark.steps(), nnunet_environment(benchmark.workdir), runner=runner)
     if (benchmark.workdir / "results").is_dir():
         print(f"report: {write_report(benchmark.workdir)}")
 

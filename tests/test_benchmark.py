@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from nnunet_contrast.benchmark.records import load_records, seconds_per_iteration
-from nnunet_contrast.benchmark.report import case_table, delta_table, dice_table, group_records, write_report
+from nnunet_contrast.benchmark import runs
+from nnunet_contrast.benchmark.report import (case_difference, case_rows, delta_table, dice_table, group_records,
+                                              interval_text, write_report)
 from nnunet_contrast.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
                                             wall_time)
 from nnunet_contrast.cli import main
@@ -82,15 +84,20 @@ class FakeRunner:
             raise UserInputError("stopped in the final validation")
         dice = fake_dice(trainer, fraction, fold)
         summary = {"foreground_mean": {"Dice": dice}, "mean": {"1": {"Dice": dice + 0.01}, "2": {"Dice": dice - 0.01}},
-                   "metric_per_case": [fake_case(k, dice) for k in range(8)]}
+                   "metric_per_case": [fake_case(k, dice, trainer) for k in range(8)]}
+        if trainer != BASELINE:
+            summary["metric_per_case"].reverse()  # cases are paired by name, not by position
         (folder / "validation" / "summary.json").write_text(json.dumps(summary))
 
 
-def fake_case(k: int, dice: float) -> dict:
-    """Case 6 lacks class 2 in reference and prediction, case 7 lacks both classes (nnU-Net's NaN)."""
+def fake_case(k: int, dice: float, trainer: str) -> dict:
+    """Classes absent from the reference (nnU-Net's NaN where the prediction has none either): in case 5
+    class 2 is absent and only the method predicts none of it (the baseline's Dice 0); in case 6 neither
+    predicts it; case 7 has no class and neither prediction has one."""
     nan = float("nan")
-    values = {6: (dice + 0.01, nan), 7: (nan, nan)}.get(k, (dice + 0.01, dice - 0.01))
-    return {"reference_file": f"/gt/case_{k:03d}.nii.gz", "metrics": {"1": {"Dice": values[0]}, "2": {"Dice": values[1]}}}
+    values = {5: (dice + 0.01, 0.0 if trainer == BASELINE else nan), 6: (dice + 0.01, nan), 7: (nan, nan)}
+    class_1, class_2 = values.get(k, (dice + 0.01, dice - 0.01))
+    return {"reference_file": f"/gt/case_{k:03d}.nii.gz", "metrics": {"1": {"Dice": class_1}, "2": {"Dice": class_2}}}
 
 
 def refuse(*args):
@@ -183,14 +190,15 @@ def test_records_hold_scores_split_and_cost(tmp_path, msd):
     assert len(rows) == 2 and {r["trainer"] for r in rows} == set(TRAINERS)
 
 
-def test_records_hold_each_validation_case_dice_over_its_present_classes(tmp_path, msd):
+def test_records_hold_each_validation_case_dice_per_class(tmp_path, msd):
     benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], upper_bound=False)
     execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
     record = next(r for r in load_records(benchmark.workdir) if r["trainer"] == BASELINE)
     dice = fake_dice(BASELINE, "0.05", 0)
-    cases = record["dice_per_case"]
-    assert len(cases) == 8 and cases["case_000.nii.gz"] == pytest.approx(dice)
-    assert cases["case_006.nii.gz"] == pytest.approx(dice + 0.01) and cases["case_007.nii.gz"] is None
+    cases = record["case_dice"]
+    assert len(cases) == 8 and cases["case_000.nii.gz"] == {"1": pytest.approx(dice + 0.01),
+                                                            "2": pytest.approx(dice - 0.01)}
+    assert cases["case_005.nii.gz"]["2"] == 0.0 and cases["case_007.nii.gz"] == {"1": None, "2": None}
 
 
 def test_records_written_without_per_case_dice_are_completed_from_their_summary(tmp_path, msd):
@@ -198,7 +206,7 @@ def test_records_written_without_per_case_dice_are_completed_from_their_summary(
     execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
     path = benchmark.record_path(Run(BASELINE, "0.05", 0))
     complete = json.loads(path.read_text())
-    old = {k: v for k, v in complete.items() if k != "dice_per_case"}
+    old = {k: v for k, v in complete.items() if k != "case_dice"}
     path.write_text(json.dumps(old))
     assert benchmark.complete_records() == 1 and json.loads(path.read_text()) == complete
     assert benchmark.complete_records() == 0
@@ -209,8 +217,33 @@ def test_a_second_benchmark_in_the_same_work_folder_is_refused(tmp_path, msd, ca
     with benchmark.lock():
         code = main(["benchmark", "--workdir", str(benchmark.workdir), "--msd", str(msd), "--trainers", BASELINE])
     error = capsys.readouterr().err
-    assert code == 2 and "another 'nnunet-contrast benchmark' is running" in error and error.count("\n") == 1
+    assert code == 2 and "another 'nnunet-contrast benchmark'" in error and error.count("\n") == 1
     assert list(benchmark.workdir.iterdir()) == [benchmark.workdir / ".benchmark.lock"]
+    with benchmark.lock():  # released
+        pass
+
+
+def test_the_command_trains_under_the_lock_and_completes_older_records(tmp_path, msd, monkeypatch, capsys):
+    benchmark = make_benchmark(tmp_path, msd, trainers=[BASELINE], fractions=["0.05"], folds=[0])
+    fake = FakeRunner(benchmark)
+
+    def runner(command, env, log, keep_fds=()):
+        assert len(keep_fds) == 1  # the training commands inherit the lock
+        with pytest.raises(UserInputError, match="another"):
+            with benchmark.lock():
+                pass
+        fake(command, env, log)
+
+    monkeypatch.setattr(runs, "subprocess_runner", runner)
+    arguments = ["benchmark", "--workdir", str(benchmark.workdir), "--msd", str(msd), "--trainers", BASELINE,
+                 "--fractions", "0.05", "--folds", "0"]
+    assert main(arguments) == 0 and len(train_commands(fake.commands)) == 2
+    path = benchmark.record_path(Run(BASELINE, "0.05", 0))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "case_dice"}))
+    assert main(arguments) == 0 and len(train_commands(fake.commands)) == 2
+    assert "added per-case Dice to 1 record(s)" in capsys.readouterr().out
+    assert json.loads(path.read_text()) == record
 
 
 def test_wall_time_counts_ended_calls_and_names_killed_ones(tmp_path):
@@ -295,16 +328,29 @@ def test_report_per_case_differences_pool_the_folds_with_a_bootstrap_interval(tm
     benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"])
     execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
     records = load_records(benchmark.workdir)
-    cross = next(line for line in case_table(records) if "CrossLevel" in line)
-    # 7 scored cases per fold (case 7 has no class): gains 0.02 (fold 0) and 0.04 (fold 1)
-    mean, low, high, better = re.fullmatch(r"\| \w+ \| ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\], "
-                                           r"better on (\d+/\d+) \|", cross).groups()
-    assert float(mean) == pytest.approx(0.03) and 0.02 < float(low) < 0.03 < float(high) < 0.04
-    assert better == "14/14"
+    (trainer, (cell,)), = case_rows(records)
+    # 7 scored cases per fold (case 7 has no class): gains 0.02 (fold 0) and 0.04 (fold 1) on every class,
+    # and in case 5 the method's empty class 2 (right) against the baseline's false positive (Dice 0)
+    expected = (6 * 0.02 + (0.02 + 1) / 2 + 6 * 0.04 + (0.04 + 1) / 2) / 14
+    mean, low, high = re.fullmatch(r"([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\], better 14 / worse 0 of 14 "
+                                   r"cases \(2 folds\)", cell).groups()
+    assert trainer == "nnUNetTrainerCrossLevel" and float(mean) == pytest.approx(expected, abs=5e-4)
+    assert float(low) < float(mean) < float(high)
     assert "Per validation case" in write_report(benchmark.workdir).read_text()
-    for record in records:  # records of older versions: no per-case section, nothing breaks
-        del record["dice_per_case"]
-    assert next(line for line in case_table(records) if "CrossLevel" in line) == "| nnUNetTrainerCrossLevel |  |"
+    # a record of an older version (no per-case Dice): its fold leaves the pooled cell, the report says so
+    path = benchmark.record_path(Run("nnUNetTrainerCrossLevel", "0.05", 1))
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "case_dice"}))
+    report = write_report(benchmark.workdir).read_text()
+    assert "of 7 cases (1 fold)" in report and "1 record(s) hold no per-case Dice" in report
+
+
+def test_case_difference_and_interval_edge_cases():
+    # an absent class the method rightly leaves empty (None) against the baseline's false positive (0.0)
+    assert case_difference({"1": None, "2": 0.8}, {"1": 0.0, "2": 0.7}) == pytest.approx((1.0 + 0.1) / 2)
+    assert case_difference({"1": None}, {"1": None}) is None
+    assert interval_text({}) == ""
+    assert interval_text({0: [0.1, -0.1, 0.0]}) == "+0.000, better 1 / worse 1 of 3 cases (1 fold)"  # too few
+    assert interval_text({0: [0.01] * 12}) == "+0.010 [+0.010, +0.010], better 12 / worse 0 of 12 cases (1 fold)"
 
 
 def test_a_report_of_the_upper_bound_alone(tmp_path, msd):
@@ -313,6 +359,7 @@ def test_a_report_of_the_upper_bound_alone(tmp_path, msd):
     execute(steps, {}, runner=FakeRunner(benchmark), out=lambda line: None)
     report = write_report(benchmark.workdir).read_text()
     assert "| method | all labels (32 labelled) |" in report and "(no method runs yet)" in report
+    assert "Per validation case" not in report
 
 
 def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):

@@ -1,7 +1,8 @@
 """One JSON record per finished benchmark run, and the CSV of all of them.
 
 A record holds what identifies the run (trainer, labelled fraction, fold, budget digest, split seed
-and the digest of the fold's labelled cases), nnU-Net's validation scores of the fold, the training
+and the digest of the fold's labelled cases), nnU-Net's validation scores of the fold (mean, per class,
+and per case and class, which the CSV leaves out), the wall time of the training calls, the training
 time read from nnU-Net's own epoch timestamps (so a run continued with ``--c`` counts only its
 epochs, not the pause) and the per-epoch curves of nnU-Net's logger, from which the report redraws
 the training curves.
@@ -21,7 +22,7 @@ from typing import List, Optional
 CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "contrast_loss", "stage")
 CSV_COLUMNS = ("budget_digest", "split_seed", "device", "plans", "trainer", "fraction", "upper_bound", "fold",
                "labelled_cases", "unlabelled_cases", "labelled_digest", "foreground_dice", "dice_per_class",
-               "wall_seconds", "training_seconds", "seconds_per_iteration", "epochs", "date")
+               "wall_seconds", "stopped_calls", "training_seconds", "seconds_per_iteration", "epochs", "date")
 
 
 def seconds_per_iteration(logging: dict, iterations_per_epoch: int) -> float:
@@ -59,7 +60,7 @@ def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, de
         "validation_cases": len(summary["metric_per_case"]),
         "foreground_dice": summary["foreground_mean"]["Dice"],
         "dice_per_class": {k: v["Dice"] for k, v in summary["mean"].items()},
-        "dice_per_case": dice_per_case(summary),
+        "case_dice": case_dice(summary),
         "epochs": len(epoch_durations(logging)),
         "wall_seconds": wall_seconds,
         "stopped_calls": stopped_calls,
@@ -71,15 +72,11 @@ def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, de
     }
 
 
-def dice_per_case(summary: dict) -> dict:
-    """Reference file name -> mean foreground Dice over the classes present in the case's reference or prediction
-    (nnU-Net scores a class absent from both as NaN); None when no class is present."""
-    cases = {}
-    for entry in summary["metric_per_case"]:
-        case = Path(entry["reference_file"]).name
-        values = [m["Dice"] for m in entry["metrics"].values() if math.isfinite(m["Dice"])]
-        cases[case] = sum(values) / len(values) if values else None
-    return cases
+def case_dice(summary: dict) -> dict:
+    """Reference file name -> class -> Dice of nnU-Net's validation, ``None`` where nnU-Net scores NaN
+    (the class is in neither the reference nor the prediction)."""
+    return {Path(entry["reference_file"]).name: {k: finite_or_none(m["Dice"]) for k, m in entry["metrics"].items()}
+            for entry in summary["metric_per_case"]}
 
 
 def finite_or_none(value) -> Optional[float]:

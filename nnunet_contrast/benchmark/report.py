@@ -2,13 +2,14 @@
 
 One section per budget digest, split seed and device, so runs of different budgets or splits never
 share a table: the Dice table (method x labelled fraction, mean and standard deviation over folds), the
-difference to ``nnUNetTrainerLabeledOnly`` on the same fraction and fold, the training cost, a PNG
-of Dice against the labelled fraction and each run's training curves.
+difference to ``nnUNetTrainerLabeledOnly`` on the same fraction and fold, the same per validation case
+with a bootstrap interval, the training cost, a PNG of Dice against the labelled fraction and each
+run's training curves.
 """
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from nnunet_contrast.benchmark.records import load_records
 from nnunet_contrast.benchmark.runs import ALL_LABELS, BASELINE
@@ -99,39 +100,57 @@ def delta_table(records: Sequence[dict]) -> List[str]:
     return lines
 
 
-def case_table(records: Sequence[dict]) -> List[str]:
-    """Per-case paired difference to the baseline at the same fraction, pooled over the folds both ran,
-    with a bootstrap 95 % interval over the validation cases and the share of cases the method improves.
-    The interval covers which cases happen to be validated on, not the run-to-run noise of training."""
+MIN_CASES_FOR_INTERVAL = 10  # a percentile bootstrap of fewer cases gives too narrow an interval
+
+
+def case_rows(records: Sequence[dict]) -> List[tuple]:
+    """(method, one cell per fraction): the per-case paired difference to the baseline (see case_section)."""
     fractions, cells = fraction_order(records), by_cell(records)
-    lines = [table_row("method", fractions), "|---" * (len(fractions) + 1) + "|"]
-    for trainer in method_order(records):
-        if trainer != BASELINE:
-            diffs = [case_differences(cells.get((BASELINE, f), {}), cells[(trainer, f)]) for f in fractions]
-            lines.append(table_row(trainer, [interval_text(d) for d in diffs]))
-    return lines
+    return [(trainer, [interval_text(case_differences(cells.get((BASELINE, f), {}), cells[(trainer, f)]))
+                       for f in fractions])
+            for trainer in method_order(records) if trainer != BASELINE]
 
 
-def case_differences(baseline: Dict[int, dict], method: Dict[int, dict]) -> List[float]:
-    """Method minus baseline Dice of each validation case scored by both (records with per-case Dice)."""
-    diffs = []
+def case_differences(baseline: Dict[int, dict], method: Dict[int, dict]) -> Dict[int, List[float]]:
+    """Fold -> the method's minus the baseline's Dice of each validation case both records score, paired
+    by case name (folds whose records hold no per-case Dice are left out)."""
+    diffs = {}
     for fold in sorted(set(baseline) & set(method)):
-        base, ours = baseline[fold].get("dice_per_case") or {}, method[fold].get("dice_per_case") or {}
-        diffs += [ours[c] - base[c] for c in sorted(set(base) & set(ours))
-                  if ours[c] is not None and base[c] is not None]
+        base, ours = baseline[fold].get("case_dice"), method[fold].get("case_dice")
+        if base is not None and ours is not None:
+            values = [case_difference(ours[c], base[c]) for c in sorted(set(base) & set(ours))]
+            diffs[fold] = [v for v in values if v is not None]
     return diffs
 
 
-def interval_text(diffs: Sequence[float], resamples: int = 10000) -> str:
-    """``+0.003 [-0.004, +0.010], better on 30/52`` (seeded bootstrap of the mean); ``""`` for no cases."""
+def case_difference(ours: Dict[str, float], base: Dict[str, float]) -> Optional[float]:
+    """Mean over classes of the Dice difference of one case. nnU-Net scores a class that is in neither the
+    reference nor the prediction as NaN (None here): against a prediction that has the class (Dice 0),
+    that empty prediction is right and scores 1. None when no class is scored by either."""
+    diffs = [(1.0 if ours[k] is None else ours[k]) - (1.0 if base[k] is None else base[k])
+             for k in ours if k in base and not (ours[k] is None and base[k] is None)]
+    return sum(diffs) / len(diffs) if diffs else None
+
+
+def interval_text(diffs_by_fold: Dict[int, List[float]], resamples: int = 10000) -> str:
+    """``+0.003 [-0.002, +0.008], better 29 / worse 23 of 52 cases (1 fold)``: the mean, a seeded
+    bootstrap 95 % interval that resamples cases within each fold, and the cases won and lost."""
     import numpy as np
 
-    if not diffs:
+    values = np.asarray([v for fold in diffs_by_fold.values() for v in fold], dtype=float)
+    if values.size == 0:
         return ""
-    values = np.asarray(diffs, dtype=float)
-    means = values[np.random.default_rng(0).integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return f"{values.mean():+.3f} [{low:+.3f}, {high:+.3f}], better on {int((values > 0).sum())}/{len(values)}"
+    text = f"{values.mean():+.3f}"
+    if values.size >= MIN_CASES_FOR_INTERVAL:
+        rng, sums = np.random.default_rng(0), np.zeros(resamples)
+        for fold in diffs_by_fold.values():
+            fold = np.asarray(fold, dtype=float)
+            if fold.size:
+                sums += fold[rng.integers(0, fold.size, (resamples, fold.size))].sum(axis=1)
+        low, high = np.percentile(sums / values.size, [2.5, 97.5])
+        text += f" [{low:+.3f}, {high:+.3f}]"
+    return (text + f", better {int((values > 0).sum())} / worse {int((values < 0).sum())} of {values.size} cases "
+            f"({len(diffs_by_fold)} fold{'s' * (len(diffs_by_fold) != 1)})")
 
 
 def cost_table(records: Sequence[dict]) -> List[str]:
@@ -194,11 +213,20 @@ def plot_curves(record: dict, path: Path) -> None:
 
 
 def case_section(records: Sequence[dict]) -> List[str]:
-    if not any(r.get("dice_per_case") for r in records):
-        return []  # records written before they held per-case Dice
-    return [f"Per validation case, the method's Dice minus {BASELINE}'s (same fraction and folds): mean, "
-            "bootstrap 95 % interval over the cases, cases improved. The interval covers which cases are "
-            "validated on, not the run-to-run noise of training.", "", *case_table(records), ""]
+    rows = case_rows(records)
+    if not any(any(cell_text) for _, cell_text in rows):
+        return []
+    fractions = fraction_order(records)
+    missing = sum("case_dice" not in r for r in records)
+    return [f"Per validation case, the method's Dice (mean over the classes of the case) minus {BASELINE}'s, on "
+            "the same fraction and folds: mean, bootstrap 95 % interval (cases resampled within each fold; shown "
+            f"from {MIN_CASES_FOR_INTERVAL} cases), cases improved and worsened. The interval covers which cases "
+            "are validated on, not the run-to-run noise of training. Classes absent from a case weigh as much as "
+            "present ones here, so this mean can differ from the difference of nnU-Net's means above."
+            + (f" {missing} record(s) hold no per-case Dice (written by an older version): running the same "
+               "`nnunet-contrast benchmark` command again adds it." if missing else ""), "",
+            table_row("method", fractions), "|---" * (len(fractions) + 1) + "|",
+            *(table_row(trainer, cell_text) for trainer, cell_text in rows), ""]
 
 
 def section(records: Sequence[dict], folder: Path) -> List[str]:

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -244,7 +245,7 @@ class Benchmark:
     def complete_records(self) -> int:
         """Adds the per-case Dice, read from the run's own validation summary, to records written before
         records held it; returns how many records were completed."""
-        from nnunet_contrast.benchmark.records import dice_per_case
+        from nnunet_contrast.benchmark.records import case_dice
         from nnunet_contrast.nnunet_env import write_json_atomic
 
         completed = 0
@@ -253,24 +254,37 @@ class Benchmark:
             if not path.is_file() or not summary.is_file():
                 continue
             record = json.loads(path.read_text())
-            if "dice_per_case" not in record:
-                record["dice_per_case"] = dice_per_case(json.loads(summary.read_text()))
+            if "case_dice" not in record:
+                record["case_dice"] = case_dice(json.loads(summary.read_text()))
                 write_json_atomic(path, record)
                 completed += 1
         return completed
 
     @contextlib.contextmanager
     def lock(self):
-        """One benchmark at a time per work folder: two would train the same run into one folder."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.workdir / ".benchmark.lock", "w") as handle:
-            try:
-                if fcntl is not None:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserInputError(f"another 'nnunet-contrast benchmark' is running in {self.workdir}: wait for "
-                                     f"it to finish, or pass another --workdir") from None
-            yield
+        """One benchmark at a time per work folder: two would train the same run into one folder. Yields
+        the lock's file descriptor, for the training commands to inherit: a training left running by a
+        killed benchmark still holds the lock. No lock on Windows (no ``fcntl``)."""
+        path = self.workdir / ".benchmark.lock"
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise UserInputError(f"cannot create {path} ({err.strerror}): pass a writable --workdir") from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserInputError(f"another 'nnunet-contrast benchmark' (or a training it started) is running in "
+                                 f"{self.workdir}: wait for it to finish, or pass another --workdir") from None
+        except OSError as err:
+            os.close(fd)
+            raise UserInputError(f"cannot lock {path} ({err.strerror}): pass a --workdir on a local disk") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
 
 def wall_time(log: Path) -> Tuple[Optional[float], int]:
@@ -285,21 +299,24 @@ def wall_time(log: Path) -> Tuple[Optional[float], int]:
     return round(sum(float(line) for line in lines if line != "start"), 1), stopped
 
 
-def subprocess_runner(command: List[str], env: dict, log: Optional[Path]) -> None:
+def subprocess_runner(command: List[str], env: dict, log: Optional[Path], keep_fds: Sequence[int] = ()) -> None:
     """Runs a command of this environment; its output goes to ``log`` (appended) or to the console.
-    With a log, the command's start and then its wall time are appended to ``LOG.wall``."""
+    With a log, the command's start and then its wall time are appended to ``LOG.wall``. The command
+    inherits ``keep_fds`` (the work folder's lock)."""
     from nnunet_contrast.demo import command_path
 
+    for fd in keep_fds:
+        os.set_inheritable(fd, True)
     started = time.time()
     if log is None:
-        result = subprocess.run([command_path(command[0])] + command[1:], env=env)
+        result = subprocess.run([command_path(command[0])] + command[1:], env=env, pass_fds=tuple(keep_fds))
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log.with_suffix(".wall"), "a") as wall:
             wall.write("start\n")
         with open(log, "a") as out:
             result = subprocess.run([command_path(command[0])] + command[1:], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, pass_fds=tuple(keep_fds))
         with open(log.with_suffix(".wall"), "a") as wall:
             wall.write(f"{time.time() - started:.1f}\n")
     if result.returncode != 0:
