@@ -305,8 +305,6 @@ def subprocess_runner(command: List[str], env: dict, log: Optional[Path], keep_f
     inherits ``keep_fds`` (the work folder's lock)."""
     from nnunet_contrast.demo import command_path
 
-    for fd in keep_fds:
-        os.set_inheritable(fd, True)
     started = time.time()
     if log is None:
         result = subprocess.run([command_path(command[0])] + command[1:], env=env, pass_fds=tuple(keep_fds))
