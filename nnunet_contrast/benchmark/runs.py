@@ -305,16 +305,16 @@ def subprocess_runner(command: List[str], env: dict, log: Optional[Path], keep_f
     inherits ``keep_fds`` (the work folder's lock)."""
     from nnunet_contrast.demo import command_path
 
+    argv, keep_fds = [command_path(command[0])] + command[1:], tuple(keep_fds)
     started = time.time()
     if log is None:
-        result = subprocess.run([command_path(command[0])] + command[1:], env=env, pass_fds=tuple(keep_fds))
+        result = subprocess.run(argv, env=env, pass_fds=keep_fds)
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log.with_suffix(".wall"), "a") as wall:
             wall.write("start\n")
         with open(log, "a") as out:
-            result = subprocess.run([command_path(command[0])] + command[1:], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, pass_fds=tuple(keep_fds))
+            result = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=keep_fds)
         with open(log.with_suffix(".wall"), "a") as wall:
             wall.write(f"{time.time() - started:.1f}\n")
     if result.returncode != 0:
