@@ -58,7 +58,8 @@ def main():
     parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
     parser.add_argument("--set", action="append", default=[], help="extra settings after the default budget")
     args = parser.parse_args()
-    from nnunet_contrast.demo import command_path, prepare_dataset
+    from nnunet_contrast.commands.demo import prepare_dataset
+    from nnunet_contrast.nnunet_env import command_path
 
     root = Path(args.workdir)
     budget = DEFAULT_BUDGET + args.set

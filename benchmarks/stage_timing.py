@@ -75,7 +75,7 @@ def supconlocal_cases(plans):
 
 
 def pseudolabel_cases(plans):
-    from nnunet_contrast.pseudo_labels import PseudoLabeler
+    from nnunet_contrast.training.pseudo_labels import PseudoLabeler
     intra, inter = build("nnUNetTrainerPseudoLabelContrast", plans), build("nnUNetTrainerPseudoLabelContrastInter",
                                                                           plans)
 
@@ -140,7 +140,7 @@ def main():
     parser.add_argument("--workdir", help="prepared dataset folder (reused if present)")
     parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     args = parser.parse_args()
-    from nnunet_contrast.demo import prepare_dataset
+    from nnunet_contrast.commands.demo import prepare_dataset
     from nnunet_contrast.settings import preset_settings
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet_contrast_bench_"))

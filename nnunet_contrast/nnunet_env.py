@@ -1,6 +1,8 @@
 """nnU-Net's folders, datasets and plans, with one-line errors for what a user can fix."""
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Tuple
 
@@ -94,3 +96,20 @@ def nnunet_splits(name: str, plans: dict) -> Tuple[list, Path]:
         keys = case_identifiers(configuration_data_folder(name, plans))
         write_json_atomic(path, generate_crossval_split(keys, seed=12345, n_splits=5))
     return json.loads(path.read_text()), path
+
+
+def command_path(name: str) -> str:
+    """A console script of this environment, even when its bin folder is not on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def nnunet_environment(root: Path) -> dict:
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(root / var)
+        Path(env[var]).mkdir(parents=True, exist_ok=True)
+    env.setdefault("nnUNet_def_n_proc", "2")   # nnU-Net's export pools, sized for small machines
+    env.setdefault("nnUNet_n_proc_DA", "2")
+    env.setdefault("nnUNet_compile", "false")
+    return env

@@ -2,32 +2,186 @@
 plans file, filled from presets in ``plans/`` (paper defaults) and overridden per plans file.
 
 Resolution order (later wins): the presets a trainer names (``plans/base.json``, then its
-method's preset), then the ``nnunet_contrast`` block of the configuration the run uses.
+method's preset), then the ``nnunet_contrast`` block of the configuration the run uses, then what
+a trainer variant fixes. The values live in the presets; their types and allowed ranges live here,
+one frozen dataclass per section, and ``resolve_settings`` is the one place that checks them.
 """
 import copy
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from nnunet_contrast.losses.class_mean import MATCHINGS
 from nnunet_contrast.losses.supcon_local import FORMS, MODES
 from nnunet_contrast.resources import bundled_dir
 
 SETTINGS_KEY = "nnunet_contrast"
+FIX_PLANS = "Fix the plans file or regenerate it with 'nnunet-contrast plans'"
+FINETUNE_KINDS = ("method", "nnunet")  # run.finetune: the method's own last stages, or nnU-Net's fine-tuning
 
 
-# value rules, by setting name (a name means the same in every section)
-AT_LEAST_ONE = {"num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every", "stride", "block_size",
-                "chunk_size", "global_head_hidden", "global_head_dim", "local_head_hidden", "local_head_dim",
-                "pixels_per_class", "embedding_dim", "head_hidden", "pseudo_label_rounds", "pretrain_batch_size",
-                "partitions", "decoder_blocks", "region_size"}
-POSITIVE = {"unlabeled_batch_ratio", "global_temperature", "local_temperature", "temperature", "pretrain_lr"}
-BELOW_ONE = {"warmup_fraction"}      # in [0, 1)
-AT_MOST_ONE = {"confidence_threshold", "contrast_fraction"}  # in [0, 1]
-CHOICES = {"local_mode": MODES, "local_form": FORMS, "matching": MATCHINGS, "global_strategy": ("GR", "GD"),
-           "local_strategy": ("LR", "LD")}
+# ----------------------------------------------------------------------------- value rules
+@dataclass(frozen=True)
+class Rule:
+    """What a numeric or text setting may be; numbers are never negative unless ``minimum`` says so."""
+    minimum: Optional[float] = None
+    positive: bool = False
+    below_one: bool = False    # in [0, 1)
+    at_most_one: bool = False  # in [0, 1]
+    choices: Tuple = ()
+
+    def errors(self, path: str, value) -> List[str]:
+        if self.choices and value not in self.choices:
+            return [f"{path} must be one of {list(self.choices)}, got {value!r}"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return []
+        if self.minimum is not None and value < self.minimum:
+            return [f"{path} must be at least {self.minimum}, got {value}"]
+        if self.positive and not value > 0:
+            return [f"{path} must be > 0, got {value}"]
+        if self.below_one and not 0 <= value < 1:
+            return [f"{path} must be in [0, 1), got {value}"]
+        if self.at_most_one and not 0 <= value <= 1:
+            return [f"{path} must be in [0, 1], got {value}"]
+        if self.minimum is None and value < 0:
+            return [f"{path} must not be negative, got {value}"]
+        return []
 
 
+def setting(**rule) -> dataclasses.Field:
+    """A field of a settings section, with its value rule (see ``Rule``); no default: presets give them."""
+    return field(metadata={"rule": Rule(**rule)})
+
+
+AT_LEAST_ONE = dict(minimum=1)
+POSITIVE = dict(positive=True)
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class Budget:
+    num_epochs: int = setting()
+    num_iterations_per_epoch: int = setting(**AT_LEAST_ONE)
+    num_val_iterations_per_epoch: int = setting(**AT_LEAST_ONE)
+    save_every: int = setting(**AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class SemiSup:
+    split_file: str = setting()
+    unlabeled_batch_ratio: float = setting(**POSITIVE)
+
+
+@dataclass(frozen=True)
+class Run:
+    seed: int = setting(minimum=-1)      # -1: unseeded, as nnU-Net itself
+    finetune: str = setting(choices=FINETUNE_KINDS)
+
+
+@dataclass(frozen=True)
+class SupConLocal:
+    global_epochs: int = setting()
+    local_epochs: int = setting()
+    pretrain_iterations_per_epoch: int = setting()
+    global_temperature: float = setting(**POSITIVE)
+    local_temperature: float = setting(**POSITIVE)
+    local_mode: str = setting(choices=MODES)
+    local_images: int = setting()
+    stride: int = setting(**AT_LEAST_ONE)
+    block_size: int = setting(**AT_LEAST_ONE)
+    chunk_size: int = setting(**AT_LEAST_ONE)
+    local_form: str = setting(choices=FORMS)
+    global_head_hidden: int = setting(**AT_LEAST_ONE)
+    global_head_dim: int = setting(**AT_LEAST_ONE)
+    local_head_hidden: int = setting(**AT_LEAST_ONE)
+    local_head_dim: int = setting(**AT_LEAST_ONE)
+    pretrain_lr: float = setting(**POSITIVE)
+    pretrain_weight_decay: float = setting()
+
+
+@dataclass(frozen=True)
+class PseudoLabel:
+    warmup_fraction: float = setting(below_one=True)
+    pseudo_label_rounds: int = setting(**AT_LEAST_ONE)
+    lambda_cont: float = setting()
+    temperature: float = setting(**POSITIVE)
+    matching: str = setting(choices=MATCHINGS)
+    pixels_per_class: int = setting(**AT_LEAST_ONE)
+    embedding_dim: int = setting(**AT_LEAST_ONE)
+    head_hidden: int = setting(**AT_LEAST_ONE)
+    background_negative: bool = setting()
+    confidence_threshold: float = setting(at_most_one=True)
+
+
+@dataclass(frozen=True)
+class GlobalLocal:
+    global_epochs: int = setting()
+    local_epochs: int = setting()
+    pretrain_iterations_per_epoch: int = setting()
+    pretrain_batch_size: int = setting(**AT_LEAST_ONE)
+    global_strategy: str = setting(choices=("GR", "GD"))
+    local_strategy: str = setting(choices=("LR", "LD"))
+    partitions: int = setting(**AT_LEAST_ONE)
+    temperature: float = setting(**POSITIVE)
+    decoder_blocks: int = setting(**AT_LEAST_ONE)
+    region_size: int = setting(**AT_LEAST_ONE)
+    global_head_hidden: int = setting(**AT_LEAST_ONE)
+    global_head_dim: int = setting(**AT_LEAST_ONE)
+    local_head_hidden: int = setting(**AT_LEAST_ONE)
+    local_head_dim: int = setting(**AT_LEAST_ONE)
+    pretrain_lr: float = setting(**POSITIVE)
+    pretrain_weight_decay: float = setting()
+
+
+@dataclass(frozen=True)
+class CrossLevel:
+    grid: int = setting()
+    contrast_fraction: float = setting(at_most_one=True)
+    alpha: float = setting()
+    beta: float = setting()
+    temperature: float = setting(**POSITIVE)
+    embedding_dim: int = setting(**AT_LEAST_ONE)
+    head_hidden: int = setting(**AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class IDEAL:
+    pretrain_epochs: int = setting()
+    pretrain_iterations_per_epoch: int = setting()
+    pretrain_lr: float = setting(**POSITIVE)
+    pretrain_weight_decay: float = setting()
+    temperature: float = setting(**POSITIVE)
+    embedding_dim: int = setting(**AT_LEAST_ONE)
+    head_hidden: int = setting(**AT_LEAST_ONE)
+    sampled_positions: int = setting()
+    lambda_cps: float = setting()
+
+
+SECTIONS: Dict[str, type] = {"budget": Budget, "semisup": SemiSup, "run": Run, "supconlocal": SupConLocal,
+                             "pseudolabel": PseudoLabel, "globallocal": GlobalLocal, "crosslevel": CrossLevel,
+                             "ideal": IDEAL}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings of one run: the shared sections and the trainer's method section (or None)."""
+    budget: Budget
+    semisup: SemiSup
+    run: Run
+    method: Optional[object] = None
+    method_key: str = ""
+
+    def as_dict(self) -> dict:
+        """Section -> key -> value, as in the plans file (saved beside each run and in its checkpoint)."""
+        sections = {"budget": self.budget, "semisup": self.semisup, "run": self.run}
+        if self.method is not None:
+            sections[self.method_key] = self.method
+        return {name: dataclasses.asdict(section) for name, section in sections.items()}
+
+
+# ----------------------------------------------------------------------------- presets
 def all_preset_names() -> List[str]:
     return sorted(p.stem for p in bundled_dir("plans").glob("*.json"))
 
@@ -64,61 +218,60 @@ def preset_settings(names: Iterable[str], configuration: str = "2d") -> dict:
     return settings
 
 
-def _same_kind(default, value) -> bool:
-    """Whether ``value`` may replace ``default``: same type, except that an int may set a float."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default))
+# ----------------------------------------------------------------------------- checking
+def _type_errors(path: str, kind: type, value) -> List[str]:
+    """A value of the field's type; an int may set a float, and a bool is no number."""
+    if kind is bool or isinstance(value, bool):
+        ok = kind is bool and isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, kind)
+    return [] if ok else [f"{path} must be of type {kind.__name__}, got {value!r}"]
 
 
-def _check_against(defaults: dict, override: dict, where: str, errors: List[str]) -> None:
-    for key, value in override.items():
-        path = f"{where}.{key}"
-        if key not in defaults:
-            errors.append(f"unknown setting {path} (known here: {sorted(defaults)})")
-        elif isinstance(defaults[key], dict):
-            if not isinstance(value, dict):
-                errors.append(f"{path} must be a mapping")
-            else:
-                _check_against(defaults[key], value, path, errors)
-        elif not _same_kind(defaults[key], value):
-            errors.append(f"{path} must be of type {type(defaults[key]).__name__}, got {value!r}")
-        else:
-            errors.extend(_value_errors(key, path, value))
+def section_errors(name: str, values, where: str = SETTINGS_KEY) -> List[str]:
+    """Every problem of the (partial) section ``name`` given as ``values``, one message each."""
+    path = f"{where}.{name}"
+    if name not in SECTIONS:
+        return [f"unknown setting {path} (known here: {sorted(SECTIONS)})"]
+    if not isinstance(values, dict):
+        return [f"{path} must be a mapping"]
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[name])}
+    errors: List[str] = []
+    for key, value in values.items():
+        if key not in fields:
+            errors.append(f"unknown setting {path}.{key} (known here: {sorted(fields)})")
+            continue
+        kind_errors = _type_errors(f"{path}.{key}", fields[key].type, value)
+        errors.extend(kind_errors or fields[key].metadata["rule"].errors(f"{path}.{key}", value))
+    return errors
 
 
-def _value_errors(key: str, path: str, value) -> List[str]:
-    if key in CHOICES and value not in CHOICES[key]:
-        return [f"{path} must be one of {list(CHOICES[key])}, got {value!r}"]
-    if key in AT_LEAST_ONE and value < 1:
-        return [f"{path} must be at least 1, got {value}"]
-    if key in POSITIVE and not value > 0:
-        return [f"{path} must be > 0, got {value}"]
-    if key in BELOW_ONE and not 0 <= value < 1:
-        return [f"{path} must be in [0, 1), got {value}"]
-    if key in AT_MOST_ONE and not 0 <= value <= 1:
-        return [f"{path} must be in [0, 1], got {value}"]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        return [f"{path} must not be negative, got {value}"]
-    return []
+def build_section(name: str, values: dict):
+    """The typed section from complete ``values`` (checked); ints given for floats become floats."""
+    kinds = {f.name: f.type for f in dataclasses.fields(SECTIONS[name])}
+    missing = sorted(set(kinds) - set(values))
+    if missing:
+        raise ValueError(f"the presets leave {SETTINGS_KEY}.{name}.{missing[0]} unset: reinstall nnunet-contrast")
+    return SECTIONS[name](**{k: float(v) if kinds[k] is float else v for k, v in values.items()})
 
 
-def resolve_settings(configuration_dict: dict, presets: Iterable[str], configuration: str = "2d") -> dict:
-    """Defaults from ``presets`` overridden by ``configuration_dict[SETTINGS_KEY]``; unknown keys or
-    wrong types raise one ValueError naming each of them."""
-    defaults = preset_settings(presets, configuration)
+def resolve_settings(configuration_dict: dict, presets: Iterable[str], configuration: str = "2d",
+                     method_key: str = "", fixed: Optional[dict] = None) -> Settings:
+    """Defaults from ``presets``, overridden by ``configuration_dict[SETTINGS_KEY]`` and then by ``fixed``
+    (what a trainer variant fixes). Unknown keys, wrong types or values raise one ValueError naming each.
+
+    Settings of other methods may sit in the same plans file: every section is checked, and only
+    the shared sections and ``method_key``'s are kept.
+    """
     override = configuration_dict.get(SETTINGS_KEY, {})
     if not isinstance(override, dict):
-        raise ValueError(f"{SETTINGS_KEY} in the plans must be a mapping of sections, got {override!r}. "
-                         f"Fix the plans file or regenerate it with 'nnunet-contrast plans'")
-    # Settings of other methods may sit in the same plans file: check every section any preset knows,
-    # and keep only the sections this trainer uses.
-    errors: List[str] = []
-    _check_against(preset_settings(all_preset_names(), configuration), override, SETTINGS_KEY, errors)
-    relevant = {k: v for k, v in override.items() if k in defaults}
+        raise ValueError(f"{SETTINGS_KEY} in the plans must be a mapping of sections, got {override!r}. {FIX_PLANS}")
+    errors = [e for name, values in override.items() for e in section_errors(name, values)]
     if errors:
-        raise ValueError("invalid nnunet_contrast settings in the plans file: " + "; ".join(errors)
-                         + ". Fix the plans file or regenerate it with 'nnunet-contrast plans'")
-    return deep_merge(defaults, relevant)
+        raise ValueError(f"invalid {SETTINGS_KEY} settings in the plans file: " + "; ".join(errors) + f". {FIX_PLANS}")
+    merged = deep_merge(deep_merge(preset_settings(presets, configuration), override), fixed or {})
+    sections = {name: build_section(name, merged[name]) for name in ("budget", "semisup", "run")}
+    method = build_section(method_key, merged[method_key]) if method_key else None
+    return Settings(**sections, method=method, method_key=method_key)

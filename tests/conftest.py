@@ -14,7 +14,8 @@ import pytest
 import torch
 from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-from nnunet_contrast.demo import command_path, prepare_dataset
+from nnunet_contrast.commands.demo import prepare_dataset
+from nnunet_contrast.nnunet_env import command_path
 
 TEST_PLANS = "nnUNetPlans_test"
 # a budget of seconds: 2 fine-tuning epochs of 2 iterations, one epoch per contrastive stage
@@ -51,7 +52,7 @@ def run_cmd(args, env, check=True, **kwargs):
 
 
 class Hippocampus:
-    """Paths and environment of the prepared sample dataset (see nnunet_contrast.demo)."""
+    """Paths and environment of the prepared sample dataset (see nnunet_contrast.commands.demo)."""
 
     def __init__(self, root: Path):
         self.root = root

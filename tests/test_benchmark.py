@@ -12,15 +12,15 @@ import re
 import pytest
 import torch
 
-from nnunet_contrast.benchmark.records import load_records, seconds_per_iteration
-from nnunet_contrast.benchmark import runs
-from nnunet_contrast.benchmark.report import (case_difference, case_rows, delta_table, dice_table, group_records,
+from nnunet_contrast.commands.benchmark.records import load_records, seconds_per_iteration
+from nnunet_contrast.commands.benchmark import runs
+from nnunet_contrast.commands.benchmark.report import (case_difference, case_rows, delta_table, dice_table, group_records,
                                               interval_text, write_report)
-from nnunet_contrast.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
+from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
                                             wall_time)
-from nnunet_contrast.cli import main
+from nnunet_contrast.commands.cli import main
 from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.semisup.split import make_split
+from nnunet_contrast.data.split import make_split
 
 TRAINERS = [BASELINE, "nnUNetTrainerCrossLevel"]
 NNUNET_FOLDS = [{"train": [f"case_{i:03d}" for i in range(40) if i % 5 != f], "val": [f"case_{i:03d}" for i in

@@ -6,7 +6,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_contrast.embedding import collect_embeddings, image_label_pairs, pad_to_multiple, plot_embedding, \
+from nnunet_contrast.commands.embed import collect_embeddings, image_label_pairs, pad_to_multiple, plot_embedding, \
     sample_pixels, silhouette, slice_features, tsne
 from nnunet_contrast.errors import UserInputError
 

@@ -32,8 +32,8 @@ import torch
 
 from loss_checks import F64, GRAD_TOL, VALUE_TOL, assert_finite, assert_matches, grad_of, randn
 from nnunet_contrast.losses import ClassMeanContrastLoss, NTXentLoss, RegionLocalLoss, class_means
-from nnunet_contrast.pixel_selection import region_corners, region_vectors, sample_class_pixels
-from nnunet_contrast.semisup.slices import check_partitionable, partition_of, partition_slices
+from nnunet_contrast.data.pixel_selection import region_corners, region_vectors, sample_class_pixels
+from nnunet_contrast.data.slices import check_partitionable, partition_of, partition_slices
 
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cmd
-from nnunet_contrast.demo import nnunet_environment
+from nnunet_contrast.nnunet_env import nnunet_environment
 
 DATASET = "Dataset005_Blobs"
 CASES, TEST_CASES, SIZE = 16, 2, 64

@@ -8,15 +8,15 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from nnunet_contrast import _autoload
-from nnunet_contrast.augment import ViewAugmentation, intensity_view, spatial_view, two_views
+from nnunet_contrast.data.views import ViewAugmentation, intensity_view, spatial_view, two_views
 from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.heads import DenseProjectionHead, GlobalProjectionHead
-from nnunet_contrast.plans_presets import build_plans, parse_assignment
+from nnunet_contrast.network.heads import DenseProjectionHead, GlobalProjectionHead
+from nnunet_contrast.commands.plans import build_plans, parse_assignment
 from nnunet_contrast.resources import bundled_dir
-from nnunet_contrast.semisup.split import SPLIT_FORMAT, fold_split, make_split, parse_labeled
-from nnunet_contrast.semisup.unlabeled import group_channel_files
+from nnunet_contrast.data.split import SPLIT_FORMAT, fold_split, make_split, parse_labeled
+from nnunet_contrast.data.unlabeled import group_channel_files
 from nnunet_contrast.settings import resolve_settings
-from nnunet_contrast.taps import (bottleneck_features, decoder_channels, encoder_channels,
+from nnunet_contrast.network.taps import (bottleneck_features, decoder_channels, encoder_channels,
                                   forward_with_decoder_features, tap_decoder_stage)
 
 
@@ -110,16 +110,18 @@ def test_view_augmentation_validates():
 
 # ----------------------------------------------------------------------------- settings
 def test_settings_defaults_come_from_presets():
-    settings = resolve_settings({}, ["base", "supconlocal_hu2021"])
+    settings = resolve_settings({}, ["base", "supconlocal_hu2021"], method_key="supconlocal")
     preset = json.loads((bundled_dir("plans") / "supconlocal_hu2021.json").read_text())
-    assert settings["supconlocal"] == preset["configurations"]["2d"]["nnunet_contrast"]["supconlocal"]
-    assert settings["budget"]["num_epochs"] == 1000  # nnU-Net's own default
+    assert settings.as_dict()["supconlocal"] == preset["configurations"]["2d"]["nnunet_contrast"]["supconlocal"]
+    assert settings.budget.num_epochs == 1000  # nnU-Net's own default
+    assert settings.method.local_mode == "block" and settings.run.seed == -1
 
 
 def test_settings_override_and_errors():
     settings = resolve_settings({"nnunet_contrast": {"supconlocal": {"stride": 2, "pretrain_lr": 1}}},
-                                ["base", "supconlocal_hu2021"])
-    assert settings["supconlocal"]["stride"] == 2 and settings["supconlocal"]["pretrain_lr"] == 1
+                                ["base", "supconlocal_hu2021"], method_key="supconlocal")
+    assert settings.method.stride == 2 and settings.method.pretrain_lr == 1
+    assert isinstance(settings.method.pretrain_lr, float)  # an int may set a float setting; it reads as a float
     with pytest.raises(ValueError, match="unknown setting nnunet_contrast.supconlocal.strid"):
         resolve_settings({"nnunet_contrast": {"supconlocal": {"strid": 2}}}, ["base", "supconlocal_hu2021"])
     with pytest.raises(ValueError, match="must be of type int"):
@@ -307,7 +309,10 @@ def test_settings_value_rules():
                          ({"supconlocal": {"local_mode": "blok"}}, "must be one of"),
                          ({"supconlocal": {"local_images": -3}}, "must not be negative"),
                          ({"semisup": {"unlabeled_batch_ratio": 0.0}}, "must be > 0"),
-                         ({"supconlocall": {}}, "unknown setting nnunet_contrast.supconlocall")]:
+                         ({"supconlocall": {}}, "unknown setting nnunet_contrast.supconlocall"),
+                         ({"run": {"seed": -2}}, "nnunet_contrast.run.seed must be at least -1"),
+                         ({"run": {"finetune": "self"}}, "nnunet_contrast.run.finetune must be one of"),
+                         ({"budget": {"save_every": True}}, "must be of type int")]:
         with pytest.raises(ValueError, match=message):
             resolve_settings({"nnunet_contrast": bad}, base)
     with pytest.raises(ValueError, match="mapping"):
@@ -325,7 +330,7 @@ def test_rotation_is_rigid_on_non_square_images():
     import math
 
     import torch.nn.functional as F
-    from nnunet_contrast.augment import affine_theta
+    from nnunet_contrast.data.views import affine_theta
 
     x = torch.zeros(1, 1, 40, 20)
     x[:, :, 19:21, :] = 1.0  # a horizontal bar through the centre, full width (20 px)

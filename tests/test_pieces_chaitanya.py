@@ -15,13 +15,13 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunet_contrast.cli import project_trainers
-from nnunet_contrast.heads import DenseProjectionHead
+from nnunet_contrast.commands.cli import project_trainers
+from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.losses import ClassMeanContrastLoss, NTXentLoss, RegionLocalLoss
-from nnunet_contrast.pseudo_labels import EXCLUDED, PseudoLabeler, foreground_dice, round_start_epochs
+from nnunet_contrast.training.pseudo_labels import EXCLUDED, PseudoLabeler, foreground_dice, round_start_epochs
 from nnunet_contrast.resources import bundled_dir
 from nnunet_contrast.settings import resolve_settings
-from nnunet_contrast.taps import (decoder_block_features, decoder_block_parameters, decoder_stage_count,
+from nnunet_contrast.network.taps import (decoder_block_features, decoder_block_parameters, decoder_stage_count,
                                   tap_decoder_stage)
 
 FEATURES = [8, 16, 32, 64]
@@ -323,8 +323,8 @@ def test_new_settings_reject_bad_values(presets, section, key, value, rule):
                                   "decoder_blocks": 1, "region_size": 1}),
 ])
 def test_new_settings_accept_valid_values_and_merge(presets, section, values):
-    settings = resolve_settings({"nnunet_contrast": {section: values}}, presets)
-    preset = resolve_settings({}, presets)
+    settings = resolve_settings({"nnunet_contrast": {section: values}}, presets, method_key=section).as_dict()
+    preset = resolve_settings({}, presets, method_key=section).as_dict()
     assert settings[section] == {**preset[section], **values}
     assert settings["budget"] == preset["budget"] and settings["semisup"] == preset["semisup"]
 

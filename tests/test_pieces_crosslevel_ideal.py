@@ -13,12 +13,12 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
-from nnunet_contrast.dual_decoder import (BilinearUpsampling, DualDecoderUNet, bilinear_decoder_like,
+from nnunet_contrast.network.dual_decoder import (BilinearUpsampling, DualDecoderUNet, bilinear_decoder_like,
                                           mean_probability_logits)
-from nnunet_contrast.heads import CellProjectionHead
-from nnunet_contrast.pixel_selection import sample_positions
-from nnunet_contrast.subpatches import SubPatchGrid, auto_grid, stride_factors, valid_grids
-from nnunet_contrast.taps import total_stride
+from nnunet_contrast.network.heads import CellProjectionHead
+from nnunet_contrast.data.pixel_selection import sample_positions
+from nnunet_contrast.network.subpatches import SubPatchGrid, auto_grid, stride_factors, valid_grids
+from nnunet_contrast.network.taps import total_stride
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,8 +10,8 @@ import torch
 from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, train_then_resume)
 from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.pseudo_labels import PseudoLabeler
-from nnunet_contrast.semisup.slices import PartitionDataLoader, SliceInfoDataLoader, partition_of, slice_counts
+from nnunet_contrast.training.pseudo_labels import PseudoLabeler
+from nnunet_contrast.data.slices import PartitionDataLoader, SliceInfoDataLoader, partition_of, slice_counts
 
 PSEUDO = "nnUNetTrainerPseudoLabelContrast"
 GLOBALLOCAL = "nnUNetTrainerGlobalLocalContrast"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images, losses_with_hidden_labels_corrupted,
                       make_plans, make_trainer, ready_trainer, seed_everything, split_of_fold0, train_then_resume)
-from nnunet_contrast.dual_decoder import DualDecoderUNet
+from nnunet_contrast.network.dual_decoder import DualDecoderUNet
 from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.taps import forward_with_decoder_features
+from nnunet_contrast.network.taps import forward_with_decoder_features
 
 CROSSLEVEL = "nnUNetTrainerCrossLevel"
 IDEAL = "nnUNetTrainerIDEAL"

@@ -1,6 +1,6 @@
 """nnUNetTrainerGlobalLocalContrast: Chaitanya et al., "Contrastive learning of global and local
 features for medical image segmentation with limited annotations", NeurIPS 2020
-(../shared/docs/methods.md, section 4).
+(docs/methods.md, its section).
 
 One nnU-Net run in three stages (settings in ``nnunet_contrast.globallocal`` of the plans):
 1. ``global``: NT-Xent on the encoder (pooled bottleneck + MLP g1) of two spatially and
@@ -14,85 +14,70 @@ Both pretraining stages read images of all training cases (labelled and unlabell
 and the added unlabelled images.
 Variant: ``nnUNetTrainerGlobalContrast`` (SimCLR-style G^R pretraining only, then fine-tuning).
 """
-from typing import Dict
-
 import torch
 from torch import nn
 
-from nnunet_contrast.augment import two_views
+from nnunet_contrast.data.pixel_selection import region_vectors
+from nnunet_contrast.data.slices import (PartitionDataLoader, SliceInfoDataLoader, check_partitionable, partition_of,
+                                         slice_counts)
 from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.heads import DenseProjectionHead
 from nnunet_contrast.losses import NTXentLoss, RegionLocalLoss
-from nnunet_contrast.pixel_selection import region_vectors
-from nnunet_contrast.semisup.slices import (PartitionDataLoader, SliceInfoDataLoader, check_partitionable,
-                                            partition_of, slice_counts)
-from nnunet_contrast.taps import (check_unet, decoder_block_features, decoder_block_parameters, decoder_channels,
-                                  decoder_stage_count)
+from nnunet_contrast.network.heads import DenseProjectionHead
+from nnunet_contrast.network.taps import (check_unet, decoder_block_features, decoder_block_parameters,
+                                          decoder_channels, decoder_stage_count)
 from nnunet_contrast.training.global_local import GlobalLocalPretraining
-from nnunet_contrast.training.staged import FINETUNE
+from nnunet_contrast.training.schedule import ALL_IMAGES, ENCODER, INTENSITY, PARTITIONS, SPATIAL, Stage, Term
+from nnunet_contrast.training.step import StepInputs
+
+DECODER_BLOCKS = "decoder_blocks"  # the first decoder_blocks stages of nnU-Net's decoder
 
 
 class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
     presets = ("base", "globallocal_chaitanya2020")
     method_key = "globallocal"
-    unlabeled_batches = False  # pretraining reads its own batches of all images
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.pretrain_loaders: Dict[bool, object] = {}  # by "partition batches?"
-        self.dataloader_labeled = None
+    def build_schedule(self):
+        s, adam = self.method_settings, self.pretrain_optimizer()
+        iterations = self.pretrain_iterations(s.pretrain_iterations_per_epoch)
+        return [
+            Stage("global", s.global_epochs, iterations, (ENCODER, "head:global"), adam, (Term("global_contrast"),),
+                  PARTITIONS if s.global_strategy == "GD" else ALL_IMAGES, SPATIAL),
+            # the encoder stays frozen while the decoder blocks learn the local loss
+            Stage("local", s.local_epochs, iterations, (DECODER_BLOCKS, "head:local"), adam,
+                  (Term("local_contrast"),), PARTITIONS if s.local_strategy == "LD" else ALL_IMAGES, INTENSITY),
+            self.nnunet_finetune_stage(),
+        ]
 
     def initialize(self):
         super().initialize()
         check_unet(self.network)
-        self.global_loss = NTXentLoss(self.method_settings["temperature"])
-        self.local_loss = RegionLocalLoss(self.method_settings["temperature"])
+        self.global_loss = NTXentLoss(self.method_settings.temperature)
+        self.local_loss = RegionLocalLoss(self.method_settings.temperature)
 
     def build_heads(self) -> nn.ModuleDict:
         heads = nn.ModuleDict({"global": self.global_head()})
-        if "local" in self.stage_names():  # a run without a local stage ignores its settings
+        if "local" in self.schedule.names:  # a run without a local stage ignores its settings
             s = self.method_settings
-            blocks, available = s["decoder_blocks"], decoder_stage_count(self.network)
+            blocks, available = s.decoder_blocks, decoder_stage_count(self.network)
             if blocks > available:
                 raise UserInputError(f"nnunet_contrast.globallocal.decoder_blocks is {blocks} but this network has "
                                      f"{available} decoder stages: set it to at most {available} in the plans")
-            heads["local"] = DenseProjectionHead(decoder_channels(self.network, blocks - 1), s["local_head_hidden"],
-                                                 s["local_head_dim"], normalize=False)
+            heads["local"] = DenseProjectionHead(decoder_channels(self.network, blocks - 1), s.local_head_hidden,
+                                                 s.local_head_dim, normalize=False)
         return heads
 
-    def stage_parameters(self, stage: str):
-        if stage == "global":
-            return self.global_stage_parameters()
-        # the encoder stays frozen while the decoder blocks learn the local loss
-        blocks = decoder_block_parameters(self.network, self.method_settings["decoder_blocks"])
-        return blocks + list(self.heads["local"].parameters())
+    def parameters_of(self, part: str):
+        if part == DECODER_BLOCKS:
+            return decoder_block_parameters(self.network, self.method_settings.decoder_blocks)
+        return super().parameters_of(part)
 
     # ------------------------------------------------------------ data
-    def is_partitioned(self, stage: str) -> bool:
-        """Whether the stage's batches are partition batches (G^D, L^D) rather than random slices."""
-        strategy = {"global": "global_strategy", "local": "local_strategy"}[stage]
-        return self.method_settings[strategy] in ("GD", "LD")
-
-    def get_dataloaders(self):
-        loaders = super().get_dataloaders()
-        self.dataloader_labeled = loaders[0]
-        return loaders
-
-    def stage_loader(self, stage: str):
-        """nnU-Net's labelled loader for fine-tuning; for pretraining, a loader of images of all
-        training cases and the added unlabelled images, labels dropped (built once, on first use)."""
-        if stage == FINETUNE:
-            return self.dataloader_labeled
-        partitioned = self.is_partitioned(stage)
-        if partitioned not in self.pretrain_loaders:
-            self.pretrain_loaders[partitioned] = self.build_pretraining_loader(partitioned)
-        return self.pretrain_loaders[partitioned]
-
-    def build_pretraining_loader(self, partitioned: bool):
+    def build_stage_loader(self, data: str):
+        """Images of all training cases and the added unlabelled images, labels dropped: random
+        slices (G^R, L^R) or partition batches (G^D, L^D)."""
         dataset = self.all_images_dataset()
-        batch_size, partitions = self.method_settings["pretrain_batch_size"], self.method_settings["partitions"]
-        if not partitioned:
+        batch_size, partitions = self.method_settings.pretrain_batch_size, self.method_settings.partitions
+        if data == ALL_IMAGES:
             return self.build_image_loader(dataset, batch_size, SliceInfoDataLoader)
         where = "nnunet_contrast.globallocal in the plans"
         if batch_size < 2 * partitions:  # a single volume per batch would leave G^D / L^D without negatives
@@ -104,48 +89,24 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         except ValueError as error:  # too few slices per volume, too few volumes, not a multiple of partitions
             raise UserInputError(f"{error} ({where})") from None
 
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        # nnU-Net's loop draws the step's batch from dataloader_train: the current stage's loader
-        self.dataloader_train = self.stage_loader(self.current_stage)
-
-    def partition_groups(self, batch: dict) -> torch.Tensor:
-        parts = partition_of(batch["slice_index"], batch["slice_count"], self.method_settings["partitions"])
+    def partition_groups(self, inputs: StepInputs):
+        """The slice partition of each image of a partition batch (the positives of G^D / L^D), else None."""
+        if inputs.stage.data != PARTITIONS:
+            return None
+        batch = inputs.batch
+        parts = partition_of(batch["slice_index"], batch["slice_count"], self.method_settings.partitions)
         return torch.as_tensor(parts, device=self.device)
 
-    def extra_loaders(self):
-        return list(self.pretrain_loaders.values())
+    # ------------------------------------------------------------ losses (images of the stage's loader, no labels)
+    def global_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
+        return self.global_loss(*self.global_view_embeddings(inputs.views(inputs.images)), self.partition_groups(inputs))
 
-    def enter_stage(self, stage: str) -> None:
-        super().enter_stage(stage)
-        # the worker processes of pretraining loaders the new stage does not read are no longer needed
-        needed = self.is_partitioned(stage) if stage != FINETUNE else None
-        for partitioned in [p for p in self.pretrain_loaders if p != needed]:
-            self.pretrain_loaders.pop(partitioned).finish()
-
-    def on_train_end(self):
-        self.dataloader_train = self.dataloader_labeled  # what nnU-Net shuts down
-        super().on_train_end()
-
-    # ------------------------------------------------------------ losses
-    def contrast_loss(self, stage: str, batch: dict) -> torch.Tensor:
-        """``batch``: images of the stage's loader, with slice positions; no labels."""
-        groups = self.partition_groups(batch) if self.is_partitioned(stage) else None
-        images = batch["data"].to(self.device, non_blocking=True)
-        if stage == "global":
-            return self.global_step_loss(images, groups)
-        return self.local_step_loss(images, groups)
-
-    def global_step_loss(self, images: torch.Tensor, groups) -> torch.Tensor:
-        return self.global_loss(*self.global_view_embeddings(images), groups)
-
-    def local_step_loss(self, images: torch.Tensor, groups) -> torch.Tensor:
+    def local_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
         s = self.method_settings
-        view0, view1 = two_views(images, spatial=False)
-        features = decoder_block_features(self.network, torch.cat([view0, view1]), s["decoder_blocks"],
+        features = decoder_block_features(self.network, torch.cat(inputs.views(inputs.images)), s.decoder_blocks,
                                           train_encoder=False)
-        regions = region_vectors(self.heads["local"](features), s["region_size"])
-        return self.local_loss(*regions.chunk(2), groups)
+        regions = region_vectors(self.heads["local"](features), s.region_size)
+        return self.local_loss(*regions.chunk(2), self.partition_groups(inputs))
 
 
 class nnUNetTrainerGlobalContrast(nnUNetTrainerGlobalLocalContrast):

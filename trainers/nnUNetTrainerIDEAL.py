@@ -1,5 +1,5 @@
 """nnUNetTrainerIDEAL: Basak et al., "IDEAL: Improved DEnse LocAL contrastive learning for
-semi-supervised medical image segmentation", ICASSP 2023 (../shared/docs/methods.md, section 5).
+semi-supervised medical image segmentation", ICASSP 2023 (docs/methods.md, its section).
 
 One nnU-Net run in two stages (settings in ``nnunet_contrast.ideal`` of the plans):
 1. ``dense``: the encoder, nnU-Net's decoder and a 1x1-conv projection head learn the dense InfoNCE
@@ -18,21 +18,35 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
-from nnunet_contrast.augment import two_views
-from nnunet_contrast.dual_decoder import DualDecoderUNet
-from nnunet_contrast.heads import DenseProjectionHead
+from nnunet_contrast.data.pixel_selection import sample_positions
 from nnunet_contrast.losses import CrossPseudoSupervisionLoss, DenseInfoNCELoss
-from nnunet_contrast.pixel_selection import sample_positions
-from nnunet_contrast.taps import (check_unet, decoder_block_features, decoder_block_parameters, decoder_channels,
-                                  decoder_stage_count, unwrap_network)
-from nnunet_contrast.training.contrast import batch_part
-from nnunet_contrast.training.staged import FINETUNE, Stage, StagedContrastTrainer
+from nnunet_contrast.network.dual_decoder import DualDecoderUNet
+from nnunet_contrast.network.heads import DenseProjectionHead
+from nnunet_contrast.network.taps import (check_unet, decoder_block_features, decoder_block_parameters,
+                                          decoder_channels, decoder_stage_count, unwrap_network)
+from nnunet_contrast.training.method import FINETUNE, MethodTrainer
+from nnunet_contrast.training.schedule import (ENCODER, FINETUNE_ROLE, INTENSITY, LABELED_AND_UNLABELED, NETWORK,
+                                               SEGMENTATION, Adam, NnUNetSGD, Stage, Term)
+from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
+
+DECODER = "decoder"  # nnU-Net's decoder without its segmentation layers
 
 
-class nnUNetTrainerIDEAL(StagedContrastTrainer):
+class nnUNetTrainerIDEAL(MethodTrainer):
     presets = ("base", "ideal_basak2023")
     method_key = "ideal"
     requires_unlabeled = True
+
+    def build_schedule(self):
+        s, budget = self.method_settings, self.settings.budget
+        return [
+            Stage("dense", s.pretrain_epochs, self.pretrain_iterations(s.pretrain_iterations_per_epoch),
+                  (ENCODER, DECODER, "head:dense"), Adam(s.pretrain_lr, s.pretrain_weight_decay),
+                  (Term("dense_contrast"),), LABELED_AND_UNLABELED, INTENSITY),
+            Stage(FINETUNE, budget.num_epochs, budget.num_iterations_per_epoch, (NETWORK,), NnUNetSGD(),
+                  (Term(SEGMENTATION), Term("cross_pseudo_supervision", s.lambda_cps)), LABELED_AND_UNLABELED,
+                  role=FINETUNE_ROLE),
+        ]
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -45,34 +59,29 @@ class nnUNetTrainerIDEAL(StagedContrastTrainer):
 
     def initialize(self):
         super().initialize()
-        s = self.method_settings
-        self.dense_loss = DenseInfoNCELoss(s["temperature"])
+        self.dense_loss = DenseInfoNCELoss(self.method_settings.temperature)
         weights = getattr(self.loss, "weight_factors", None)  # nnU-Net's deep-supervision weights
         cps = CrossPseudoSupervisionLoss()
         self.cps_loss = DeepSupervisionWrapper(cps, weights) if weights is not None else cps
 
-    def pretraining_stages(self):
-        return [Stage("dense", self.method_settings["pretrain_epochs"])]
-
     def build_heads(self) -> nn.ModuleDict:
         s = self.method_settings
-        return nn.ModuleDict({"dense": DenseProjectionHead(decoder_channels(self.network), s["head_hidden"],
-                                                           s["embedding_dim"])})
+        return nn.ModuleDict({"dense": DenseProjectionHead(decoder_channels(self.network), s.head_hidden,
+                                                           s.embedding_dim)})
 
-    def stage_parameters(self, stage: str):
-        """Pretraining: the encoder, nnU-Net's decoder (without its segmentation layers) and the head."""
-        net = unwrap_network(self.network)
-        return list(net.encoder.parameters()) + \
-            decoder_block_parameters(net, decoder_stage_count(net)) + list(self.heads["dense"].parameters())
+    def parameters_of(self, part: str):
+        if part == DECODER:
+            return decoder_block_parameters(self.network, decoder_stage_count(self.network))
+        return super().parameters_of(part)
 
     # ------------------------------------------------------------ pretraining
-    def contrast_loss(self, stage: str, batch: dict) -> torch.Tensor:
+    def dense_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
         """``L_loc`` on two intensity-only views (positions stay aligned) of labelled and unlabelled images."""
-        query_view, key_view = two_views(self.labeled_and_unlabeled_images(batch), spatial=False)
+        query_view, key_view = inputs.views(inputs.images)
         queries = self.dense_embeddings(query_view)
         with torch.no_grad():  # the key path has stop-gradient
             keys = self.dense_embeddings(key_view)
-        positions = sample_positions(queries.shape[1], self.method_settings["sampled_positions"], queries.device)
+        positions = sample_positions(queries.shape[1], self.method_settings.sampled_positions, queries.device)
         return self.dense_loss(queries[:, positions], keys[:, positions])
 
     def dense_embeddings(self, images: torch.Tensor) -> torch.Tensor:
@@ -81,24 +90,13 @@ class nnUNetTrainerIDEAL(StagedContrastTrainer):
         return self.heads["dense"](features).flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------ fine-tuning
-    def train_step(self, batch: dict) -> dict:
-        if self.current_stage != FINETUNE:
-            return super().train_step(batch)
-        unlabeled = self.next_unlabeled_images()
+    def joint_forward(self, images: torch.Tensor) -> JointPass:
+        """Both decoders over labelled and unlabelled images: nnU-Net's loss applies to each."""
+        return JointPass(list(unwrap_network(self.network).forward_both(images)), None)
 
-        def loss():
-            supervised, cps = self.finetune_losses(batch, unlabeled)
-            return supervised + self.method_settings["lambda_cps"] * cps, {"cps": cps}
-        return self.optimizer_step(loss)
-
-    def finetune_losses(self, batch: dict, unlabeled):
-        """(nnU-Net's loss of both decoders on the labelled batch, cross pseudo-supervision on the
-        unlabelled batch; 0 without one). One pass over both batches (per-instance normalisation)."""
-        data, target = self.labeled_batch_on_device(batch)
-        images = data if unlabeled is None else torch.cat([data, unlabeled.to(self.device, non_blocking=True)])
-        first, second = unwrap_network(self.network).forward_both(images)
-        labeled, rest = slice(0, data.shape[0]), slice(data.shape[0], None)
-        supervised = self.loss(batch_part(first, labeled), target) + self.loss(batch_part(second, labeled), target)
-        if unlabeled is None:
-            return supervised, supervised.new_zeros(())
-        return supervised, self.cps_loss(batch_part(first, rest), batch_part(second, rest))
+    def cross_pseudo_supervision_loss(self, inputs: StepInputs) -> torch.Tensor:
+        """Each decoder learns the other's argmax on the unlabelled images (0 without an unlabelled batch)."""
+        if inputs.unlabeled is None:
+            return inputs.images.new_zeros(())
+        first, second = inputs.joint.outputs
+        return self.cps_loss(batch_part(first, inputs.unlabeled_part), batch_part(second, inputs.unlabeled_part))

@@ -1,5 +1,5 @@
 """Contrastive losses. One loss per module; pixel and region selection live in
-``nnunet_contrast.pixel_selection``."""
+``nnunet_contrast.data.pixel_selection``."""
 from nnunet_contrast.losses.class_mean import ClassMeanContrastLoss, class_means
 from nnunet_contrast.losses.cross_pseudo import CrossPseudoSupervisionLoss
 from nnunet_contrast.losses.dense_infonce import DenseInfoNCELoss

@@ -1,7 +1,7 @@
 """Pixel-to-class-mean contrastive loss of Chaitanya et al. 2023 (MedIA), Eq. 3-4.
 
 Each anchor is a pixel ``i`` of foreground class ``c`` in image ``x`` (a few sampled per class and
-image: ``nnunet_contrast.pixel_selection.sample_class_pixels``). Its candidates are the class means
+image: ``nnunet_contrast.data.pixel_selection.sample_class_pixels``). Its candidates are the class means
 ``z_bar_k`` (mean of the raw embeddings of class ``k``'s pixels, then normalised) of the classes
 present in the reference images: the positives ``P_i`` (class ``c``) and the negatives ``N_i``
 (the other classes). With ``s(.,.)`` the cosine similarity over ``tau``, Eq. 4 for each positive::

@@ -1,7 +1,7 @@
 """Local contrastive loss of Chaitanya et al. 2020 (NeurIPS), strategies L^R and L^D.
 
 Each feature map (a decoder block's output through the head g2) is cut into ``A`` local regions
-(``nnunet_contrast.pixel_selection.region_vectors``; region vector = the flattened K x K patch).
+(``nnunet_contrast.data.pixel_selection.region_vectors``; region vector = the flattened K x K patch).
 For an anchor region ``u`` of map ``m`` and a positive map ``n`` (``m != n`` of the same group),
 with ``s(.,.)`` the cosine similarity over ``tau``::
 

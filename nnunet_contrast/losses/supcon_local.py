@@ -10,7 +10,7 @@ selected pixels with label ``y_i``; the denominator runs over every selected pix
   ``l_i = -1/|P(i)| log( sum_{p in P(i)} exp(s_ip) / sum_{a != i} exp(s_ia) )``
 
 The loss is the mean of ``l_i`` over anchors that have at least one positive. Which pixels are
-selected (stride, blocks, all) is decided in ``nnunet_contrast.pixel_selection``.
+selected (stride, blocks, all) is decided in ``nnunet_contrast.data.pixel_selection``.
 """
 from typing import Optional, Tuple
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_contrast.pixel_selection import block_pixels, stride_pixels
+from nnunet_contrast.data.pixel_selection import block_pixels, stride_pixels
 
 FORMS = ("supcon", "paper")
 MODES = ("block", "stride", "exact", "full")

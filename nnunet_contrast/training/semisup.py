@@ -1,11 +1,13 @@
-"""nnUNetTrainer with a semi-supervised split, an unlabelled pool and settings from the plans."""
+"""nnUNetTrainer with a semi-supervised split, an unlabelled pool, settings from the plans and an
+optional training seed."""
 import json
-import os
-
+import random
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -14,10 +16,11 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_contrast.errors import UserInputError
-from nnunet_contrast.semisup.data import ImagesOnly, UnionDataset, folder_dataset
-from nnunet_contrast.semisup.split import fold_split
-from nnunet_contrast.semisup.unlabeled import unlabeled_folder
-from nnunet_contrast.settings import deep_merge, resolve_settings
+from nnunet_contrast.data.datasets import ImagesOnly, UnionDataset, folder_dataset
+from nnunet_contrast.data.split import fold_split, read_split
+from nnunet_contrast.data.unlabeled import unlabeled_folder
+from nnunet_contrast.settings import Budget, Settings, resolve_settings
+from nnunet_contrast.training.checkpoint_io import EXTRAS_KEY, extras_added_on_save, loaded_checkpoint_served
 
 SETTINGS_FILE = "nnunet_contrast_settings.json"
 
@@ -26,18 +29,19 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     """Trains on the labelled cases of the split and offers unlabelled batches (images only).
 
     * ``presets``: the files in ``plans/`` that give this trainer's default settings.
+    * ``method_key``: the trainer's own settings section (``settings.method``), if any.
     * ``variant_settings``: what a trainer variant fixes whatever the plans say (its name says
       what differs, as for nnU-Net's own variants), e.g. ``{"pseudolabel": {"matching": "inter"}}``.
     * ``uses_unlabeled``: reads images of unlabelled cases (datasets with an ignore label are refused).
-    * ``unlabeled_batches``: build a loader over the unlabelled pool (``next_unlabeled_images``).
     * ``requires_unlabeled``: fail at start when the unlabelled pool is empty.
-    * The budget (epochs, iterations, checkpoint interval) comes from the settings.
+    * The budget (epochs, iterations, checkpoint interval) comes from the settings; ``run.seed`` >= 0
+      seeds the run (``seed_run``).
     """
 
     presets = ("base",)
+    method_key = ""
     variant_settings: dict = {}
     uses_unlabeled = True
-    unlabeled_batches = True
     requires_unlabeled = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -45,14 +49,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         # checked before nnU-Net's __init__, which creates the output folder and log
         settings = self.check_supported(PlansManager(plans), configuration, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.settings = settings
-        self.apply_budget(self.settings["budget"])
+        self.settings: Settings = settings
+        self.apply_budget(self.settings.budget)
+        self.seed_run()
         self.labeled_keys: List[str] = []
         self.unlabeled_keys: List[str] = []
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
+        self.image_loaders_built = 0  # each seeded loader's workers get seeds of their own
 
     @classmethod
-    def check_supported(cls, plans_manager: "PlansManager", configuration: str, dataset_json: dict) -> dict:
+    def check_supported(cls, plans_manager: "PlansManager", configuration: str, dataset_json: dict) -> Settings:
         """One-line errors for what this trainer cannot train; returns the resolved settings."""
         name = cls.__name__
         config = plans_manager.get_configuration(configuration)
@@ -65,17 +71,21 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             # exists, which for unlabelled cases would mean reading their hidden labels
             raise UserInputError(f"{name} does not support datasets with an ignore label yet: train "
                                  f"nnUNetTrainerLabeledOnly, or a dataset without 'ignore' in its labels")
-        return deep_merge(resolve_settings(config.configuration, cls.presets), cls.variant_settings)
+        try:
+            return resolve_settings(config.configuration, cls.presets, configuration, cls.method_key,
+                                    cls.variant_settings)
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
 
     # ----------------------------------------------------------------- settings
-    def apply_budget(self, budget: dict) -> None:
-        self.num_epochs = budget["num_epochs"]
-        self.num_iterations_per_epoch = budget["num_iterations_per_epoch"]
-        self.num_val_iterations_per_epoch = budget["num_val_iterations_per_epoch"]
-        self.save_every = budget["save_every"]
+    def apply_budget(self, budget: Budget) -> None:
+        self.num_epochs = budget.num_epochs
+        self.num_iterations_per_epoch = budget.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = budget.num_val_iterations_per_epoch
+        self.save_every = budget.save_every
 
     def report_settings(self) -> None:
-        text = json.dumps(self.settings, indent=2)
+        text = json.dumps(self.settings.as_dict(), indent=2)
         self.print_to_log_file(f"nnunet-contrast settings of {type(self).__name__}:\n{text}", add_timestamp=False)
         if self.variant_settings:
             self.print_to_log_file(f"fixed by the trainer variant, whatever the plans say: "
@@ -86,7 +96,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     # ----------------------------------------------------------------- data
     @property
     def split_file(self) -> Path:
-        return Path(self.preprocessed_dataset_folder_base, self.settings["semisup"]["split_file"])
+        return Path(self.preprocessed_dataset_folder_base, self.settings.semisup.split_file)
 
     def added_unlabeled_dataset(self):
         return folder_dataset(unlabeled_folder(Path(self.preprocessed_dataset_folder)))
@@ -100,7 +110,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise UserInputError(f"fold 'all' has no semi-supervised split in {self.split_file.name}: train the "
                                  f"folds 0-4 it defines")
         if self.split_file.is_file():
-            split = json.loads(self.split_file.read_text())
+            split = read_split(self.split_file)
             self.labeled_keys, self.unlabeled_keys = fold_split(split, self.fold, train_keys, str(self.split_file))
             self.print_to_log_file(f"Semi-supervised split {self.split_file.name}: {len(self.labeled_keys)} labelled "
                                    f"and {len(self.unlabeled_keys)} unlabelled training cases, plus {n_added} added "
@@ -130,14 +140,18 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     @property
     def unlabeled_batch_size(self) -> int:
-        return max(1, int(round(self.batch_size * self.settings["semisup"]["unlabeled_batch_ratio"])))
+        return max(1, int(round(self.batch_size * self.settings.semisup.unlabeled_batch_ratio)))
+
+    def reads_unlabeled_batches(self) -> bool:
+        """Whether the run draws unlabelled batches (``next_unlabeled_images``)."""
+        return False
 
     def get_dataloaders(self):
-        loaders = super().get_dataloaders()
-        dataset = self.unlabeled_dataset() if self.uses_unlabeled and self.unlabeled_batches else None
+        train, val = (self.seeded_augmenter(loader, index) for index, loader in enumerate(super().get_dataloaders()))
+        dataset = self.unlabeled_dataset() if self.uses_unlabeled and self.reads_unlabeled_batches() else None
         self.dataloader_unlabeled = self.build_image_loader(dataset, self.unlabeled_batch_size) \
             if dataset is not None else None
-        return loaders
+        return train, val
 
     def build_image_loader(self, dataset, batch_size: int, loader_class=nnUNetDataLoader,
                            **loader_kwargs) -> ImagesOnly:
@@ -156,10 +170,39 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         loader = loader_class(dataset, batch_size, initial_patch_size, patch_size, self.label_manager,
                               oversample_foreground_percent=0.0, transforms=transforms, **loader_kwargs)
         processes = get_allowed_n_proc_DA()
+        self.image_loaders_built += 1
         if processes == 0:
             return ImagesOnly(SingleThreadedAugmenter(loader, None))
+        if self.settings.run.seed >= 0:
+            return ImagesOnly(self.seeded_workers(loader, processes, 1 + self.image_loaders_built))
         return ImagesOnly(NonDetMultiThreadedAugmenter(loader, None, processes, max(6, processes // 2), None,
                                                        pin_memory=self.device.type == "cuda", wait_time=0.002))
+
+    # ----------------------------------------------------------------- seed
+    def seed_run(self) -> None:
+        """``run.seed`` >= 0: Python's, numpy's and torch's generators of this process (network
+        initialisation, our augmentations), and every augmentation worker (``seeded_workers``)."""
+        if self.settings.run.seed >= 0:
+            random.seed(self.settings.run.seed)
+            np.random.seed(self.settings.run.seed)
+            torch.manual_seed(self.settings.run.seed)
+
+    def seeded_workers(self, loader, processes: int, loader_index: int) -> MultiThreadedAugmenter:
+        """Worker processes with seeds of their own, whose batches come back in a fixed order
+        (nnU-Net's NonDet augmenter hands out whichever worker's batch is ready first)."""
+        seeds = np.random.SeedSequence([self.settings.run.seed, loader_index]).generate_state(processes)
+        return MultiThreadedAugmenter(loader, None, processes, max(2, 6 // processes), [int(s) for s in seeds],
+                                      pin_memory=self.device.type == "cuda")
+
+    def seeded_augmenter(self, augmenter, loader_index: int):
+        """nnU-Net's train (0) or validation (1) augmenter, replaced by seeded workers over the same
+        loader when the run is seeded (nnU-Net starts its own unseeded)."""
+        if self.settings.run.seed < 0 or not isinstance(augmenter, NonDetMultiThreadedAugmenter):
+            return augmenter
+        augmenter._finish()
+        seeded = self.seeded_workers(augmenter.generator, augmenter.num_processes, loader_index)
+        next(seeded)  # started, as nnU-Net starts its own
+        return seeded
 
     def next_unlabeled_images(self) -> Optional[torch.Tensor]:
         if self.dataloader_unlabeled is None:
@@ -181,23 +224,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """Runs before nnU-Net restores weights and optimizer state from a checkpoint."""
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus our extras, written atomically: an interrupted save leaves
-        the previous checkpoint intact. Heads stay outside ``network_weights``, so
-        nnUNetv2_predict and ``-pretrained_weights`` see a plain nnU-Net network."""
-        tmp = f"{filename}.tmp{os.getpid()}"
-        try:
-            super().save_checkpoint(tmp)
-            if not os.path.isfile(tmp):  # checkpointing disabled, or not rank 0
-                return
-            extras = self.checkpoint_extras()
-            if extras:
-                checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
-                checkpoint["nnunet_contrast"] = extras
-                torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
-        finally:
-            if os.path.isfile(tmp):
-                os.remove(tmp)
+        """nnU-Net's checkpoint with our extras under ``EXTRAS_KEY``, written once and atomically.
+        Heads stay outside ``network_weights``: nnUNetv2_predict and ``-pretrained_weights`` see a
+        plain nnU-Net network."""
+        with extras_added_on_save(self.checkpoint_extras, filename):
+            super().save_checkpoint(filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
@@ -205,8 +236,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if not isinstance(filename_or_checkpoint, str):
             raise TypeError(f"{type(self).__name__}.load_checkpoint expects a checkpoint file name")
         checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        self.restore_extras(checkpoint.get("nnunet_contrast", {}), checkpoint["current_epoch"])
-        super().load_checkpoint(filename_or_checkpoint)
+        self.restore_extras(checkpoint.get(EXTRAS_KEY, {}), checkpoint["current_epoch"])
+        with loaded_checkpoint_served(filename_or_checkpoint, checkpoint):
+            super().load_checkpoint(filename_or_checkpoint)
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self):

@@ -11,7 +11,7 @@ from typing import List
 import torch
 from torch import nn
 
-from nnunet_contrast.taps import unwrap_network
+from nnunet_contrast.network.taps import unwrap_network
 
 EXCLUDED = -1  # label of the pixels of an image left out by the confidence filter
 

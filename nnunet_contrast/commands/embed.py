@@ -46,7 +46,7 @@ def sample_pixels(labels: np.ndarray, per_class: int, rng: np.random.Generator) 
 
 def slice_features(network: torch.nn.Module, data: torch.Tensor, stage: int, stride: Sequence[int]) -> torch.Tensor:
     """Decoder-stage features of each slice of a preprocessed volume (C, Z, H, W) -> (Z, F, H, W)."""
-    from nnunet_contrast.taps import forward_with_decoder_features
+    from nnunet_contrast.network.taps import forward_with_decoder_features
 
     padded, crop = pad_to_multiple(data.permute(1, 0, 2, 3), stride)
     maps = []
@@ -144,7 +144,7 @@ def load_predictor(model_folder: Path, fold: str, checkpoint: str, device: torch
 def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: Path, output: Path,
           stage: int = -1, per_class: int = 300, device: str = "cpu") -> float:
     """Draws the picture of ``model_folder``'s fold; returns the silhouette score."""
-    from nnunet_contrast.taps import decoder_stage_count, total_stride
+    from nnunet_contrast.network.taps import decoder_stage_count, total_stride
 
     if not (Path(model_folder) / f"fold_{fold}" / checkpoint).is_file():
         raise UserInputError(f"no {checkpoint} in {Path(model_folder) / f'fold_{fold}'}: train that fold first, or "

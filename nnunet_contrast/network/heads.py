@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_contrast.subpatches import stride_factors
+from nnunet_contrast.network.subpatches import stride_factors
 
 
 class GlobalProjectionHead(nn.Module):

@@ -11,8 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from nnunet_contrast.benchmark.records import load_records
-from nnunet_contrast.benchmark.runs import ALL_LABELS, BASELINE
+from nnunet_contrast.commands.benchmark.records import load_records
+from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure

@@ -4,7 +4,7 @@ from typing import List, Sequence
 
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, infer_dataset_class
 
-SLICE_KEYS = ("slice_index", "slice_count")  # reported by nnunet_contrast.semisup.slices loaders
+SLICE_KEYS = ("slice_index", "slice_count")  # reported by nnunet_contrast.data.slices loaders
 
 
 class UnionDataset(nnUNetBaseDataset):

@@ -16,6 +16,8 @@ Validation cases are not listed: they stay as nnU-Net's ``splits_final.json`` de
 For each fold the training cases are shuffled with ``seed`` and the first ``n`` keep their labels,
 so a smaller fraction with the same seed selects a subset of a larger one.
 """
+import json
+from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
@@ -64,6 +66,23 @@ def make_split(nnunet_folds: Sequence[dict], labeled: Union[int, float], seed: i
     return {"format": SPLIT_FORMAT, "labeled": str(labeled), "seed": seed, "folds": folds}
 
 
+def read_split(path: Path) -> dict:
+    """The split file's content; a file that is not JSON gets a one-line error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}): fix it or recreate it "
+                             f"with 'nnunet-contrast split'") from None
+
+
+def check_disjoint(entry: dict, fold: int, source: str) -> None:
+    """A case listed as both labelled and unlabelled in a fold is refused."""
+    both = sorted(set(entry["labeled"]) & set(entry["unlabeled"]))
+    if both:
+        raise UserInputError(f"fold {fold} of {source} lists {len(both)} case(s) as both labelled and unlabelled "
+                             f"(e.g. {both[0]}): recreate it with 'nnunet-contrast split'")
+
+
 def fold_split(split: dict, fold: int, train_keys: Sequence[str], source: str) -> Tuple[List[str], List[str]]:
     """(labelled, unlabelled) training cases of ``fold``, checked against nnU-Net's training cases."""
     if split.get("format") != SPLIT_FORMAT:
@@ -72,6 +91,7 @@ def fold_split(split: dict, fold: int, train_keys: Sequence[str], source: str) -
     if not 0 <= fold < len(split["folds"]):
         raise UserInputError(f"{source} has no fold {fold} (it has {len(split['folds'])}): recreate it with "
                              f"'nnunet-contrast split'")
+    check_disjoint(split["folds"][fold], fold, source)
     labeled, unlabeled = list(split["folds"][fold]["labeled"]), list(split["folds"][fold]["unlabeled"])
     unknown = sorted(set(labeled + unlabeled) - set(train_keys))
     if unknown:

@@ -13,7 +13,7 @@ from nnunet_contrast.errors import UserInputError
 def cmd_split(args) -> None:
     from nnunet_contrast.nnunet_env import dataset_name, load_plans, nnunet_splits, preprocessed_base, \
         write_json_atomic
-    from nnunet_contrast.semisup.split import make_split, parse_labeled
+    from nnunet_contrast.data.split import make_split, parse_labeled, read_split
 
     labeled = parse_labeled(args.labeled)
     name = dataset_name(args.dataset)
@@ -21,7 +21,7 @@ def cmd_split(args) -> None:
     folds, splits_path = nnunet_splits(name, plans)
     split = make_split(folds, labeled, args.seed)
     path = preprocessed_base(name) / args.name
-    if path.is_file() and json.loads(path.read_text()) != split and not args.force:
+    if path.is_file() and not args.force and read_split(path) != split:
         raise UserInputError(f"{path} exists with a different split: pass --force to replace it, or --name "
                              f"another file (runs already trained on the old split would no longer match)")
     write_json_atomic(path, split)
@@ -32,7 +32,7 @@ def cmd_split(args) -> None:
 
 def cmd_add_unlabeled(args) -> None:
     from nnunet_contrast.nnunet_env import dataset_name
-    from nnunet_contrast.semisup.unlabeled import add_unlabeled_images
+    from nnunet_contrast.data.unlabeled import add_unlabeled_images
 
     name = dataset_name(args.dataset)
     cases = add_unlabeled_images(name, Path(args.input), args.plans)
@@ -41,7 +41,7 @@ def cmd_add_unlabeled(args) -> None:
 
 def cmd_plans(args) -> None:
     from nnunet_contrast.nnunet_env import dataset_name
-    from nnunet_contrast.plans_presets import write_plans
+    from nnunet_contrast.commands.plans import write_plans
 
     path = write_plans(dataset_name(args.dataset), args.preset or [], args.set or [], args.output, args.plans,
                        force=args.force)
@@ -67,7 +67,7 @@ def check_trainers(names: List[str], option: str) -> None:
 
 
 def check_assignments(texts: Optional[List[str]]) -> None:
-    from nnunet_contrast.plans_presets import parse_assignment
+    from nnunet_contrast.commands.plans import parse_assignment
 
     for text in texts or []:
         parse_assignment(text)
@@ -76,8 +76,8 @@ def check_assignments(texts: Optional[List[str]]) -> None:
 def cmd_demo(args) -> None:
     import subprocess
 
-    from nnunet_contrast.demo import run_demo
-    from nnunet_contrast.semisup.split import parse_labeled
+    from nnunet_contrast.commands.demo import run_demo
+    from nnunet_contrast.data.split import parse_labeled
 
     check_trainers([args.trainer], "--trainer")
     parse_labeled(args.labeled)
@@ -90,9 +90,9 @@ def cmd_demo(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from nnunet_contrast.benchmark.report import write_report
-    from nnunet_contrast.benchmark import runs
-    from nnunet_contrast.demo import nnunet_environment
+    from nnunet_contrast.commands.benchmark.report import write_report
+    from nnunet_contrast.commands.benchmark import runs
+    from nnunet_contrast.nnunet_env import nnunet_environment
     from nnunet_contrast.settings import all_preset_names
 
     trainers = args.trainers or project_trainers()
@@ -120,15 +120,15 @@ def cmd_benchmark(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from nnunet_contrast.benchmark.records import write_csv
-    from nnunet_contrast.benchmark.report import write_report
+    from nnunet_contrast.commands.benchmark.records import write_csv
+    from nnunet_contrast.commands.benchmark.report import write_report
 
     path = write_report(Path(args.workdir))
     print(f"wrote {path} and {write_csv(Path(args.workdir))}")
 
 
 def cmd_embed(args) -> None:
-    from nnunet_contrast.embedding import embed
+    from nnunet_contrast.commands.embed import embed
     from nnunet_contrast.nnunet_env import dataset_name, require_path_variables
 
     require_path_variables("nnUNet_results")
@@ -141,7 +141,7 @@ def cmd_embed(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunet_contrast.benchmark.runs import BASELINE, DEFAULT_BUDGET, DEFAULT_FRACTIONS
+    from nnunet_contrast.commands.benchmark.runs import BASELINE, DEFAULT_BUDGET, DEFAULT_FRACTIONS
     from nnunet_contrast.settings import all_preset_names
 
     parser = argparse.ArgumentParser(prog="nnunet-contrast", description=__doc__)

@@ -14,28 +14,12 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from nnunet_contrast.nnunet_env import command_path, nnunet_environment
 from nnunet_contrast.resources import sample_dir
 
 DATASET = "4"
 PLANS = "nnUNetPlans_demo"
 UNLABELED_CASE = "hippocampus_118"
-
-
-def command_path(name: str) -> str:
-    """A console script of this environment, even when its bin folder is not on PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def nnunet_environment(root: Path) -> dict:
-    env = dict(os.environ)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        Path(env[var]).mkdir(parents=True, exist_ok=True)
-    env.setdefault("nnUNet_def_n_proc", "2")   # nnU-Net's export pools, sized for small machines
-    env.setdefault("nnUNet_n_proc_DA", "2")
-    env.setdefault("nnUNet_compile", "false")
-    return env
 
 
 def run(args: List[str], env: dict) -> None:

@@ -49,7 +49,7 @@ DEFAULT_BUDGET = "benchmark_cpu"
 
 def normalised_fraction(text: str) -> str:
     """``"0.050"`` -> ``"0.05"`` (one plans folder per fraction); counts stay counts (``"10"``)."""
-    from nnunet_contrast.semisup.split import parse_labeled
+    from nnunet_contrast.data.split import parse_labeled
 
     value = parse_labeled(text)
     if isinstance(value, int):
@@ -233,7 +233,7 @@ class Benchmark:
 
     # -- records ----------------------------------------------------------------------------------
     def write_record(self, run: Run) -> None:
-        from nnunet_contrast.benchmark.records import run_record, write_csv
+        from nnunet_contrast.commands.benchmark.records import run_record, write_csv
         from nnunet_contrast.nnunet_env import write_json_atomic
 
         record = run_record(run, self.fold_folder(run), self.preprocessed, self.budget, self.seed, self.device,
@@ -245,7 +245,7 @@ class Benchmark:
     def complete_records(self) -> int:
         """Adds the per-case Dice, read from the run's own validation summary, to records written before
         records held it; returns how many records were completed."""
-        from nnunet_contrast.benchmark.records import case_dice
+        from nnunet_contrast.commands.benchmark.records import case_dice
         from nnunet_contrast.nnunet_env import write_json_atomic
 
         completed = 0
@@ -303,7 +303,7 @@ def subprocess_runner(command: List[str], env: dict, log: Optional[Path], keep_f
     """Runs a command of this environment; its output goes to ``log`` (appended) or to the console.
     With a log, the command's start and then its wall time are appended to ``LOG.wall``. The command
     inherits ``keep_fds`` (the work folder's lock)."""
-    from nnunet_contrast.demo import command_path
+    from nnunet_contrast.nnunet_env import command_path
 
     argv, keep_fds = [command_path(command[0])] + command[1:], tuple(keep_fds)
     started = time.time()

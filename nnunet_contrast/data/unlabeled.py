@@ -4,7 +4,7 @@ They are preprocessed with the dataset's own plans and preprocessor into
 ``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/``, in the same format as the
 training cases. nnU-Net's loaders need a segmentation array per case; we store the preprocessor's
 non-zero mask there and no foreground locations. Trainers never read it: unlabelled batches
-carry images only (``nnunet_contrast.semisup.data.ImagesOnly``).
+carry images only (``nnunet_contrast.data.datasets.ImagesOnly``).
 """
 import pickle
 import re

@@ -1,0 +1,298 @@
+"""The base of every method trainer: a run is the method's ``Schedule`` of stages, and this class
+turns it into nnU-Net's loop.
+
+A method defines ``build_schedule`` (its stages), ``build_heads`` (its projection heads) and a
+``<term>_loss(inputs)`` method per loss term its stages name. Everything that depends on stages
+happens here, once: the stage of each epoch, its optimizer and learning-rate schedule, its
+iterations and data loader, the log lines, progress.png's shading, checkpoint_best (chosen in
+supervised stages only) and ``--c`` (mid-stage, with the stage's optimizer state).
+"""
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch import distributed as dist
+from torch import nn
+
+from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
+from nnunet_contrast.training.progress import ContrastLocalLogger
+from nnunet_contrast.training.schedule import (ENCODER, FINETUNE_ROLE, HEADS, LABELED, LABELED_AND_UNLABELED, NETWORK,
+                                               SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term)
+from nnunet_contrast.training.semisup import SemiSupervisedTrainer
+from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
+
+FINETUNE = "finetune"
+
+
+class ConstantSchedule:
+    """The learning rate stays as set (nnU-Net calls ``step(epoch)`` every epoch)."""
+
+    def step(self, *_):
+        pass
+
+
+class ShiftedSchedule:
+    """nnU-Net's poly schedule over the epochs of the stages that share the optimizer."""
+
+    def __init__(self, schedule, first_epoch: int):
+        self.schedule, self.first_epoch = schedule, first_epoch
+
+    def step(self, epoch=None):
+        self.schedule.step(None if epoch is None else epoch - self.first_epoch)
+
+
+class MethodTrainer(SemiSupervisedTrainer):
+    """Subclasses set ``method_key`` (their settings section, e.g. ``"supconlocal"``) and define
+    ``build_schedule``, ``build_heads`` and the ``<term>_loss`` methods."""
+
+    method_key = ""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.method_settings = self.settings.method
+        self.schedule = Schedule(self.with_finetune_setting(self.build_schedule()))
+        self.num_epochs = self.schedule.total_epochs  # nnU-Net's loop reads this once, at its start
+        self.stage_index: Optional[int] = None
+        self.steps_this_epoch = 0
+        self._heads = None
+        self._stage_loaders: Dict[str, object] = {}
+        self.logger.local_logger = ContrastLocalLogger(self.schedule.names)
+
+    @classmethod
+    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
+        settings = super().check_supported(plans_manager, configuration, dataset_json)
+        if dist.is_available() and dist.is_initialized():
+            # contrastive steps call sub-modules and heads outside DDP: gradients would not sync
+            raise UserInputError(f"{cls.__name__} trains on one GPU or the CPU only: run nnUNetv2_train "
+                                 f"without -num_gpus")
+        if plans_manager.get_label_manager(dataset_json).has_regions:
+            raise UserInputError(f"{cls.__name__} needs class labels, not regions: train a dataset without "
+                                 f"'regions_class_order' in its dataset.json")
+        return settings
+
+    # ------------------------------------------------------------ to define
+    def build_schedule(self) -> List[Stage]:
+        raise NotImplementedError
+
+    def build_heads(self) -> nn.ModuleDict:
+        return nn.ModuleDict()
+
+    # ------------------------------------------------------------ stages
+    def nnunet_finetune_stage(self) -> Stage:
+        """nnU-Net's own supervised training on the labelled cases, ``budget.num_epochs`` long."""
+        budget = self.settings.budget
+        return Stage(FINETUNE, budget.num_epochs, budget.num_iterations_per_epoch, (NETWORK,), NnUNetSGD(),
+                     (Term(SEGMENTATION),), LABELED, role=FINETUNE_ROLE)
+
+    def with_finetune_setting(self, stages: List[Stage]) -> List[Stage]:
+        """``run.finetune = nnunet`` replaces the method's fine-tuning stages by nnU-Net's own fine-tuning."""
+        if self.settings.run.finetune == "method":
+            return stages
+        return [s for s in stages if s.role != FINETUNE_ROLE] + [self.nnunet_finetune_stage()]
+
+    def pretrain_iterations(self, setting: int) -> int:
+        """A pretraining stage's iterations per epoch: ``setting``, or nnU-Net's budget when it is 0."""
+        return setting or self.settings.budget.num_iterations_per_epoch
+
+    @property
+    def current_stage(self) -> Optional[Stage]:
+        return None if self.stage_index is None else self.schedule.stages[self.stage_index]
+
+    def stage_progress(self) -> float:
+        """Where this step stands in its stage, in [0, 1): for weights that change over a stage."""
+        stage, start = self.current_stage, self.schedule.starts[self.stage_index]
+        done = (self.current_epoch - start) * stage.iterations + self.steps_this_epoch
+        return done / (stage.epochs * stage.iterations)
+
+    # ------------------------------------------------------------ what trains, and how
+    @property
+    def heads(self) -> nn.ModuleDict:
+        if self._heads is None:
+            self._heads = self.build_heads().to(self.device)
+        return self._heads
+
+    def parameters_of(self, part: str) -> List[nn.Parameter]:
+        """The parameters of a part a stage trains; subclasses add parts of their own."""
+        if part == NETWORK:
+            return list(self.network.parameters())
+        if part == ENCODER:
+            return list(unwrap_network(self.network).encoder.parameters())
+        if part == HEADS:
+            return list(self.heads.parameters())
+        if part.startswith("head:"):
+            return list(self.heads[part[len("head:"):]].parameters())
+        raise ValueError(f"{type(self).__name__} has no trainable part '{part}'")
+
+    def stage_optimizer(self, index: int):
+        """(optimizer, learning-rate schedule) of stage ``index``, for the epochs of its optimizer span."""
+        stage = self.schedule.stages[index]
+        first_epoch, epochs = self.schedule.span(index)
+        if isinstance(stage.optimizer, Adam):
+            parameters = [p for part in stage.trains for p in self.parameters_of(part)]
+            optimizer = torch.optim.Adam(parameters, lr=stage.optimizer.lr, weight_decay=stage.optimizer.weight_decay)
+            return optimizer, ConstantSchedule()
+        if NETWORK not in stage.trains:
+            raise ValueError(f"stage '{stage.name}': nnU-Net's SGD trains the network")
+        optimizer, _ = super().configure_optimizers()  # nnU-Net's SGD over the network, its settings
+        for part in stage.trains:
+            if part != NETWORK:  # same SGD settings and schedule
+                optimizer.add_param_group({"params": self.parameters_of(part)})
+        return optimizer, ShiftedSchedule(PolyLRScheduler(optimizer, self.initial_lr, epochs), first_epoch)
+
+    def configure_optimizers(self):
+        return self.stage_optimizer(self.schedule.index_at(self.current_epoch))
+
+    def enter_stage(self, index: int) -> None:
+        """Called at the first epoch of each stage (not when ``--c`` resumes inside it)."""
+        previous, self.stage_index = self.stage_index, index
+        stage = self.current_stage
+        if previous is None or not self.schedule.shares_optimizer(previous, index):
+            self.optimizer, self.lr_scheduler = self.stage_optimizer(index)
+        # checkpoint_best is chosen on pseudo Dice, which means nothing while the segmentation loss is not trained
+        if not stage.supervised:
+            self._best_ema = math.inf
+        elif self._best_ema == math.inf:
+            self._best_ema = None
+        self.finish_unused_loaders(stage)
+        self.print_to_log_file(f"Entering stage '{stage.name}' at epoch {self.current_epoch}")
+
+    # ------------------------------------------------------------ data of a stage
+    def reads_unlabeled_batches(self) -> bool:
+        return any(s.data == LABELED_AND_UNLABELED for s in self.schedule.stages)
+
+    def stage_loader(self, stage: Stage):
+        """nnU-Net's labelled loader, or the stage's own loader (built once, on first use)."""
+        if stage.data in (LABELED, LABELED_AND_UNLABELED):
+            return self.dataloader_labeled
+        if stage.data not in self._stage_loaders:
+            self._stage_loaders[stage.data] = self.build_stage_loader(stage.data)
+        return self._stage_loaders[stage.data]
+
+    def build_stage_loader(self, data: str):
+        raise ValueError(f"{type(self).__name__} has no loader for '{data}'")
+
+    def finish_unused_loaders(self, stage: Stage) -> None:
+        """Stop the worker processes of stage loaders that this and later stages no longer read."""
+        later = {s.data for s in self.schedule.stages[self.stage_index:]}
+        for data in [d for d in self._stage_loaders if d not in later]:
+            self._stage_loaders.pop(data).finish()
+
+    def extra_loaders(self):
+        return list(self._stage_loaders.values())
+
+    def get_dataloaders(self):
+        loaders = super().get_dataloaders()
+        self.dataloader_labeled = loaders[0]
+        return loaders
+
+    # ------------------------------------------------------------ nnU-Net hooks
+    def on_train_epoch_start(self):
+        index = self.schedule.index_at(self.current_epoch)
+        if index != self.stage_index:
+            self.enter_stage(index)
+        stage = self.current_stage
+        # nnU-Net's loop reads both at the start of every epoch
+        self.num_iterations_per_epoch = stage.iterations
+        self.dataloader_train = self.stage_loader(stage)
+        self.steps_this_epoch = 0
+        self.heads.train()
+        super().on_train_epoch_start()
+        self.print_to_log_file(f"Stage: {stage.name}")
+
+    def train_step(self, batch: dict) -> dict:
+        stage = self.current_stage
+        if stage.is_nnunet_step:
+            output = super().train_step(batch)
+        else:
+            inputs = StepInputs(self, stage, batch)
+            output = self.optimizer_step(lambda: self.stage_loss(stage, inputs))
+        self.steps_this_epoch += 1
+        return output
+
+    def stage_loss(self, stage: Stage, inputs: StepInputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The weighted sum of the stage's terms, and each term (unweighted) to log."""
+        progress = self.stage_progress()
+        values = {term.name: getattr(self, f"{term.name}_loss")(inputs) for term in stage.terms}
+        total = sum(term.weight_at(progress) * values[term.name] for term in stage.terms)
+        unsupervised = sum(term.weight_at(progress) * values[term.name] for term in stage.terms
+                           if term.name != SEGMENTATION)
+        return total, {**values, "unsupervised": torch.as_tensor(unsupervised, dtype=torch.float32)}
+
+    def segmentation_loss(self, inputs: StepInputs) -> torch.Tensor:
+        """nnU-Net's loss of each decoder's output on the labelled images of the joint pass."""
+        _, target = inputs.labeled
+        return sum(self.loss(batch_part(output, inputs.labeled_part), target) for output in inputs.joint.outputs)
+
+    def joint_forward(self, images: torch.Tensor) -> JointPass:
+        """One pass of the network over labelled and unlabelled images, with its last decoder stage."""
+        output, features = forward_with_decoder_features(self.network, images)
+        return JointPass([output], features)
+
+    def optimizer_step(self, compute_loss: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> dict:
+        """One update of the current optimizer. ``compute_loss()`` runs under nnU-Net's autocast on
+        CUDA and returns the loss and further values to log; returns nnU-Net's step output."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss, logged = compute_loss()
+        self.backward_and_step(loss)
+        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in logged.items()}}
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's update (gradient scaling on CUDA, clipping at 12) over the optimizer's parameters."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.optimizer.step()
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        stage = self.current_stage
+        for term in stage.terms:
+            values = [float(o[term.name]) for o in train_outputs if term.name in o]
+            if values and len(stage.terms) > 1:
+                self.print_to_log_file(f"{term.name} loss ({stage.name}): {round(float(np.mean(values)), 4)}")
+        unsupervised = [float(o["unsupervised"]) for o in train_outputs if "unsupervised" in o]
+        has_unsupervised = any(term.name != SEGMENTATION for term in stage.terms)
+        contrast = float(np.mean(unsupervised)) if unsupervised and has_unsupervised else float("nan")
+        self.logger.log("contrast_loss", contrast, self.current_epoch)
+        self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
+        if contrast == contrast:
+            self.print_to_log_file(f"contrastive loss ({stage.name}): {round(contrast, 4)}")
+
+    def on_train_end(self):
+        self.dataloader_train = self.dataloader_labeled  # what nnU-Net shuts down
+        super().on_train_end()
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_extras(self) -> Dict:
+        stage = self.current_stage
+        return {"heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
+                "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index}
+
+    def restore_extras(self, extras: Dict, current_epoch: int) -> None:
+        """Before nnU-Net restores weights and optimizer state: the heads, and the optimizer of the stage
+        the checkpoint was saved in (the next epoch may start a new stage: ``enter_stage`` then runs)."""
+        if extras.get("settings", self.settings.as_dict()) != self.settings.as_dict():
+            # nnU-Net allows continuing with, e.g., more epochs; stage boundaries move with the settings
+            self.print_to_log_file("WARNING: the settings differ from those the checkpoint was trained with; "
+                                   "stages follow the current settings (see nnunet_contrast_settings.json)")
+        if "heads" in extras:
+            self.heads.load_state_dict(extras["heads"])
+        index = extras.get("stage_index")
+        if index is None or index >= len(self.schedule.stages):
+            index = self.schedule.index_at(max(current_epoch - 1, 0))
+        self.stage_index = index
+        self.optimizer, self.lr_scheduler = self.stage_optimizer(index)

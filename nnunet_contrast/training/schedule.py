@@ -1,0 +1,142 @@
+"""A run as data: an ordered list of stages, each saying what trains, with which optimizer, on which
+loss terms with which weights, and on which data. ``MethodTrainer`` (``training/method.py``) reads
+it for everything that depends on stages: boundaries, optimizers, iterations, the log line, the
+progress.png shading, checkpoint_best and ``--c``.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple, Union
+
+# ---------------------------------------------------------------- what a stage reads
+LABELED = "labelled batch"                      # nnU-Net's loader over the labelled cases
+LABELED_AND_UNLABELED = "labelled + unlabelled batch"  # the same, plus an unlabelled batch (images only)
+ALL_IMAGES = "all images"                       # images of every training case and added image, labels dropped
+PARTITIONS = "all images, partition batches"    # the same, drawn as volumes x slice partitions
+
+SPATIAL, INTENSITY = "spatial + intensity", "intensity"  # two-view augmentations (data/views.py)
+
+# ---------------------------------------------------------------- where a stage stands in the method
+PRETRAIN, FINETUNE_ROLE = "pretraining", "fine-tuning"  # run.finetune = nnunet replaces the fine-tuning stages
+
+# ---------------------------------------------------------------- what a stage trains
+NETWORK, ENCODER, HEADS = "network", "encoder", "heads"  # "head:NAME" is one projection head
+
+SEGMENTATION = "segmentation"  # nnU-Net's loss (Dice + CE, deep supervision) on the labelled images
+
+
+@dataclass(frozen=True)
+class NnUNetSGD:
+    """nnU-Net's SGD and poly learning rate, over the consecutive stages that share it."""
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam with a constant learning rate (the papers' pretraining)."""
+    lr: float
+    weight_decay: float = 0.0
+
+
+Weight = Union[float, Callable[[float], float]]
+
+
+@dataclass(frozen=True)
+class Term:
+    """A loss term: the trainer's method ``<name>_loss(inputs)``, times ``weight``; a weight may be a
+    function of the stage's progress in [0, 1) (e.g. ``sigmoid_rampup``)."""
+    name: str
+    weight: Weight = 1.0
+
+    def weight_at(self, progress: float) -> float:
+        return self.weight(progress) if callable(self.weight) else self.weight
+
+
+def sigmoid_rampup(length: float) -> Callable[[float], float]:
+    """exp(-5 (1 - t / length)^2) for t < length, then 1 (Laine & Aila 2017); ``length`` in [0, 1]
+    is a fraction of the stage."""
+    def weight(progress: float) -> float:
+        if length <= 0 or progress >= length:
+            return 1.0
+        return math.exp(-5.0 * (1.0 - progress / length) ** 2)
+    return weight
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    iterations: int                 # per epoch
+    trains: Tuple[str, ...]         # NETWORK, ENCODER, HEADS, "head:NAME" or a part the trainer defines
+    optimizer: Union[NnUNetSGD, Adam]
+    terms: Tuple[Term, ...]
+    data: str = LABELED
+    views: str = ""                 # SPATIAL or INTENSITY: the terms see two augmented views
+    role: str = PRETRAIN
+
+    @property
+    def supervised(self) -> bool:
+        """Trains nnU-Net's segmentation loss: its pseudo Dice means something (checkpoint_best)."""
+        return any(t.name == SEGMENTATION for t in self.terms)
+
+    @property
+    def is_nnunet_step(self) -> bool:
+        """Exactly nnU-Net's own training step: its loss alone, on its labelled batch."""
+        return [t.name for t in self.terms] == [SEGMENTATION] and self.data == LABELED and \
+            self.terms[0].weight == 1.0
+
+    def optimizer_key(self):
+        """Consecutive stages with the same key share one optimizer and learning-rate schedule."""
+        return self.optimizer, self.trains
+
+
+class Schedule:
+    """The stages of a run (stages of zero epochs left out) and the epochs they cover."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages: List[Stage] = [s for s in stages if s.epochs > 0]
+        if not self.stages:
+            raise ValueError("a run needs at least one stage with epochs")
+        self.starts = [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages))]
+
+    @property
+    def total_epochs(self) -> int:
+        return self.starts[-1] + self.stages[-1].epochs
+
+    def index_at(self, epoch: int) -> int:
+        """The stage of ``epoch`` (the last stage after the end, as nnU-Net may train on with ``--c``)."""
+        return max([i for i, start in enumerate(self.starts) if start <= epoch], default=0)
+
+    def index_of(self, name: str) -> int:
+        """The first stage called ``name``."""
+        return [s.name for s in self.stages].index(name)
+
+    def stage(self, name: str) -> Stage:
+        return self.stages[self.index_of(name)]
+
+    @property
+    def names(self) -> List[str]:
+        """Distinct stage names in order: the shading of progress.png (rounds of one name share a colour)."""
+        return list(dict.fromkeys(s.name for s in self.stages))
+
+    def span(self, index: int) -> Tuple[int, int]:
+        """(first epoch, epochs) of the consecutive stages that share stage ``index``'s optimizer."""
+        key = self.stages[index].optimizer_key()
+        first = last = index
+        while first > 0 and self.stages[first - 1].optimizer_key() == key:
+            first -= 1
+        while last + 1 < len(self.stages) and self.stages[last + 1].optimizer_key() == key:
+            last += 1
+        return self.starts[first], self.starts[last] + self.stages[last].epochs - self.starts[first]
+
+    def shares_optimizer(self, a: int, b: int) -> bool:
+        return self.span(a) == self.span(b)
+
+    def describe(self) -> str:
+        return "; ".join(f"{s.name}: epochs {start}-{start + s.epochs - 1} x {s.iterations} it, trains "
+                         f"{'+'.join(s.trains)}, terms {', '.join(_term_text(t) for t in s.terms)}, "
+                         f"data: {s.data}" + (f", two views ({s.views})" if s.views else "")
+                         for s, start in zip(self.stages, self.starts))
+
+
+def _term_text(term: Term) -> str:
+    return term.name if term.weight == 1.0 else (f"{term.name} (ramped)" if callable(term.weight)
+                                                 else f"{term.weight} x {term.name}")

@@ -1,0 +1,91 @@
+"""What one training step of a stage reads, computed on first use and at most once per step."""
+from dataclasses import dataclass
+from functools import cached_property
+from typing import List, Optional, Tuple
+
+import torch
+
+from nnunet_contrast.data.views import two_views
+from nnunet_contrast.training.schedule import LABELED_AND_UNLABELED, SPATIAL, Stage
+
+
+def batch_part(output, part: slice):
+    """Images ``part`` of a network output (a tensor, or a list over deep-supervision resolutions)."""
+    return [o[part] for o in output] if isinstance(output, (list, tuple)) else output[part]
+
+
+def full_resolution(output):
+    """nnU-Net's output (or target) at the patch's resolution: the first of the deep-supervision ones."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def to_device(value, device: torch.device):
+    """A tensor, or a list of tensors (deep-supervision targets), on ``device``."""
+    if isinstance(value, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in value]
+    return value.to(device, non_blocking=True)
+
+
+@dataclass
+class JointPass:
+    """One forward pass over the labelled images followed by the unlabelled ones.
+
+    ``outputs``: one network output per decoder (nnU-Net's U-Net has one, IDEAL's two), each a list
+    over the deep-supervision resolutions or a tensor; ``features``: the last decoder stage (B, C, H, W),
+    or None. nnU-Net's networks normalise per instance, so the labelled part of each output is what
+    the labelled batch alone would give.
+    """
+    outputs: List
+    features: Optional[torch.Tensor]
+
+
+class StepInputs:
+    """The batch of nnU-Net's loop for this step (the stage's loader), and what the stage's terms
+    derive from it: the labelled images and targets, an unlabelled batch, the joint forward pass.
+    The unlabelled batch is drawn only for stages that read it; no label of it exists here."""
+
+    def __init__(self, trainer, stage: Stage, batch: dict):
+        self.trainer, self.stage, self.batch = trainer, stage, batch
+
+    @cached_property
+    def labeled(self) -> Tuple[torch.Tensor, object]:
+        """(images, target) of the labelled batch on the device; target as nnU-Net gives it."""
+        return to_device(self.batch["data"], self.trainer.device), to_device(self.batch["target"], self.trainer.device)
+
+    @property
+    def n_labeled(self) -> int:
+        return self.batch["data"].shape[0]
+
+    @cached_property
+    def unlabeled(self) -> Optional[torch.Tensor]:
+        """An unlabelled batch (images only) on the device, or None without an unlabelled pool."""
+        if self.stage.data != LABELED_AND_UNLABELED:
+            raise RuntimeError(f"stage '{self.stage.name}' reads no unlabelled batch (its data: {self.stage.data})")
+        images = self.trainer.next_unlabeled_images()
+        return None if images is None else to_device(images, self.trainer.device)
+
+    @cached_property
+    def images(self) -> torch.Tensor:
+        """The labelled images, followed by the unlabelled ones when the stage reads them."""
+        data = to_device(self.batch["data"], self.trainer.device)
+        if self.stage.data != LABELED_AND_UNLABELED or self.unlabeled is None:
+            return data
+        return torch.cat([data, self.unlabeled])
+
+    @property
+    def labeled_part(self) -> slice:
+        return slice(0, self.n_labeled)
+
+    @property
+    def unlabeled_part(self) -> slice:
+        return slice(self.n_labeled, None)
+
+    @cached_property
+    def joint(self) -> JointPass:
+        return self.trainer.joint_forward(self.images)
+
+    def views(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Two augmented views of ``images``, as the stage's ``views`` says."""
+        if not self.stage.views:
+            raise RuntimeError(f"stage '{self.stage.name}' has no two-view augmentation")
+        return two_views(images, spatial=self.stage.views == SPATIAL)
