@@ -11,6 +11,7 @@ batch, including the pretraining batches of the global/local trainers, is ``--ba
         [--only SupConLocal PseudoLabel GlobalLocal CrossLevel IDEAL]
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from nnunet_contrast.training.schedule import Schedule
 
 FAMILIES = ("SupConLocal", "PseudoLabel", "GlobalLocal", "CrossLevel", "IDEAL")
 
@@ -41,16 +44,23 @@ def seconds_per_iteration(trainer, iterations: int) -> float:
     return (time.perf_counter() - started) / iterations
 
 
-def staged(trainer, stage: str, **settings):
-    """Setup of one stage of a StagedContrastTrainer, with some method settings changed."""
+def at_stage(trainer, name: str, **settings):
+    """Setup of the first stage called ``name``, entered as nnU-Net's loop enters it (its optimizer,
+    loader and iterations from the trainer's schedule), with some method settings changed."""
     def setup():
-        trainer.method_settings.update(settings)
-        trainer.current_epoch = trainer.stage_start(stage)
-        trainer.enter_stage(stage)
-        if hasattr(trainer, "stage_loader"):
-            trainer.dataloader_train = trainer.stage_loader(stage)
+        if settings:
+            trainer.method_settings = dataclasses.replace(trainer.method_settings, **settings)
+            trainer.schedule = Schedule(trainer.with_finetune_setting(trainer.build_schedule()))
+        index = trainer.schedule.index_of(name)
+        trainer.current_epoch, trainer.stage_index = trainer.schedule.starts[index], None
+        trainer.on_train_epoch_start()
         return trainer
     return setup
+
+
+def every_stage(trainer, label: str) -> dict:
+    """One case per stage of the trainer's schedule."""
+    return {f"{label} {name}": at_stage(trainer, name) for name in trainer.schedule.names}
 
 
 def supconlocal_cases(plans):
@@ -60,71 +70,51 @@ def supconlocal_cases(plans):
 
     def local(mode):
         def setup():
-            staged(method, "local")()
-            method.local_loss = SupConLocalLoss(s["local_temperature"], mode, s["stride"], s["block_size"],
-                                                s["local_form"], chunk_size=s["chunk_size"])
+            at_stage(method, "local")()
+            method.local_loss = SupConLocalLoss(s.local_temperature, mode, s.stride, s.block_size, s.local_form,
+                                                chunk_size=s.chunk_size)
             return method
         return setup
 
-    cases = {"SupConLocal global": staged(method, "global"),
-             "SupConLocal local, block 16 (default)": local("block"),
-             "SupConLocal local, stride 4": local("stride"),
-             "SupConLocal local, exact": local("exact"),
-             "SupConLocal finetune": staged(method, "finetune")}
+    cases = every_stage(method, "SupConLocal")
+    cases["SupConLocal local"] = local("block")  # the default, measured with the loss rebuilt as below
+    cases.update({"SupConLocal local, stride 4": local("stride"), "SupConLocal local, exact": local("exact")})
     return cases, [method]
 
 
 def pseudolabel_cases(plans):
-    from nnunet_contrast.training.pseudo_labels import PseudoLabeler
     intra, inter = build("nnUNetTrainerPseudoLabelContrast", plans), build("nnUNetTrainerPseudoLabelContrastInter",
                                                                           plans)
-
-    def at(trainer, joint: bool):
-        def setup():
-            trainer.current_epoch = trainer.round_starts[0] if joint else 0
-            trainer.pseudo_labeler = PseudoLabeler(trainer.network)
-            return trainer
-        return setup
-
-    cases = {"PseudoLabelContrast warm-up": at(intra, False),
-             "PseudoLabelContrast joint, intra (default)": at(intra, True),
-             "PseudoLabelContrastInter joint, inter": at(inter, True)}
-    return cases, [intra, inter]
+    return {**every_stage(intra, "PseudoLabelContrast"),
+            "PseudoLabelContrastInter joint, inter": at_stage(inter, "joint")}, [intra, inter]
 
 
 def globallocal_cases(plans):
     method = build("nnUNetTrainerGlobalLocalContrast", plans)
-    cases = {"GlobalLocalContrast global, G^D (default)": staged(method, "global", global_strategy="GD"),
-             "GlobalLocalContrast global, G^R (= GlobalContrast)": staged(method, "global", global_strategy="GR"),
-             "GlobalLocalContrast local, L^R (default)": staged(method, "local", local_strategy="LR"),
-             "GlobalLocalContrast local, L^D": staged(method, "local", local_strategy="LD"),
-             "GlobalLocalContrast finetune": staged(method, "finetune")}
+    cases = {"GlobalLocalContrast global, G^D (default)": at_stage(method, "global", global_strategy="GD"),
+             "GlobalLocalContrast global, G^R (= GlobalContrast)": at_stage(method, "global", global_strategy="GR"),
+             "GlobalLocalContrast local, L^R (default)": at_stage(method, "local", local_strategy="LR"),
+             "GlobalLocalContrast local, L^D": at_stage(method, "local", local_strategy="LD"),
+             "GlobalLocalContrast finetune": at_stage(method, "finetune")}
     return cases, [method]
 
 
 def crosslevel_cases(plans):
     method = build("nnUNetTrainerCrossLevel", plans)
-
-    def at(epoch: int):
-        def setup():
-            method.current_epoch = epoch
-            return method
-        return setup
-
-    cases = {"CrossLevel contrast": at(0), "CrossLevel consistency": at(method.contrast_epochs)}
-    return cases, [method]
+    return every_stage(method, "CrossLevel"), [method]
 
 
 def ideal_cases(plans):
     method = build("nnUNetTrainerIDEAL", plans)
-    cases = {"IDEAL dense, all positions (default)": staged(method, "dense", sampled_positions=0),
-             "IDEAL dense, 256 sampled positions": staged(method, "dense", sampled_positions=256),
-             "IDEAL finetune (two decoders, cross pseudo-supervision)": staged(method, "finetune")}
+    cases = {"IDEAL dense, all positions (default)": at_stage(method, "dense", sampled_positions=0),
+             "IDEAL dense, 256 sampled positions": at_stage(method, "dense", sampled_positions=256),
+             "IDEAL finetune (two decoders, cross pseudo-supervision)": at_stage(method, "finetune")}
     return cases, [method]
 
 
 def shut_down(trainer):
-    for loader in (getattr(trainer, "dataloader_labeled", None), trainer.dataloader_train, trainer.dataloader_val):
+    for loader in {id(x): x for x in (getattr(trainer, "dataloader_labeled", None), trainer.dataloader_train,
+                                      trainer.dataloader_val)}.values():
         getattr(loader, "_finish", lambda: None)()
     for loader in [getattr(trainer, "dataloader_unlabeled", None)] + list(getattr(trainer, "extra_loaders",
                                                                                   lambda: [])()):
@@ -147,7 +137,7 @@ def main():
     plans = f"nnUNetPlans_bench{args.batch}"
     # the methods' own defaults (not the CPU preset's) for what a step processes; only the batch is set
     base = preset_settings(["base"])
-    supcon = preset_settings(["supconlocal_hu2021"])["supconlocal"]
+    supcon = preset_settings(["supconlocal_hu2021"])["supconlocal"]  # the preset's values, before any --set
     sets = [f"batch_size={args.batch}",
             f"nnunet_contrast.semisup.unlabeled_batch_ratio={base['semisup']['unlabeled_batch_ratio']}",
             f"nnunet_contrast.supconlocal.local_images={supcon['local_images']}",

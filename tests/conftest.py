@@ -163,6 +163,19 @@ def ready_trainer(trainer_name, plans):
     return trainer
 
 
+def stage_terms(trainer, stage_name: str, batch: dict, **given) -> dict:
+    """Each loss term (unweighted) of the first stage called ``stage_name`` on ``batch``, as its
+    training step computes them; ``given`` fixes parts of the step's inputs (e.g. ``unlabeled=``)."""
+    from nnunet_contrast.training.step import StepInputs
+
+    index = trainer.schedule.index_of(stage_name)
+    trainer.stage_index, trainer.current_epoch = index, trainer.schedule.starts[index]
+    stage = trainer.schedule.stages[index]
+    inputs = StepInputs(trainer, stage, batch)
+    inputs.__dict__.update(given)  # cached properties read from the instance first
+    return trainer.stage_loss(stage, inputs)[1]
+
+
 def split_of_fold0(hippocampus):
     return json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())["folds"][0]
 

@@ -65,7 +65,7 @@ def test_pseudolabel_warms_up_then_trains_jointly(hippocampus, trained, trainer,
     checkpoint = final_checkpoint(hippocampus, trainer)
     assert checkpoint["current_epoch"] == 2 and checkpoint["logging"]["stage"] == [0, 1]
     extras = checkpoint["nnunet_contrast"]
-    assert extras["settings"]["pseudolabel"]["matching"] == matching and extras["pseudo_label_round"] == 0
+    assert extras["settings"]["pseudolabel"]["matching"] == matching and extras["stage_index"] == 1  # the first round
     assert extras["pseudo_labeler"].keys() == checkpoint["network_weights"].keys()
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import (TEST_PLANS, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans, make_trainer,
-                      ready_trainer, seed_everything, split_of_fold0, train_then_resume)
+                      ready_trainer, seed_everything, split_of_fold0, stage_terms, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
@@ -20,8 +20,8 @@ def losses_of_one_step(plans):
     unlabeled_batch = next(trainer.dataloader_unlabeled)
     assert set(unlabeled_batch) == {"data", "keys"}  # no label leaves the unlabelled loader
     with torch.no_grad():
-        return {"global": trainer.contrast_loss("global", batch).item(),
-                "local": trainer.contrast_loss("local", batch).item(),
+        return {"global": stage_terms(trainer, "global", batch)["global_contrast"].item(),
+                "local": stage_terms(trainer, "local", batch)["local_contrast"].item(),
                 "finetune": trainer.loss(trainer.network(batch["data"]), batch["target"]).item()}
 
 
@@ -42,8 +42,8 @@ def test_continue_mid_stage_resumes_as_uninterrupted(hippocampus):
                        "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
     # stop after the first of two global epochs, i.e. mid-stage
     first, resumed = train_then_resume("nnUNetTrainerSupConLocal", plans, stop_after_epochs=1)
-    assert resumed.current_epoch == 1 and resumed.current_stage == "global"
-    assert resumed.iterations_per_epoch("global") == 3 and resumed.iterations_per_epoch("finetune") == 1
+    assert resumed.current_epoch == 1 and resumed.current_stage.name == "global"
+    assert resumed.schedule.stage("global").iterations == 3 and resumed.schedule.stage("finetune").iterations == 1
     assert isinstance(resumed.optimizer, torch.optim.Adam)
     for key, value in first.heads.state_dict().items():
         torch.testing.assert_close(resumed.heads.state_dict()[key], value)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
-                      make_trainer, ready_trainer, seed_everything, split_of_fold0, train_then_resume)
+                      make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler
+from nnunet_contrast.training.schedule import ALL_IMAGES
 from nnunet_contrast.data.slices import PartitionDataLoader, SliceInfoDataLoader, partition_of, slice_counts
 
 PSEUDO = "nnUNetTrainerPseudoLabelContrast"
@@ -40,7 +41,8 @@ def test_pseudo_labels_enter_only_the_contrastive_loss(hippocampus):
     for labels in pseudo_labels:
         trainer.pseudo_labeler = FixedLabels(labels)
         torch.manual_seed(2)
-        seg, contrast = trainer.joint_losses(batch, unlabeled)
+        terms = stage_terms(trainer, "joint", batch, unlabeled=unlabeled)
+        seg, contrast = terms["segmentation"], terms["contrast"]
         seg_values.append(seg.item())
         seg_grads.append(torch.autograd.grad(seg, parameters, allow_unused=True))
         contrasts.append(contrast.item())
@@ -60,8 +62,8 @@ def pseudolabel_losses(plans):
     seed_everything(1)
     batch, unlabeled = next(trainer.dataloader_train), trainer.next_unlabeled_images()
     with torch.no_grad():
-        seg, contrast = trainer.joint_losses(batch, unlabeled)
-    return {"seg": seg.item(), "contrast": contrast.item()}
+        terms = stage_terms(trainer, "joint", batch, unlabeled=unlabeled)
+    return {"seg": terms["segmentation"].item(), "contrast": terms["contrast"].item()}
 
 
 def test_pseudolabel_labels_of_unlabelled_cases_never_reach_a_loss(hippocampus, tmp_path):
@@ -80,9 +82,10 @@ def test_pseudolabel_resumes_mid_round_with_that_rounds_labeller(hippocampus):
                        "nnunet_contrast.pseudolabel.pseudo_label_rounds=1")
     # stop after epoch 1, in the middle of the only round (epochs 1 and 2)
     first, resumed = train_then_resume(PSEUDO, plans, stop_after_epochs=2)
-    assert first.warmup_epochs == 1 and first.round_starts == [1]
+    assert [(s.name, start) for s, start in zip(first.schedule.stages, first.schedule.starts)] == \
+        [("warmup", 0), ("joint", 1)]
     snapshot = {k: v.clone() for k, v in first.pseudo_labeler.state_dict().items()}
-    assert resumed.current_epoch == 2 and resumed.pseudo_label_round == 0
+    assert resumed.current_epoch == 2 and resumed.stage_index == 1  # the first round
     for key, value in snapshot.items():
         torch.testing.assert_close(resumed.pseudo_labeler.state_dict()[key], value)
     network = resumed.network.state_dict()
@@ -100,10 +103,12 @@ def test_pseudolabel_resumed_at_a_round_boundary_starts_the_new_round(hippocampu
                        "nnunet_contrast.pseudolabel.pseudo_label_rounds=2")
     # rounds start at epochs 1 and 2; stop after epoch 1, the whole first round
     first, resumed = train_then_resume(PSEUDO, plans, stop_after_epochs=2)
-    assert first.round_starts == [1, 2] and resumed.pseudo_label_round == 0
+    assert [(s.name, start) for s, start in zip(first.schedule.stages, first.schedule.starts)] == \
+        [("warmup", 0), ("joint", 1), ("joint", 2)]
+    assert resumed.stage_index == 1  # the first round
     old_labeller = {k: v.clone() for k, v in resumed.pseudo_labeler.state_dict().items()}
     resumed.run_training()
-    assert resumed.pseudo_label_round == 1
+    assert resumed.stage_index == 2  # the second round
     log = (Path(resumed.log_file)).read_text()
     assert "Pseudo-labelling round 2/2: labels from the network as of epoch 2" in log
     new_labeller = resumed.pseudo_labeler.state_dict()
@@ -124,8 +129,8 @@ def globallocal_losses(plans):
     losses = {}
     with torch.no_grad():
         for stage in ("global", "local"):
-            loader = trainer.stage_loader(stage)
-            losses[stage] = [trainer.contrast_loss(stage, next(loader)).item() for _ in range(3)]
+            loader = trainer.stage_loader(trainer.schedule.stage(stage))
+            losses[stage] = [stage_terms(trainer, stage, next(loader))[f"{stage}_contrast"].item() for _ in range(3)]
     return losses
 
 
@@ -144,7 +149,7 @@ def test_globallocal_resumes_mid_stage(hippocampus):
                        "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
     # stop after the first of two global epochs
     first, resumed = train_then_resume(GLOBALLOCAL, plans, stop_after_epochs=1)
-    assert resumed.current_epoch == 1 and resumed.current_stage == "global"
+    assert resumed.current_epoch == 1 and resumed.current_stage.name == "global"
     assert isinstance(resumed.optimizer, torch.optim.Adam)
     for key, value in first.heads.state_dict().items():
         torch.testing.assert_close(resumed.heads.state_dict()[key], value)
@@ -153,7 +158,7 @@ def test_globallocal_resumes_mid_stage(hippocampus):
     log = resumed.logger.local_logger.my_fantastic_logging
     assert log["stage"] == [0, 0, 1, 2]  # global, global, local, finetune
     assert log["lrs"][:3] == [1e-3] * 3 and log["lrs"][3] == pytest.approx(1e-2)
-    assert resumed.dataloader_train is resumed.dataloader_labeled and not resumed.pretrain_loaders
+    assert resumed.dataloader_train is resumed.dataloader_labeled and not resumed.stage_loaders
 
 
 def check_samples_are_their_slices(batch, dataset, patch) -> int:
@@ -201,10 +206,9 @@ def test_random_slice_batches_report_their_slices(hippocampus):
                                  transforms=None)
     np.random.seed(0)
     assert sum(check_samples_are_their_slices(loader.generate_train_batch(), dataset, patch) for _ in range(3)) >= 30
-    trainer.method_settings["global_strategy"] = "GR"  # the trainer's own G^R loader: augmented, images only
-    batch = next(trainer.stage_loader("global"))
+    batch = next(trainer.build_stage_loader(ALL_IMAGES))  # the trainer's own G^R loader: augmented, images only
     assert set(batch) == {"data", "keys", "slice_index", "slice_count"}
-    assert len(batch["keys"]) == trainer.method_settings["pretrain_batch_size"]
+    assert len(batch["keys"]) == trainer.method_settings.pretrain_batch_size
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -218,7 +222,7 @@ def test_globallocal_rejects_impossible_partition_batches(hippocampus, settings,
     plans = make_plans(hippocampus, f"nnUNetPlans_badpartition{len(message)}", *settings)
     trainer = ready_trainer(GLOBALLOCAL, plans)
     with pytest.raises(UserInputError, match=re.escape(message)):
-        trainer.stage_loader("global")
+        trainer.stage_loader(trainer.schedule.stage("global"))
 
 
 def test_globallocal_rejects_a_decoder_block_the_network_lacks(hippocampus):
@@ -233,10 +237,10 @@ def test_globallocal_rejects_a_decoder_block_the_network_lacks(hippocampus):
 def test_variants_fix_what_their_name_says(hippocampus):
     plans = make_plans(hippocampus, "nnUNetPlans_variants", "nnunet_contrast.pseudolabel.matching=intra",
                        "nnunet_contrast.globallocal.global_strategy=GD", "nnunet_contrast.globallocal.local_epochs=3")
-    assert make_trainer(PSEUDO, plans).method_settings["matching"] == "intra"
-    assert make_trainer("nnUNetTrainerPseudoLabelContrastInter", plans).method_settings["matching"] == "inter"
+    assert make_trainer(PSEUDO, plans).method_settings.matching == "intra"
+    assert make_trainer("nnUNetTrainerPseudoLabelContrastInter", plans).method_settings.matching == "inter"
     full = make_trainer(GLOBALLOCAL, plans)
-    assert [(s.name, s.epochs) for s in full.stages] == [("global", 1), ("local", 3), ("finetune", 2)]
+    assert [(s.name, s.epochs) for s in full.schedule.stages] == [("global", 1), ("local", 3), ("finetune", 2)]
     global_only = make_trainer("nnUNetTrainerGlobalContrast", plans)
-    assert [s.name for s in global_only.stages] == ["global", "finetune"]
-    assert global_only.method_settings["global_strategy"] == "GR"
+    assert [s.name for s in global_only.schedule.stages] == ["global", "finetune"]
+    assert global_only.method_settings.global_strategy == "GR"

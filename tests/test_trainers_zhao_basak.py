@@ -6,10 +6,12 @@ import re
 import pytest
 import torch
 from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images, losses_with_hidden_labels_corrupted,
-                      make_plans, make_trainer, ready_trainer, seed_everything, split_of_fold0, train_then_resume)
+                      make_plans, make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms,
+                      train_then_resume)
 from nnunet_contrast.network.dual_decoder import DualDecoderUNet
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features
+from nnunet_contrast.training.step import JointPass
 
 CROSSLEVEL = "nnUNetTrainerCrossLevel"
 IDEAL = "nnUNetTrainerIDEAL"
@@ -23,11 +25,10 @@ def crosslevel_losses(plans):
     batch, unlabeled = next(trainer.dataloader_train), trainer.next_unlabeled_images()
     losses = {}
     with torch.no_grad():
-        for epoch, stage in [(0, "contrast"), (1, "consistency")]:
-            trainer.current_epoch = epoch
-            assert trainer.stage_at(epoch) == stage
-            seg, losses[stage] = (v.item() for v in trainer.step_losses(batch, unlabeled))
-            losses[f"seg_{stage}"] = seg
+        for epoch, (stage, term) in enumerate([("contrast", "cross_level_contrast"), ("consistency", "patch_consistency")]):
+            assert trainer.schedule.stages[trainer.schedule.index_at(epoch)].name == stage
+            terms = stage_terms(trainer, stage, batch, unlabeled=unlabeled)
+            losses[stage], losses[f"seg_{stage}"] = terms[term].item(), terms["segmentation"].item()
     return losses
 
 
@@ -51,7 +52,7 @@ def test_crosslevel_trains_the_head_with_nnunets_sgd_and_resumes_mid_run(hippoca
     plans = make_plans(hippocampus, "nnUNetPlans_resume_cl", "nnunet_contrast.budget.num_epochs=3",
                        "nnunet_contrast.budget.num_iterations_per_epoch=1")
     first, resumed = train_then_resume(CROSSLEVEL, plans, stop_after_epochs=1)  # contrast epoch 0 of 0..2
-    assert first.contrast_epochs == 1 and resumed.current_epoch == 1
+    assert first.schedule.starts == [0, 1] and resumed.current_epoch == 1  # one contrast epoch of three
     assert isinstance(resumed.optimizer, torch.optim.SGD)
     head_parameters = {id(p) for p in resumed.heads.parameters()}
     assert head_parameters == {id(p) for p in resumed.optimizer.param_groups[-1]["params"]}
@@ -66,9 +67,10 @@ def test_crosslevel_trains_the_head_with_nnunets_sgd_and_resumes_mid_run(hippoca
 def test_crosslevel_contrast_reaches_network_and_head_but_not_through_the_key(hippocampus):
     trainer = ready_trainer(CROSSLEVEL, TEST_PLANS)
     seed_everything(1)
-    images = next(trainer.dataloader_train)["data"]
-    _, features = forward_with_decoder_features(trainer.network, images)
-    loss = trainer.contrast_term(images, features)
+    batch = next(trainer.dataloader_train)
+    output, features = forward_with_decoder_features(trainer.network, batch["data"])
+    loss = stage_terms(trainer, "contrast", batch, images=batch["data"],
+                       joint=JointPass([output], features))["cross_level_contrast"]
     grads = torch.autograd.grad(loss, list(trainer.heads.parameters()) + [features])
     assert all(g.abs().sum() > 0 for g in grads)
     assert loss.item() > 0 and torch.isfinite(loss)
@@ -88,9 +90,10 @@ def ideal_losses(plans):
     losses = {}
     with torch.no_grad():
         batch = next(trainer.dataloader_train)
-        losses["dense"] = trainer.contrast_loss("dense", batch).item()
+        losses["dense"] = stage_terms(trainer, "dense", batch)["dense_contrast"].item()
         batch, unlabeled = next(trainer.dataloader_train), trainer.next_unlabeled_images()
-        losses["supervised"], losses["cps"] = (v.item() for v in trainer.finetune_losses(batch, unlabeled))
+        terms = stage_terms(trainer, "finetune", batch, unlabeled=unlabeled)
+        losses["supervised"], losses["cps"] = terms["segmentation"].item(), terms["cross_pseudo_supervision"].item()
     return losses
 
 
@@ -117,7 +120,7 @@ def test_ideal_network_is_the_dual_decoder_and_predicts_one_segmentation(hippoca
 
 def test_ideal_pretraining_leaves_the_second_decoder_alone(hippocampus):
     trainer = ready_trainer(IDEAL, TEST_PLANS)
-    trained = {id(p) for p in trainer.stage_parameters("dense")}
+    trained = {id(p) for p in trainer.stage_parameters(trainer.schedule.stage("dense"))}
     net = trainer.network
     shared = {id(p) for p in net.encoder.parameters()}
     assert shared <= trained and {id(p) for p in net.decoder.stages.parameters()} <= trained
@@ -131,7 +134,7 @@ def test_ideal_resumes_mid_pretraining(hippocampus):
     plans = make_plans(hippocampus, "nnUNetPlans_resume_ideal", "nnunet_contrast.ideal.pretrain_epochs=2",
                        "nnunet_contrast.budget.num_epochs=1", "nnunet_contrast.budget.num_iterations_per_epoch=1")
     first, resumed = train_then_resume(IDEAL, plans, stop_after_epochs=1)
-    assert resumed.current_epoch == 1 and resumed.current_stage == "dense"
+    assert resumed.current_epoch == 1 and resumed.current_stage.name == "dense"
     assert_same_optimizer_moments(first, resumed)
     resumed.run_training()
     log = resumed.logger.local_logger.my_fantastic_logging

@@ -83,7 +83,7 @@ def cmd_demo(args) -> None:
     parse_labeled(args.labeled)
     check_assignments(args.set)
     try:
-        run_demo(args.trainer, Path(args.workdir) if args.workdir else None, args.labeled, args.set or [])
+        run_demo(args.trainer, Path(args.workdir) if args.workdir else None, args.labeled, args.set or [], args.seed)
     except subprocess.CalledProcessError as err:
         raise UserInputError(f"step '{' '.join(map(str, err.cmd[:2]))}' failed with exit code {err.returncode}; "
                              f"its output is above") from None
@@ -104,7 +104,7 @@ def cmd_benchmark(args) -> None:
         raise UserInputError(f"--msd {args.msd} is not a folder: pass an MSD task folder, e.g. Task04_Hippocampus")
     benchmark = runs.Benchmark(Path(args.workdir), Path(args.msd), trainers, args.fractions, args.folds,
                                runs.Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
-                               upper_bound=not args.no_upper_bound)
+                               upper_bound=not args.no_upper_bound, train_seed=args.train_seed)
     if args.dry_run:
         todo = runs.execute(benchmark.steps(), {}, dry_run=True)
         print(f"{todo} step(s) to do; {len(benchmark.runs())} run(s) in this benchmark")
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled", default="0.25", help="labelled fraction or count of each fold (default 0.25)")
     p.add_argument("--workdir", help="keep everything in this folder (default: a temporary folder, removed after)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra plans settings, as for 'plans'")
+    p.add_argument("--seed", type=int, default=0, help="training seed (nnunet_contrast.run.seed; -1: unseeded, "
+                                                       "as nnU-Net; default 0)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("benchmark", help="train and score every trainer at several labelled fractions and folds "
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=DEFAULT_BUDGET, help=f"preset of plans/ (default {DEFAULT_BUDGET})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="budget settings after the preset")
     p.add_argument("--seed", type=int, default=0, help="seed of the labelled/unlabelled split (default 0)")
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="training seed of every run (nnunet_contrast.run.seed; default 0; -1: unseeded, as nnU-Net)")
     p.add_argument("--device", default="cpu", help="nnUNetv2_train -device (default cpu)")
     p.add_argument("--no-upper-bound", action="store_true",
                    help=f"skip {BASELINE} on all labels of each fold (the upper bound)")

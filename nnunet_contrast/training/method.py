@@ -61,7 +61,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.stage_index: Optional[int] = None
         self.steps_this_epoch = 0
         self._heads = None
-        self._stage_loaders: Dict[str, object] = {}
+        self.stage_loaders: Dict[str, object] = {}
         self.logger.local_logger = ContrastLocalLogger(self.schedule.names)
 
     @classmethod
@@ -129,13 +129,15 @@ class MethodTrainer(SemiSupervisedTrainer):
             return list(self.heads[part[len("head:"):]].parameters())
         raise ValueError(f"{type(self).__name__} has no trainable part '{part}'")
 
+    def stage_parameters(self, stage: Stage) -> List[nn.Parameter]:
+        return [p for part in stage.trains for p in self.parameters_of(part)]
+
     def stage_optimizer(self, index: int):
         """(optimizer, learning-rate schedule) of stage ``index``, for the epochs of its optimizer span."""
         stage = self.schedule.stages[index]
         first_epoch, epochs = self.schedule.span(index)
         if isinstance(stage.optimizer, Adam):
-            parameters = [p for part in stage.trains for p in self.parameters_of(part)]
-            optimizer = torch.optim.Adam(parameters, lr=stage.optimizer.lr, weight_decay=stage.optimizer.weight_decay)
+            optimizer = torch.optim.Adam(self.stage_parameters(stage), lr=stage.optimizer.lr, weight_decay=stage.optimizer.weight_decay)
             return optimizer, ConstantSchedule()
         if NETWORK not in stage.trains:
             raise ValueError(f"stage '{stage.name}': nnU-Net's SGD trains the network")
@@ -170,9 +172,9 @@ class MethodTrainer(SemiSupervisedTrainer):
         """nnU-Net's labelled loader, or the stage's own loader (built once, on first use)."""
         if stage.data in (LABELED, LABELED_AND_UNLABELED):
             return self.dataloader_labeled
-        if stage.data not in self._stage_loaders:
-            self._stage_loaders[stage.data] = self.build_stage_loader(stage.data)
-        return self._stage_loaders[stage.data]
+        if stage.data not in self.stage_loaders:
+            self.stage_loaders[stage.data] = self.build_stage_loader(stage.data)
+        return self.stage_loaders[stage.data]
 
     def build_stage_loader(self, data: str):
         raise ValueError(f"{type(self).__name__} has no loader for '{data}'")
@@ -180,11 +182,11 @@ class MethodTrainer(SemiSupervisedTrainer):
     def finish_unused_loaders(self, stage: Stage) -> None:
         """Stop the worker processes of stage loaders that this and later stages no longer read."""
         later = {s.data for s in self.schedule.stages[self.stage_index:]}
-        for data in [d for d in self._stage_loaders if d not in later]:
-            self._stage_loaders.pop(data).finish()
+        for data in [d for d in self.stage_loaders if d not in later]:
+            self.stage_loaders.pop(data).finish()
 
     def extra_loaders(self):
-        return list(self._stage_loaders.values())
+        return list(self.stage_loaders.values())
 
     def get_dataloaders(self):
         loaders = super().get_dataloaders()

@@ -15,9 +15,11 @@ Work folder::
     results/PLANS/TRAINER_foldF.json                    one record per finished run
     results.csv                                         every record, one line each
 
-``PLANS`` is ``nnUNetPlans_bench-BUDGET-DIGEST_sSEED_lFRACTION``: the digest covers the budget
-preset's content and the ``--set`` arguments, so runs of two budgets or two split seeds never share a
-results folder or a table. A run stopped part-way (a checkpoint but no validation summary: training or
+``PLANS`` is ``nnUNetPlans_bench-BUDGET-DIGEST_sSEED_tTRAINSEED_lFRACTION``: the digest covers the
+budget preset's content and the ``--set`` arguments, so runs of two budgets, two split seeds or two
+training seeds never share a results folder or a table. The training seed (``--train-seed``, the
+plans' ``nnunet_contrast.run.seed``) is left out of the name when it is -1 (unseeded, as nnU-Net and
+as the benchmarks before it existed). A run stopped part-way (a checkpoint but no validation summary: training or
 nnU-Net's final validation was interrupted) is continued with ``--c``.
 """
 import contextlib
@@ -73,8 +75,9 @@ class Budget:
         content = json.dumps({"preset": load_preset(self.preset), "set": list(self.assignments)}, sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()[:8]
 
-    def plans_identifier(self, fraction: str, seed: int) -> str:
-        return f"nnUNetPlans_bench-{self.preset}-{self.digest}_s{seed}_l{fraction}"
+    def plans_identifier(self, fraction: str, seed: int, train_seed: int = -1) -> str:
+        trained = f"_t{train_seed}" if train_seed >= 0 else ""
+        return f"nnUNetPlans_bench-{self.preset}-{self.digest}_s{seed}{trained}_l{fraction}"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class Benchmark:
     seed: int = 0
     device: str = "cpu"
     upper_bound: bool = True
+    train_seed: int = 0
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
@@ -140,7 +144,7 @@ class Benchmark:
 
     def plans(self, run_or_fraction) -> str:
         fraction = getattr(run_or_fraction, "fraction", run_or_fraction)
-        return self.budget.plans_identifier(fraction, self.seed)
+        return self.budget.plans_identifier(fraction, self.seed, self.train_seed)
 
     def fold_folder(self, run: Run) -> Path:
         plans = self.plans(run)
@@ -195,7 +199,8 @@ class Benchmark:
                   str(self.seed), "--name", split]),
             Step(f"plans {plans}", self.preprocessed / f"{plans}.json",
                  ["nnunet-contrast", "plans", "-d", self.dataset_id, "--preset", self.budget.preset, *sets,
-                  "--set", f"nnunet_contrast.semisup.split_file={split}", "-o", plans])]
+                  "--set", f"nnunet_contrast.semisup.split_file={split}",
+                  "--set", f"nnunet_contrast.run.seed={self.train_seed}", "-o", plans])]
 
     def run_steps(self, run: Run) -> List[Step]:
         fold = self.fold_folder(run)
