@@ -214,6 +214,58 @@ def train_then_resume(trainer_name, plans, stop_after_epochs):
     return first, resumed
 
 
+def trained_state(trainer) -> dict:
+    """What a run ends with: network, heads, the pseudo-labeller's snapshot if any (all on the CPU)."""
+    parts = {"network": trainer.network}
+    if hasattr(trainer, "heads"):
+        parts["heads"] = trainer.heads
+    if getattr(trainer, "pseudo_labeler", None) is not None:
+        parts["labeller"] = trainer.pseudo_labeler
+    return {f"{name}.{key}": value.detach().cpu().clone() for name, part in parts.items()
+            for key, value in part.state_dict().items()}
+
+
+class StopTraining(Exception):
+    """Stands for a run killed between two epochs."""
+
+
+def stop_after_epoch_end(trainer, epochs: int) -> None:
+    """Make ``trainer`` stop, as if killed, right after the end of epoch ``epochs - 1`` (after nnU-Net
+    has written checkpoint_latest.pth), without touching its epoch count or schedules."""
+    epoch_end = trainer.on_epoch_end
+
+    def on_epoch_end():
+        epoch_end()
+        if trainer.current_epoch == epochs:
+            raise StopTraining
+    trainer.on_epoch_end = on_epoch_end
+
+
+def assert_resume_matches_uninterrupted(trainer_name, plans, stop_after_epochs):
+    """A run stopped after ``stop_after_epochs`` and continued as ``nnUNetv2_train --c`` does ends in the
+    state of the same run trained without a stop (in-process loading: nnUNet_n_proc_DA=0)."""
+    seed_everything(0)
+    uninterrupted = make_trainer(trainer_name, plans)
+    uninterrupted.run_training()
+    expected, log = trained_state(uninterrupted), uninterrupted.logger.local_logger.my_fantastic_logging
+    Path(uninterrupted.output_folder, "checkpoint_final.pth").unlink()  # --c would take it first
+    seed_everything(0)
+    stopped = make_trainer(trainer_name, plans)
+    stop_after_epoch_end(stopped, stop_after_epochs)
+    with pytest.raises(StopTraining):
+        stopped.run_training()
+    resumed = make_trainer(trainer_name, plans)
+    maybe_load_checkpoint(resumed, True, False)  # nnUNetv2_train --c: checkpoint_latest.pth
+    assert resumed.current_epoch == stop_after_epochs
+    resumed.run_training()
+    assert resumed.current_epoch == uninterrupted.current_epoch
+    assert resumed.logger.local_logger.my_fantastic_logging["train_losses"] == log["train_losses"]
+    actual = trained_state(resumed)
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
 def assert_same_optimizer_moments(first, resumed):
     """The Adam moments of a resumed trainer are those its checkpoint was saved with."""
     first_state, resumed_state = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (TEST_PLANS, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans, make_trainer,
+from conftest import (TEST_PLANS, assert_resume_matches_uninterrupted, corrupt_labels, losses_with_hidden_labels_corrupted,
+                      make_plans, make_trainer,
                       ready_trainer, seed_everything, split_of_fold0, stage_terms, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
@@ -82,4 +83,108 @@ def test_trainer_that_needs_unlabelled_images_finding_none(hippocampus, monkeypa
     trainer = _NeedsUnlabeled(plans, "2d", 0, dataset_json, torch.device("cpu"))
     monkeypatch.setattr(trainer, "added_unlabeled_dataset", lambda: None)
     with pytest.raises(UserInputError, match="needs unlabelled images but found none"):
+        trainer.do_split()
+
+
+# ----------------------------------------------------------------------------- resume, one per stage kind
+RESUME_CASES = {
+    # Adam pretraining on labelled + unlabelled images, two views: stop inside the global stage
+    "pretraining": ("nnUNetTrainerSupConLocal", ["nnunet_contrast.supconlocal.global_epochs=2",
+                                                 "nnunet_contrast.supconlocal.local_epochs=0",
+                                                 "nnunet_contrast.budget.num_epochs=1"], 1),
+    # nnU-Net's SGD with a contrastive term and a pseudo-labeller snapshot: stop inside the round
+    "joint round": ("nnUNetTrainerPseudoLabelContrast", ["nnunet_contrast.budget.num_epochs=3",
+                                                         "nnunet_contrast.pseudolabel.warmup_fraction=0.3",
+                                                         "nnunet_contrast.pseudolabel.pseudo_label_rounds=1"], 2),
+    # the joint phases of CrossLevel: stop inside the contrast phase
+    "joint phase": ("nnUNetTrainerCrossLevel", ["nnunet_contrast.budget.num_epochs=3",
+                                                "nnunet_contrast.crosslevel.contrast_fraction=0.6"], 1),
+    # dense pretraining of the dual-decoder network
+    "dense pretraining": ("nnUNetTrainerIDEAL", ["nnunet_contrast.ideal.pretrain_epochs=2",
+                                                 "nnunet_contrast.budget.num_epochs=1"], 1),
+    # partition batches of all images from the trainer's own loader
+    "own loader": ("nnUNetTrainerGlobalLocalContrast", ["nnunet_contrast.globallocal.global_epochs=2",
+                                                        "nnunet_contrast.budget.num_epochs=1"], 1),
+    # nnU-Net's own fine-tuning step
+    "fine-tuning": ("nnUNetTrainerLabeledOnly", ["nnunet_contrast.budget.num_epochs=2"], 1),
+}
+
+
+@pytest.mark.parametrize("kind", list(RESUME_CASES))
+def test_a_resumed_run_ends_as_the_uninterrupted_one(hippocampus, kind):
+    trainer, settings, stop = RESUME_CASES[kind]
+    plans = make_plans(hippocampus, f"nnUNetPlans_same_{kind.replace(' ', '_')}", *settings,
+                       "nnunet_contrast.budget.num_iterations_per_epoch=1")
+    assert_resume_matches_uninterrupted(trainer, plans, stop)
+
+
+# ----------------------------------------------------------------------------- the fine-tuning setting
+def test_finetune_setting_replaces_the_methods_last_stages_by_nnunets(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_nnunet_finetune", "nnunet_contrast.run.finetune=nnunet")
+    ideal = make_trainer("nnUNetTrainerIDEAL", plans)
+    assert [s.name for s in ideal.schedule.stages] == ["dense", "finetune"]
+    assert ideal.schedule.stages[-1].is_nnunet_step  # not the cross pseudo-supervision of two decoders
+    pseudo = make_trainer("nnUNetTrainerPseudoLabelContrast", plans)  # all its stages are fine-tuning
+    assert [(s.name, s.epochs, s.is_nnunet_step) for s in pseudo.schedule.stages] == [("finetune", 2, True)]
+    as_published = make_trainer("nnUNetTrainerIDEAL", TEST_PLANS)
+    assert not as_published.schedule.stages[-1].is_nnunet_step
+    assert [s.terms for s in make_trainer("nnUNetTrainerSupConLocal", plans).schedule.stages] == \
+        [s.terms for s in make_trainer("nnUNetTrainerSupConLocal", TEST_PLANS).schedule.stages]
+
+
+# ----------------------------------------------------------------------------- the training seed
+def first_draws(plans, monkeypatch):
+    """Initial weights and the first batches of every loader of a SupConLocal run, with worker processes."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    trainer = make_trainer("nnUNetTrainerSupConLocal", plans)
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    try:
+        weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+        batches = [next(loader)["data"] for loader in (trainer.dataloader_train, trainer.dataloader_val)
+                   for _ in range(3)] + [trainer.next_unlabeled_images() for _ in range(3)]
+    finally:
+        for loader in (trainer.dataloader_train, trainer.dataloader_val):
+            loader._finish()
+        trainer.dataloader_unlabeled.finish()
+    return weights, batches
+
+
+def same_draws(a, b) -> bool:
+    return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def test_a_seeded_run_draws_the_same_weights_and_batches_twice(hippocampus, monkeypatch):
+    seeded = make_plans(hippocampus, "nnUNetPlans_seeded", "nnunet_contrast.run.seed=3")
+    assert same_draws(first_draws(seeded, monkeypatch), first_draws(seeded, monkeypatch))
+    unseeded = make_plans(hippocampus, "nnUNetPlans_unseeded", "nnunet_contrast.run.seed=-1")
+    assert not same_draws(first_draws(unseeded, monkeypatch), first_draws(unseeded, monkeypatch))  # control
+
+
+# ----------------------------------------------------------------------------- bad split files
+def split_file_trainer(hippocampus, content: str, name: str):
+    (hippocampus.preprocessed / name).write_text(content)
+    plans = make_plans(hippocampus, f"nnUNetPlans_{name.split('.')[0]}", f"nnunet_contrast.semisup.split_file={name}")
+    return plans, make_trainer("nnUNetTrainerLabeledOnly", plans)
+
+
+def test_a_split_file_that_is_not_json_gets_one_line(hippocampus):
+    plans, trainer = split_file_trainer(hippocampus, '{"format": "nnunet-contrast semisup split v1", "folds": [',
+                                        "split_broken.json")
+    with pytest.raises(UserInputError, match=r"split_broken.json is not valid JSON .*: fix it or recreate it"):
+        trainer.do_split()
+    # inside nnUNetv2_train the same error ends the command with that one line, no traceback
+    result = hippocampus.run("nnUNetv2_train", "4", "2d", "0", "-tr", "nnUNetTrainerLabeledOnly", "-p", plans,
+                             "-device", "cpu", check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last.startswith("nnUNetv2_train: error: ") and "split_broken.json is not valid JSON" in last
+
+
+def test_a_case_both_labelled_and_unlabelled_is_refused(hippocampus):
+    split = json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())
+    split["folds"][0]["unlabeled"].append(split["folds"][0]["labeled"][0])
+    _, trainer = split_file_trainer(hippocampus, json.dumps(split), "split_overlap.json")
+    with pytest.raises(UserInputError, match="fold 0 of .*split_overlap.json lists 1 case.s. as both labelled and "
+                                             "unlabelled"):
         trainer.do_split()

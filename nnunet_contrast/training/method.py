@@ -281,12 +281,13 @@ class MethodTrainer(SemiSupervisedTrainer):
     # ------------------------------------------------------------ checkpoints
     def checkpoint_extras(self) -> Dict:
         stage = self.current_stage
-        return {"heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
+        return {**super().checkpoint_extras(), "heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
                 "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:
         """Before nnU-Net restores weights and optimizer state: the heads, and the optimizer of the stage
         the checkpoint was saved in (the next epoch may start a new stage: ``enter_stage`` then runs)."""
+        super().restore_extras(extras, current_epoch)
         if extras.get("settings", self.settings.as_dict()) != self.settings.as_dict():
             # nnU-Net allows continuing with, e.g., more epochs; stage boundaries move with the settings
             self.print_to_log_file("WARNING: the settings differ from those the checkpoint was trained with; "

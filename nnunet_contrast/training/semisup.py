@@ -25,6 +25,21 @@ from nnunet_contrast.training.checkpoint_io import EXTRAS_KEY, extras_added_on_s
 SETTINGS_FILE = "nnunet_contrast_settings.json"
 
 
+def random_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 class SemiSupervisedTrainer(nnUNetTrainer):
     """Trains on the labelled cases of the split and offers unlabelled batches (images only).
 
@@ -56,6 +71,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.unlabeled_keys: List[str] = []
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
         self.image_loaders_built = 0  # each seeded loader's workers get seeds of their own
+        self.resumed_random_state: Optional[dict] = None
 
     @classmethod
     def check_supported(cls, plans_manager: "PlansManager", configuration: str, dataset_json: dict) -> Settings:
@@ -217,11 +233,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extras(self) -> dict:
-        """What a subclass adds to nnU-Net's checkpoint under the key ``nnunet_contrast``."""
-        return {}
+        """What we add to nnU-Net's checkpoint under the key ``nnunet_contrast`` (subclasses add more):
+        the random generators of this process, so that ``--c`` draws what the uninterrupted run would
+        have drawn (exactly so with in-process data loading, nnUNet_n_proc_DA=0)."""
+        return {"random_state": random_state()}
 
     def restore_extras(self, extras: dict, current_epoch: int) -> None:
         """Runs before nnU-Net restores weights and optimizer state from a checkpoint."""
+        self.resumed_random_state = extras.get("random_state")
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint with our extras under ``EXTRAS_KEY``, written once and atomically.
@@ -244,6 +263,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         self.report_settings()
+        if self.resumed_random_state is not None:
+            # after nnU-Net's start, whose loaders draw a first batch in the uninterrupted run too
+            set_random_state(self.resumed_random_state)
+            self.resumed_random_state = None
 
     def on_train_end(self):
         super().on_train_end()
