@@ -81,10 +81,22 @@ class Run:
 
 
 @dataclass(frozen=True)
-class SupConLocal:
+class GlobalLocalStages:
+    """What SupConLocal and GlobalLocal share: a global and a local pretraining stage with Adam, an MLP
+    head on the pooled bottleneck and a dense head on a decoder stage."""
     global_epochs: int = setting()
     local_epochs: int = setting()
     pretrain_iterations_per_epoch: int = setting()
+    global_head_hidden: int = setting(**AT_LEAST_ONE)
+    global_head_dim: int = setting(**AT_LEAST_ONE)
+    local_head_hidden: int = setting(**AT_LEAST_ONE)
+    local_head_dim: int = setting(**AT_LEAST_ONE)
+    pretrain_lr: float = setting(**POSITIVE)
+    pretrain_weight_decay: float = setting()
+
+
+@dataclass(frozen=True)
+class SupConLocal(GlobalLocalStages):
     global_temperature: float = setting(**POSITIVE)
     local_temperature: float = setting(**POSITIVE)
     local_mode: str = setting(choices=MODES)
@@ -93,12 +105,6 @@ class SupConLocal:
     block_size: int = setting(**AT_LEAST_ONE)
     chunk_size: int = setting(**AT_LEAST_ONE)
     local_form: str = setting(choices=FORMS)
-    global_head_hidden: int = setting(**AT_LEAST_ONE)
-    global_head_dim: int = setting(**AT_LEAST_ONE)
-    local_head_hidden: int = setting(**AT_LEAST_ONE)
-    local_head_dim: int = setting(**AT_LEAST_ONE)
-    pretrain_lr: float = setting(**POSITIVE)
-    pretrain_weight_decay: float = setting()
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,7 @@ class PseudoLabel:
 
 
 @dataclass(frozen=True)
-class GlobalLocal:
-    global_epochs: int = setting()
-    local_epochs: int = setting()
-    pretrain_iterations_per_epoch: int = setting()
+class GlobalLocal(GlobalLocalStages):
     pretrain_batch_size: int = setting(**AT_LEAST_ONE)
     global_strategy: str = setting(choices=("GR", "GD"))
     local_strategy: str = setting(choices=("LR", "LD"))
@@ -127,12 +130,6 @@ class GlobalLocal:
     temperature: float = setting(**POSITIVE)
     decoder_blocks: int = setting(**AT_LEAST_ONE)
     region_size: int = setting(**AT_LEAST_ONE)
-    global_head_hidden: int = setting(**AT_LEAST_ONE)
-    global_head_dim: int = setting(**AT_LEAST_ONE)
-    local_head_hidden: int = setting(**AT_LEAST_ONE)
-    local_head_dim: int = setting(**AT_LEAST_ONE)
-    pretrain_lr: float = setting(**POSITIVE)
-    pretrain_weight_decay: float = setting()
 
 
 @dataclass(frozen=True)

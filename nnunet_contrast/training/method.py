@@ -194,6 +194,10 @@ class MethodTrainer(SemiSupervisedTrainer):
         return loaders
 
     # ------------------------------------------------------------ nnU-Net hooks
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file(f"Stages of {type(self).__name__}: {self.schedule.describe()}", add_timestamp=False)
+
     def on_train_epoch_start(self):
         index = self.schedule.index_at(self.current_epoch)
         if index != self.stage_index:
