@@ -43,7 +43,7 @@ def test_what_a_stage_is():
     assert not weighted.is_nnunet_step and weighted.supervised
     pretrain = stage("dense", 1, Adam(1e-3), terms=(Term("dense_contrast"),), data=LABELED_AND_UNLABELED)
     assert not pretrain.is_nnunet_step and not pretrain.supervised
-    with pytest.raises(ValueError, match="at least one stage"):
+    with pytest.raises(ValueError, match="no stage has any epochs"):
         Schedule([stage("a", 0)])
 
 

@@ -188,3 +188,11 @@ def test_a_case_both_labelled_and_unlabelled_is_refused(hippocampus):
     with pytest.raises(UserInputError, match="fold 0 of .*split_overlap.json lists 1 case.s. as both labelled and "
                                              "unlabelled"):
         trainer.do_split()
+
+
+def test_a_run_without_epochs_is_refused_before_nnunet_writes_anything(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_no_epochs", "nnunet_contrast.budget.num_epochs=0")
+    with pytest.raises(UserInputError, match="nnUNetTrainerCrossLevel: no stage has any epochs: raise "
+                                             "nnunet_contrast.budget.num_epochs"):
+        make_trainer("nnUNetTrainerCrossLevel", plans)
+    assert not hippocampus.model_folder("nnUNetTrainerCrossLevel", plans).exists()

@@ -39,7 +39,7 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
         contrast_epochs = int(s.contrast_fraction * epochs + 0.5)  # rounded half up
         iterations, trains = self.settings.budget.num_iterations_per_epoch, (NETWORK, HEADS)
         return [Stage(CONTRAST, contrast_epochs, iterations, trains, NnUNetSGD(),
-                      (Term(SEGMENTATION), Term("cross_level_contrast", s.alpha)), LABELED_AND_UNLABELED,
+                      (Term(SEGMENTATION), Term("cross_level_contrast", s.alpha, features=True)), LABELED_AND_UNLABELED,
                       role=FINETUNE_ROLE),
                 Stage(CONSISTENCY, epochs - contrast_epochs, iterations, trains, NnUNetSGD(),
                       (Term(SEGMENTATION), Term("patch_consistency", s.beta)), LABELED_AND_UNLABELED,

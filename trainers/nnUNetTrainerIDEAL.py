@@ -90,7 +90,7 @@ class nnUNetTrainerIDEAL(MethodTrainer):
         return self.heads["dense"](features).flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------ fine-tuning
-    def joint_forward(self, images: torch.Tensor) -> JointPass:
+    def joint_forward(self, images: torch.Tensor, features: bool) -> JointPass:
         """Both decoders over labelled and unlabelled images: nnU-Net's loss applies to each."""
         return JointPass(list(unwrap_network(self.network).forward_both(images)), None)
 

@@ -56,7 +56,7 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
         over all of them (the head joins it)."""
         warmup, rounds = warmup_and_rounds(self.settings)
         iterations, trains = self.settings.budget.num_iterations_per_epoch, (NETWORK, HEADS)
-        joint = (Term(SEGMENTATION), Term("contrast", self.method_settings.lambda_cont))
+        joint = (Term(SEGMENTATION), Term("contrast", self.method_settings.lambda_cont, features=True))
         return [Stage(WARMUP, warmup, iterations, trains, NnUNetSGD(), (Term(SEGMENTATION),), LABELED,
                       role=FINETUNE_ROLE)] + \
             [Stage(JOINT, epochs, iterations, trains, NnUNetSGD(), joint, LABELED_AND_UNLABELED, role=FINETUNE_ROLE)

@@ -55,8 +55,6 @@ class MethodTrainer(SemiSupervisedTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.method_settings = self.settings.method
-        self.schedule = Schedule(self.with_finetune_setting(self.build_schedule()))
         self.num_epochs = self.schedule.total_epochs  # nnU-Net's loop reads this once, at its start
         self.stage_index: Optional[int] = None
         self.steps_this_epoch = 0
@@ -75,6 +73,14 @@ class MethodTrainer(SemiSupervisedTrainer):
             raise UserInputError(f"{cls.__name__} needs class labels, not regions: train a dataset without "
                                  f"'regions_class_order' in its dataset.json")
         return settings
+
+    def plan_run(self) -> None:
+        """The method's settings and its schedule (``build_schedule`` reads settings only)."""
+        self.method_settings = self.settings.method
+        try:
+            self.schedule = Schedule(self.with_finetune_setting(self.build_schedule()))
+        except ValueError as error:
+            raise UserInputError(f"{type(self).__name__}: {error}") from None
 
     # ------------------------------------------------------------ to define
     def build_schedule(self) -> List[Stage]:
@@ -161,7 +167,7 @@ class MethodTrainer(SemiSupervisedTrainer):
             self._best_ema = math.inf
         elif self._best_ema == math.inf:
             self._best_ema = None
-        self.finish_unused_loaders(stage)
+        self.finish_unused_loaders()
         self.print_to_log_file(f"Entering stage '{stage.name}' at epoch {self.current_epoch}")
 
     # ------------------------------------------------------------ data of a stage
@@ -179,7 +185,7 @@ class MethodTrainer(SemiSupervisedTrainer):
     def build_stage_loader(self, data: str):
         raise ValueError(f"{type(self).__name__} has no loader for '{data}'")
 
-    def finish_unused_loaders(self, stage: Stage) -> None:
+    def finish_unused_loaders(self) -> None:
         """Stop the worker processes of stage loaders that this and later stages no longer read."""
         later = {s.data for s in self.schedule.stages[self.stage_index:]}
         for data in [d for d in self.stage_loaders if d not in later]:
@@ -235,10 +241,13 @@ class MethodTrainer(SemiSupervisedTrainer):
         _, target = inputs.labeled
         return sum(self.loss(batch_part(output, inputs.labeled_part), target) for output in inputs.joint.outputs)
 
-    def joint_forward(self, images: torch.Tensor) -> JointPass:
-        """One pass of the network over labelled and unlabelled images, with its last decoder stage."""
-        output, features = forward_with_decoder_features(self.network, images)
-        return JointPass([output], features)
+    def joint_forward(self, images: torch.Tensor, features: bool) -> JointPass:
+        """One pass of the network over labelled and unlabelled images; with its last decoder stage
+        when a term reads it (else the plain, on CUDA compiled, network)."""
+        if not features:
+            return JointPass([self.network(images)], None)
+        output, decoder_features = forward_with_decoder_features(self.network, images)
+        return JointPass([output], decoder_features)
 
     def optimizer_step(self, compute_loss: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> dict:
         """One update of the current optimizer. ``compute_loss()`` runs under nnU-Net's autocast on
@@ -292,14 +301,16 @@ class MethodTrainer(SemiSupervisedTrainer):
         """Before nnU-Net restores weights and optimizer state: the heads, and the optimizer of the stage
         the checkpoint was saved in (the next epoch may start a new stage: ``enter_stage`` then runs)."""
         super().restore_extras(extras, current_epoch)
-        if extras.get("settings", self.settings.as_dict()) != self.settings.as_dict():
+        saved, current = extras.get("settings", {}), self.settings.as_dict()
+        if any(saved[name] != current.get(name) for name in saved):  # sections added since are not a difference
             # nnU-Net allows continuing with, e.g., more epochs; stage boundaries move with the settings
             self.print_to_log_file("WARNING: the settings differ from those the checkpoint was trained with; "
                                    "stages follow the current settings (see nnunet_contrast_settings.json)")
         if "heads" in extras:
             self.heads.load_state_dict(extras["heads"])
         index = extras.get("stage_index")
-        if index is None or index >= len(self.schedule.stages):
+        if index is None or index >= len(self.schedule.stages) or \
+                self.schedule.stages[index].name != extras.get("optimizer_stage"):  # the stages have changed
             index = self.schedule.index_at(max(current_epoch - 1, 0))
         self.stage_index = index
         self.optimizer, self.lr_scheduler = self.stage_optimizer(index)

@@ -42,9 +42,11 @@ Weight = Union[float, Callable[[float], float]]
 @dataclass(frozen=True)
 class Term:
     """A loss term: the trainer's method ``<name>_loss(inputs)``, times ``weight``; a weight may be a
-    function of the stage's progress in [0, 1) (e.g. ``sigmoid_rampup``)."""
+    function of the stage's progress in [0, 1) (e.g. ``sigmoid_rampup``). ``features``: the term reads
+    the last decoder stage of the joint forward pass (the pass then taps it)."""
     name: str
     weight: Weight = 1.0
+    features: bool = False
 
     def weight_at(self, progress: float) -> float:
         return self.weight(progress) if callable(self.weight) else self.weight
@@ -94,7 +96,8 @@ class Schedule:
     def __init__(self, stages: Sequence[Stage]):
         self.stages: List[Stage] = [s for s in stages if s.epochs > 0]
         if not self.stages:
-            raise ValueError("a run needs at least one stage with epochs")
+            raise ValueError("no stage has any epochs: raise nnunet_contrast.budget.num_epochs or a stage's epochs "
+                             "in the plans")
         self.starts = [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages))]
 
     @property

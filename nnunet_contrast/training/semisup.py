@@ -1,13 +1,10 @@
 """nnUNetTrainer with a semi-supervised split, an unlabelled pool, settings from the plans and an
 optional training seed."""
 import json
-import random
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
-from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -21,23 +18,9 @@ from nnunet_contrast.data.split import fold_split, read_split
 from nnunet_contrast.data.unlabeled import unlabeled_folder
 from nnunet_contrast.settings import Budget, Settings, resolve_settings
 from nnunet_contrast.training.checkpoint_io import EXTRAS_KEY, extras_added_on_save, loaded_checkpoint_served
+from nnunet_contrast.training.seeding import random_state, seed_process, seeded_workers, set_random_state
 
 SETTINGS_FILE = "nnunet_contrast_settings.json"
-
-
-def random_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_random_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class SemiSupervisedTrainer(nnUNetTrainer):
@@ -62,9 +45,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # checked before nnU-Net's __init__, which creates the output folder and log
-        settings = self.check_supported(PlansManager(plans), configuration, dataset_json)
+        self.settings: Settings = self.check_supported(PlansManager(plans), configuration, dataset_json)
+        self.plan_run()
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.settings: Settings = settings
         self.apply_budget(self.settings.budget)
         self.seed_run()
         self.labeled_keys: List[str] = []
@@ -92,6 +75,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                                     cls.variant_settings)
         except ValueError as error:
             raise UserInputError(str(error)) from None
+
+    def plan_run(self) -> None:
+        """What a subclass decides from the settings alone, before nnU-Net creates the output folder (so
+        that a one-line refusal leaves nothing behind)."""
 
     # ----------------------------------------------------------------- settings
     def apply_budget(self, budget: Budget) -> None:
@@ -196,19 +183,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     # ----------------------------------------------------------------- seed
     def seed_run(self) -> None:
-        """``run.seed`` >= 0: Python's, numpy's and torch's generators of this process (network
-        initialisation, our augmentations), and every augmentation worker (``seeded_workers``)."""
         if self.settings.run.seed >= 0:
-            random.seed(self.settings.run.seed)
-            np.random.seed(self.settings.run.seed)
-            torch.manual_seed(self.settings.run.seed)
+            seed_process(self.settings.run.seed)
 
-    def seeded_workers(self, loader, processes: int, loader_index: int) -> MultiThreadedAugmenter:
-        """Worker processes with seeds of their own, whose batches come back in a fixed order
-        (nnU-Net's NonDet augmenter hands out whichever worker's batch is ready first)."""
-        seeds = np.random.SeedSequence([self.settings.run.seed, loader_index]).generate_state(processes)
-        return MultiThreadedAugmenter(loader, None, processes, max(2, 6 // processes), [int(s) for s in seeds],
-                                      pin_memory=self.device.type == "cuda")
+    def seeded_workers(self, loader, processes: int, loader_index: int):
+        return seeded_workers(loader, processes, self.settings.run.seed, loader_index, self.device.type == "cuda")
 
     def seeded_augmenter(self, augmenter, loader_index: int):
         """nnU-Net's train (0) or validation (1) augmenter, replaced by seeded workers over the same
@@ -225,12 +204,6 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             return None
         return next(self.dataloader_unlabeled)["data"]
 
-    def labeled_and_unlabeled_images(self, batch: dict) -> torch.Tensor:
-        """The images of nnU-Net's labelled batch followed by an unlabelled batch (when there is an
-        unlabelled pool), on the device; no label is read."""
-        images = [batch["data"]] + [x for x in [self.next_unlabeled_images()] if x is not None]
-        return torch.cat(images).to(self.device, non_blocking=True)
-
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extras(self) -> dict:
         """What we add to nnU-Net's checkpoint under the key ``nnunet_contrast`` (subclasses add more):
@@ -246,8 +219,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """nnU-Net's checkpoint with our extras under ``EXTRAS_KEY``, written once and atomically.
         Heads stay outside ``network_weights``: nnUNetv2_predict and ``-pretrained_weights`` see a
         plain nnU-Net network."""
-        with extras_added_on_save(self.checkpoint_extras, filename):
+        with extras_added_on_save(self.checkpoint_extras, filename) as saved:
             super().save_checkpoint(filename)
+        if not saved and self.local_rank == 0 and not self.disable_checkpointing:
+            raise RuntimeError(f"nnU-Net saved {filename} without torch.save(checkpoint, filename), so nnunet-contrast "
+                               f"could not add its extras: use nnunetv2 2.8 (pip install 'nnunetv2>=2.8,<2.9')")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
@@ -263,7 +239,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         self.report_settings()
-        if self.resumed_random_state is not None:
+        if self.resumed_random_state is not None and not self.is_ddp:  # one state saved, by rank 0
             # after nnU-Net's start, whose loaders draw a first batch in the uninterrupted run too
             set_random_state(self.resumed_random_state)
             self.resumed_random_state = None

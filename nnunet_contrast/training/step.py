@@ -48,9 +48,18 @@ class StepInputs:
         self.trainer, self.stage, self.batch = trainer, stage, batch
 
     @cached_property
+    def batch_images(self) -> torch.Tensor:
+        """The images of the stage's batch (the labelled batch, or the stage's own loader's) on the device."""
+        return to_device(self.batch["data"], self.trainer.device)
+
+    @property
     def labeled(self) -> Tuple[torch.Tensor, object]:
         """(images, target) of the labelled batch on the device; target as nnU-Net gives it."""
-        return to_device(self.batch["data"], self.trainer.device), to_device(self.batch["target"], self.trainer.device)
+        return self.batch_images, self.target
+
+    @cached_property
+    def target(self):
+        return to_device(self.batch["target"], self.trainer.device)
 
     @property
     def n_labeled(self) -> int:
@@ -67,10 +76,9 @@ class StepInputs:
     @cached_property
     def images(self) -> torch.Tensor:
         """The labelled images, followed by the unlabelled ones when the stage reads them."""
-        data = to_device(self.batch["data"], self.trainer.device)
         if self.stage.data != LABELED_AND_UNLABELED or self.unlabeled is None:
-            return data
-        return torch.cat([data, self.unlabeled])
+            return self.batch_images
+        return torch.cat([self.batch_images, self.unlabeled])
 
     @property
     def labeled_part(self) -> slice:
@@ -82,7 +90,7 @@ class StepInputs:
 
     @cached_property
     def joint(self) -> JointPass:
-        return self.trainer.joint_forward(self.images)
+        return self.trainer.joint_forward(self.images, features=any(t.features for t in self.stage.terms))
 
     def views(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Two augmented views of ``images``, as the stage's ``views`` says."""
