@@ -53,7 +53,8 @@ def at_stage(trainer, name: str, **settings):
             trainer.schedule = Schedule(trainer.with_finetune_setting(trainer.build_schedule()))
         index = trainer.schedule.index_of(name)
         trainer.current_epoch, trainer.stage_index = trainer.schedule.starts[index], None
-        trainer.on_train_epoch_start()
+        trainer.start_stage_epoch(index)  # nnU-Net's own epoch start would log out of order here
+        trainer.heads.train()
         return trainer
     return setup
 

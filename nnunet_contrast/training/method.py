@@ -205,17 +205,19 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.print_to_log_file(f"Stages of {type(self).__name__}: {self.schedule.describe()}", add_timestamp=False)
 
     def on_train_epoch_start(self):
-        index = self.schedule.index_at(self.current_epoch)
-        if index != self.stage_index:
-            self.enter_stage(index)
-        stage = self.current_stage
-        # nnU-Net's loop reads both at the start of every epoch
-        self.num_iterations_per_epoch = stage.iterations
-        self.dataloader_train = self.stage_loader(stage)
-        self.steps_this_epoch = 0
+        self.start_stage_epoch(self.schedule.index_at(self.current_epoch))
         self.heads.train()
         super().on_train_epoch_start()
-        self.print_to_log_file(f"Stage: {stage.name}")
+        self.print_to_log_file(f"Stage: {self.current_stage.name}")
+
+    def start_stage_epoch(self, index: int) -> None:
+        """An epoch of stage ``index``: the stage entered if it is new, its iterations and its loader."""
+        if index != self.stage_index:
+            self.enter_stage(index)
+        # nnU-Net's loop reads both at the start of every epoch
+        self.num_iterations_per_epoch = self.current_stage.iterations
+        self.dataloader_train = self.stage_loader(self.current_stage)
+        self.steps_this_epoch = 0
 
     def train_step(self, batch: dict) -> dict:
         stage = self.current_stage
