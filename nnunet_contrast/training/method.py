@@ -233,9 +233,9 @@ class MethodTrainer(SemiSupervisedTrainer):
         """The weighted sum of the stage's terms, and each term (unweighted) to log."""
         progress = self.stage_progress()
         values = {term.name: getattr(self, f"{term.name}_loss")(inputs) for term in stage.terms}
-        total = sum(term.weight_at(progress) * values[term.name] for term in stage.terms)
-        unsupervised = sum(term.weight_at(progress) * values[term.name] for term in stage.terms
-                           if term.name != SEGMENTATION)
+        weighted = {term.name: term.weight_at(progress) * values[term.name] for term in stage.terms}
+        total = sum(weighted.values())
+        unsupervised = sum(value for name, value in weighted.items() if name != SEGMENTATION)
         return total, {**values, "unsupervised": torch.as_tensor(unsupervised, dtype=torch.float32)}
 
     def segmentation_loss(self, inputs: StepInputs) -> torch.Tensor:
