@@ -4,7 +4,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 from nnunet_contrast.errors import UserInputError
 
@@ -104,11 +104,15 @@ def command_path(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def nnunet_environment(root: Path) -> dict:
+def nnunet_environment(root: Optional[Path], create: bool = True) -> dict:
+    """This process's environment with nnU-Net's folders under ``root`` (created unless ``create`` is
+    False), or as the user set them (``root`` None), and nnU-Net's pools sized for small machines unless
+    the user sized them."""
     env = dict(os.environ)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if root is not None else ():
         env[var] = str(root / var)
-        Path(env[var]).mkdir(parents=True, exist_ok=True)
+        if create:
+            Path(env[var]).mkdir(parents=True, exist_ok=True)
     env.setdefault("nnUNet_def_n_proc", "2")   # nnU-Net's export pools, sized for small machines
     env.setdefault("nnUNet_n_proc_DA", "2")
     env.setdefault("nnUNet_compile", "false")

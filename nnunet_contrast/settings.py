@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from nnunet_contrast.data.mixing import MIXINGS
 from nnunet_contrast.losses.class_mean import MATCHINGS
 from nnunet_contrast.losses.supcon_local import FORMS, MODES
 from nnunet_contrast.resources import bundled_dir
 
 SETTINGS_KEY = "nnunet_contrast"
 FIX_PLANS = "Fix the plans file or regenerate it with 'nnunet-contrast plans'"
-FINETUNE_KINDS = ("method", "nnunet")  # run.finetune: the method's own last stages, or nnU-Net's fine-tuning
+# run.finetune: the method's own last stages, nnU-Net's fine-tuning, or self-training (training/self_training.py)
+FINETUNE_KINDS = ("method", "nnunet", "selftraining")
 
 
 # ----------------------------------------------------------------------------- value rules
@@ -81,6 +83,20 @@ class Run:
 
 
 @dataclass(frozen=True)
+class SelfTraining:
+    """The self-training stage any trainer can fine-tune with (``run.finetune = selftraining``)."""
+    warmup_fraction: float = setting(below_one=True)   # of budget.num_epochs: nnU-Net's supervised training first
+    ema_decay: float = setting(below_one=True)
+    confidence_threshold: float = setting(at_most_one=True)
+    unlabeled_weight: float = setting()
+    rampup_fraction: float = setting(at_most_one=True)  # of the self-training iterations: sigmoid ramp-up
+    mixing: str = setting(choices=MIXINGS)
+    box_fraction: float = setting(positive=True, at_most_one=True)  # copypaste: box side / patch side
+    strong_intensity: bool = setting()
+    predict_with: str = setting(choices=("student", "teacher"))
+
+
+@dataclass(frozen=True)
 class GlobalLocalStages:
     """What SupConLocal and GlobalLocal share: a global and a local pretraining stage with Adam, an MLP
     head on the pooled bottleneck and a dense head on a decoder stage."""
@@ -119,6 +135,7 @@ class PseudoLabel:
     head_hidden: int = setting(**AT_LEAST_ONE)
     background_negative: bool = setting()
     confidence_threshold: float = setting(at_most_one=True)
+    labeller: str = setting(choices=("snapshot", "teacher"))  # teacher: selftraining's EMA teacher and threshold
 
 
 @dataclass(frozen=True)
@@ -154,11 +171,16 @@ class IDEAL:
     head_hidden: int = setting(**AT_LEAST_ONE)
     sampled_positions: int = setting()
     lambda_cps: float = setting()
+    cps_rampup_fraction: float = setting(at_most_one=True)  # sigmoid ramp of lambda_cps (0: none, the poster)
 
 
-SECTIONS: Dict[str, type] = {"budget": Budget, "semisup": SemiSup, "run": Run, "supconlocal": SupConLocal,
+SECTIONS: Dict[str, type] = {"budget": Budget, "semisup": SemiSup, "run": Run, "selftraining": SelfTraining,
+                             "supconlocal": SupConLocal,
                              "pseudolabel": PseudoLabel, "globallocal": GlobalLocal, "crosslevel": CrossLevel,
                              "ideal": IDEAL}
+
+
+SHARED_SECTIONS = ("budget", "semisup", "run", "selftraining")  # resolved for every trainer
 
 
 @dataclass(frozen=True)
@@ -167,12 +189,13 @@ class Settings:
     budget: Budget
     semisup: SemiSup
     run: Run
+    selftraining: SelfTraining
     method: Optional[object] = None
     method_key: str = ""
 
     def as_dict(self) -> dict:
         """Section -> key -> value, as in the plans file (saved beside each run and in its checkpoint)."""
-        sections = {"budget": self.budget, "semisup": self.semisup, "run": self.run}
+        sections = {name: getattr(self, name) for name in SHARED_SECTIONS}
         if self.method is not None:
             sections[self.method_key] = self.method
         return {name: dataclasses.asdict(section) for name, section in sections.items()}
@@ -269,6 +292,6 @@ def resolve_settings(configuration_dict: dict, presets: Iterable[str], configura
     if errors:
         raise ValueError(f"invalid {SETTINGS_KEY} settings in the plans file: " + "; ".join(errors) + f". {FIX_PLANS}")
     merged = deep_merge(deep_merge(preset_settings(presets, configuration), override), fixed or {})
-    sections = {name: build_section(name, merged[name]) for name in ("budget", "semisup", "run")}
+    sections = {name: build_section(name, merged[name]) for name in SHARED_SECTIONS}
     method = build_section(method_key, merged[method_key]) if method_key else None
     return Settings(**sections, method=method, method_key=method_key)

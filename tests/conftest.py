@@ -19,7 +19,8 @@ from nnunet_contrast.nnunet_env import command_path
 
 TEST_PLANS = "nnUNetPlans_test"
 # a budget of seconds: 2 fine-tuning epochs of 2 iterations, one epoch per contrastive stage
-# (PseudoLabelContrast: one warm-up and one joint epoch; CrossLevel: one contrast and one consistency epoch)
+# (PseudoLabelContrast: one warm-up and one joint epoch; CrossLevel: one contrast and one consistency epoch;
+# self-training: one warm-up and one self-training epoch)
 TEST_SETTINGS = [
     "batch_size=4",
     "nnunet_contrast.budget.num_epochs=2",
@@ -38,6 +39,7 @@ TEST_SETTINGS = [
     "nnunet_contrast.ideal.pretrain_epochs=1",
     "nnunet_contrast.ideal.pretrain_iterations_per_epoch=3",
     "nnunet_contrast.ideal.sampled_positions=64",
+    "nnunet_contrast.selftraining.warmup_fraction=0.5",
 ]
 
 
@@ -215,12 +217,15 @@ def train_then_resume(trainer_name, plans, stop_after_epochs):
 
 
 def trained_state(trainer) -> dict:
-    """What a run ends with: network, heads, the pseudo-labeller's snapshot if any (all on the CPU)."""
+    """What a run ends with: network, heads, the pseudo-labeller's snapshot and the EMA teacher if any
+    (all on the CPU)."""
     parts = {"network": trainer.network}
     if hasattr(trainer, "heads"):
         parts["heads"] = trainer.heads
     if getattr(trainer, "pseudo_labeler", None) is not None:
         parts["labeller"] = trainer.pseudo_labeler
+    if getattr(trainer, "self_training", None) is not None and trainer.self_training.teacher is not None:
+        parts["teacher"] = trainer.self_training.teacher
     return {f"{name}.{key}": value.detach().cpu().clone() for name, part in parts.items()
             for key, value in part.state_dict().items()}
 

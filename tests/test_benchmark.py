@@ -313,7 +313,12 @@ def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
     assert table[0] == "| method | 0.05 (2 labelled) | 0.2 (6 labelled) | all labels (32 labelled) |"
     assert table[-1].startswith("| nnU-Net, all labels") and table[-1].endswith("|  |  | 0.905 ± 0.007 (n=2) |")
     cross = next(line for line in delta_table(records) if "CrossLevel" in line)
-    assert cross.count("+0.030 ± 0.014 (n=2)") == 2  # fold-wise gains 0.02 and 0.04
+    assert cross.count("+0.030 ± 0.014 (n=2): f0 +0.020, f1 +0.040") == 2  # fold-wise gains 0.02 and 0.04
+    gaps = write_report(benchmark.workdir).read_text().split("Share of the gap")[1]
+    gap_row = next(line for line in gaps.splitlines() if "CrossLevel" in line)
+    # at 0.05: (0.54 - 0.52) / (0.90 - 0.52) in fold 0, (0.57 - 0.53) / (0.91 - 0.53) in fold 1
+    shares = [0.02 / 0.38, 0.04 / 0.38]
+    assert f"f0 {shares[0]:+.3f}, f1 {shares[1]:+.3f}" in gap_row
     report = write_report(benchmark.workdir)
     assert (report.parent / f"dice_vs_labels_{benchmark.budget.digest}_seed0_cpu.png").stat().st_size > 0
     curves = list((report.parent / "curves").glob("*/*.png"))
@@ -321,7 +326,7 @@ def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
     # a fold missing for the baseline: the difference uses only the folds both have
     without = [r for r in records if not (r["trainer"] == BASELINE and r["fold"] == 1 and r["fraction"] == "0.05")]
     cross = next(line for line in delta_table(without) if "CrossLevel" in line)
-    assert "| +0.020 |" in cross and cross.endswith("+0.030 ± 0.014 (n=2) |")
+    assert "| +0.020 |" in cross and cross.endswith("+0.030 ± 0.014 (n=2): f0 +0.020, f1 +0.040 |")
 
 
 def test_report_per_case_differences_pool_the_folds_with_a_bootstrap_interval(tmp_path, msd):
@@ -391,3 +396,111 @@ def test_msd_folder_must_exist_and_be_a_task(tmp_path, capsys):
 def test_report_without_results_says_what_to_run(tmp_path, capsys):
     assert main(["report", "--workdir", str(tmp_path)]) == 2
     assert "run 'nnunet-contrast benchmark'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the maintainers' recipe
+class RecipeRunner(FakeRunner):
+    """The fake runner, with nnU-Net's raw data of 40 cases, its predictions and its preprocessing."""
+
+    def convert(self, command):
+        super().convert(command)
+        raw = self.benchmark.workdir / "nnUNet_raw" / self.benchmark.dataset
+        for sub in ("imagesTr", "labelsTr"):
+            (raw / sub).mkdir(parents=True)
+        for i in range(40):
+            (raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz").write_text(f"image {i}")
+            (raw / "labelsTr" / f"case_{i:03d}.nii.gz").write_text(f"label {i}")
+        (raw / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "numTraining": 40}))
+        self.benchmark.preprocessed.mkdir(parents=True, exist_ok=True)
+        (self.benchmark.preprocessed / "splits_final.json").write_text(json.dumps(NNUNET_FOLDS))
+        for name in ("dataset.json", "dataset_fingerprint.json"):
+            (self.benchmark.preprocessed / name).write_text("{}")
+
+    def collected(self, command):
+        """nnUNetv2_predict: one 'prediction' per image case."""
+        images, out = command[command.index("-i") + 1], command[command.index("-o") + 1]
+        os.makedirs(out)
+        for image in os.listdir(images):
+            case = image[:-len("_0000.nii.gz")]
+            with open(os.path.join(out, f"{case}.nii.gz"), "w") as f:
+                f.write(f"prediction {case}")
+
+    def __call__(self, command, env, log):
+        if command[0] == "nnUNetv2_predict":
+            self.commands.append(command)
+            return self.collected(command)
+        if command[0] == "nnUNetv2_train" and int(command[1]) >= 901:  # the recipe's second training
+            self.commands.append(command)
+            self.recipe_env = env
+            return self.train_recipe(command)
+        return super().__call__(command, env, log)
+
+    def train_recipe(self, command):
+        plans = command[command.index("-p") + 1]
+        run = Run(runs.RECIPE, plans.rsplit("_l", 1)[1], self.recipe_fold)
+        folder = self.benchmark.fold_folder(run)
+        original = self.benchmark.fold_folder(Run(BASELINE, run.fraction, run.fold))
+        folder.mkdir(parents=True)
+        for name in ("checkpoint_final.pth", "nnunet_contrast_settings.json"):
+            (folder / name).write_bytes((original / name).read_bytes())
+        (folder / "validation").mkdir()
+        summary = json.loads((original / "validation" / "summary.json").read_text())
+        summary["foreground_mean"]["Dice"] += 0.005
+        (folder / "validation" / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_recipe_predicts_builds_a_dataset_and_trains_again(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=[BASELINE], fractions=["0.2"], folds=[1], upper_bound=False,
+                               with_recipe=True)
+    assert [r.trainer for r in benchmark.runs()] == [BASELINE, runs.RECIPE]
+    runner = RecipeRunner(benchmark)
+    runner.recipe_fold = 1
+    printed = []
+    execute(benchmark.steps(), {}, runner=runner, dry_run=True, out=printed.append)
+    assert not (benchmark.workdir / "recipe").exists()  # a dry run registers no dataset
+    execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+    predict = next(c for c in runner.commands if c[0] == "nnUNetv2_predict")
+    assert predict[predict.index("-tr") + 1] == BASELINE and predict[predict.index("-f") + 1] == "1"
+    split = json.loads((benchmark.preprocessed / benchmark.split_name("0.2")).read_text())["folds"][1]
+    raw = benchmark.workdir / "recipe" / "nnUNet_raw" / "Dataset901_HippocampusRecipe"
+    labels = {p.name[:-len(".nii.gz")]: p.read_text() for p in (raw / "labelsTr").iterdir()}
+    for case in split["labeled"] + NNUNET_FOLDS[1]["val"]:
+        assert labels[case] == f"label {case[-3:].lstrip('0') or '0'}"  # true labels
+    for case in split["unlabeled"]:
+        assert labels[case] == f"prediction {case}"  # never the hidden true label
+    assert labels["hippocampus_118"] == "prediction hippocampus_118"  # the task's unlabelled scan
+    preprocessed = raw.parent.parent / "nnUNet_preprocessed" / raw.name
+    fold0 = json.loads((preprocessed / "splits_final.json").read_text())[0]
+    assert fold0["val"] == sorted(NNUNET_FOLDS[1]["val"])
+    assert sorted(fold0["train"]) == sorted(split["labeled"] + split["unlabeled"] + ["hippocampus_118"])
+    train = [c for c in runner.commands if c[0] == "nnUNetv2_train"][-1]
+    assert train[1:4] == ["901", "2d", "0"] and train[train.index("-tr") + 1] == BASELINE
+    assert runner.recipe_env["nnUNet_results"] == str(benchmark.workdir / "recipe" / "nnUNet_results")
+    records = {r["trainer"]: r for r in load_records(benchmark.workdir)}
+    assert records[runs.RECIPE]["fold"] == 1
+    assert records[runs.RECIPE]["foreground_dice"] == pytest.approx(records[BASELINE]["foreground_dice"] + 0.005)
+    assert json.loads((benchmark.workdir / "recipe" / "datasets.json").read_text()) == \
+        {f"{benchmark.plans('0.2')}/fold1": 901}
+
+
+# ----------------------------------------------------------------------------- --dataset
+def test_a_planned_dataset_trains_in_the_users_nnunet_folders(tmp_path, monkeypatch):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    raw = tmp_path / "nnUNet_raw" / "Dataset027_Prostate"
+    raw.mkdir(parents=True)
+    preprocessed = tmp_path / "nnUNet_preprocessed" / "Dataset027_Prostate"
+    preprocessed.mkdir(parents=True)
+    with pytest.raises(UserInputError, match="has no preprocessed 2d configuration: run nnUNetv2_plan_and_preprocess"):
+        Benchmark(tmp_path / "work", None, [BASELINE], existing_dataset="27")
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"data_identifier": "d2"}}}))
+    (preprocessed / "d2").mkdir()
+    benchmark = Benchmark(tmp_path / "work", None, [BASELINE], fractions=["2"], existing_dataset="27")
+    assert (benchmark.dataset, benchmark.dataset_id) == ("Dataset027_Prostate", "27")
+    commands = [s.command[0] for s in benchmark.steps() if s.command]
+    assert "nnUNetv2_convert_MSD_dataset" not in commands and "nnUNetv2_plan_and_preprocess" not in commands
+    assert benchmark.preprocessed == preprocessed
+    assert benchmark.fold_folder(Run(BASELINE, "2", 0)).is_relative_to(tmp_path / "nnUNet_results")
+    assert benchmark.environment()["nnUNet_results"] == str(tmp_path / "nnUNet_results")
+    with pytest.raises(UserInputError, match="either --msd"):
+        Benchmark(tmp_path / "work", tmp_path / "Task04_Hippocampus", [BASELINE], existing_dataset="27")

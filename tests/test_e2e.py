@@ -9,7 +9,7 @@ from conftest import TEST_PLANS
 
 TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
             "nnUNetTrainerPseudoLabelContrastInter", "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalContrast",
-            "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL"]
+            "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste"]
 
 
 @pytest.fixture(scope="module")

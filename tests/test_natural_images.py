@@ -56,7 +56,7 @@ def blobs(tmp_path_factory):
     return root, env, folders
 
 
-@pytest.mark.parametrize("trainer", ["nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL"])
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL", "nnUNetTrainerCopyPaste"])
 def test_rgb_png_dataset_trains_predicts_evaluates(blobs, trainer):
     root, env, folders = blobs
     plans = json.loads((root / "nnUNet_preprocessed" / DATASET / "RGBPlans.json").read_text())

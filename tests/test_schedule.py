@@ -62,5 +62,5 @@ def test_every_preset_value_fits_its_section():
 
     for name, values in preset_settings(all_preset_names()).items():
         assert section_errors(name, values) == [], name
-    assert set(preset_settings(["base"])) == {"budget", "semisup", "run"}
+    assert set(preset_settings(["base"])) == {"budget", "semisup", "run", "selftraining"}
     assert set(SECTIONS) >= set(preset_settings(all_preset_names()))

@@ -105,6 +105,10 @@ RESUME_CASES = {
     # partition batches of all images from the trainer's own loader
     "own loader": ("nnUNetTrainerGlobalLocalContrast", ["nnunet_contrast.globallocal.global_epochs=2",
                                                         "nnunet_contrast.budget.num_epochs=1"], 1),
+    # self-training with copy-paste: stop mid-ramp, with the EMA teacher and the ramp's progress to resume
+    "self-training": ("nnUNetTrainerCopyPaste", ["nnunet_contrast.budget.num_epochs=4",
+                                                 "nnunet_contrast.selftraining.warmup_fraction=0.25",
+                                                 "nnunet_contrast.selftraining.rampup_fraction=1.0"], 2),
     # nnU-Net's own fine-tuning step
     "fine-tuning": ("nnUNetTrainerLabeledOnly", ["nnunet_contrast.budget.num_epochs=2"], 1),
 }

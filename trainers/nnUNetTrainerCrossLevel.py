@@ -22,6 +22,7 @@ from nnunet_contrast.network.taps import check_unet, decoder_channels, forward_w
 from nnunet_contrast.training.method import MethodTrainer
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, HEADS, LABELED_AND_UNLABELED, NETWORK, SEGMENTATION,
                                                NnUNetSGD, Stage, Term)
+from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs, full_resolution
 
 CONTRAST, CONSISTENCY = "contrast", "consistency"
@@ -98,3 +99,8 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
         logits = full_resolution(inputs.joint.outputs[0])
         sub_logits = full_resolution(self.network(self.grid.sub_patches(inputs.images)))
         return self.consistency(self.grid.crop(sub_logits), self.grid.cut(logits))
+
+
+class nnUNetTrainerCrossLevelSelfTraining(nnUNetTrainerCrossLevel):
+    """The method's joint training with the self-training term added (EMA teacher's pseudo-labels)."""
+    variant_settings = SELF_TRAINING_VARIANT

@@ -27,6 +27,7 @@ from nnunet_contrast.network.taps import (check_unet, decoder_block_features, de
                                           decoder_channels, decoder_stage_count)
 from nnunet_contrast.training.global_local import GlobalLocalPretraining
 from nnunet_contrast.training.schedule import ALL_IMAGES, ENCODER, INTENSITY, PARTITIONS, SPATIAL, Stage, Term
+from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs
 
 DECODER_BLOCKS = "decoder_blocks"  # the first decoder_blocks stages of nnU-Net's decoder
@@ -113,3 +114,13 @@ class nnUNetTrainerGlobalContrast(nnUNetTrainerGlobalLocalContrast):
     """Global-only baseline ("Global" of Hu et al. Table 1): SimCLR (G^R) pretraining of the
     encoder, then nnU-Net fine-tuning; no local stage."""
     variant_settings = {"globallocal": {"global_strategy": "GR", "local_epochs": 0}}
+
+
+class nnUNetTrainerGlobalLocalContrastSelfTraining(nnUNetTrainerGlobalLocalContrast):
+    """GlobalLocal's pretraining, then the self-training stage instead of nnU-Net's fine-tuning."""
+    variant_settings = SELF_TRAINING_VARIANT
+
+
+class nnUNetTrainerGlobalContrastSelfTraining(nnUNetTrainerGlobalContrast):
+    """The global pretraining, then the self-training stage instead of nnU-Net's fine-tuning."""
+    variant_settings = {**nnUNetTrainerGlobalContrast.variant_settings, **SELF_TRAINING_VARIANT}

@@ -26,7 +26,8 @@ from nnunet_contrast.network.taps import (check_unet, decoder_block_features, de
                                           decoder_channels, decoder_stage_count, unwrap_network)
 from nnunet_contrast.training.method import FINETUNE, MethodTrainer
 from nnunet_contrast.training.schedule import (ENCODER, FINETUNE_ROLE, INTENSITY, LABELED_AND_UNLABELED, NETWORK,
-                                               SEGMENTATION, Adam, NnUNetSGD, Stage, Term)
+                                               SEGMENTATION, Adam, NnUNetSGD, Stage, Term, ramped)
+from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
 
 DECODER = "decoder"  # nnU-Net's decoder without its segmentation layers
@@ -44,7 +45,8 @@ class nnUNetTrainerIDEAL(MethodTrainer):
                   (ENCODER, DECODER, "head:dense"), Adam(s.pretrain_lr, s.pretrain_weight_decay),
                   (Term("dense_contrast"),), LABELED_AND_UNLABELED, INTENSITY),
             Stage(FINETUNE, budget.num_epochs, budget.num_iterations_per_epoch, (NETWORK,), NnUNetSGD(),
-                  (Term(SEGMENTATION), Term("cross_pseudo_supervision", s.lambda_cps)), LABELED_AND_UNLABELED,
+                  (Term(SEGMENTATION), Term("cross_pseudo_supervision", ramped(s.lambda_cps, s.cps_rampup_fraction))),
+                  LABELED_AND_UNLABELED,
                   role=FINETUNE_ROLE),
         ]
 
@@ -100,3 +102,8 @@ class nnUNetTrainerIDEAL(MethodTrainer):
             return inputs.images.new_zeros(())
         first, second = inputs.joint.outputs
         return self.cps_loss(batch_part(first, inputs.unlabeled_part), batch_part(second, inputs.unlabeled_part))
+
+
+class nnUNetTrainerIDEALSelfTraining(nnUNetTrainerIDEAL):
+    """The method's joint training with the self-training term added (EMA teacher's pseudo-labels)."""
+    variant_settings = SELF_TRAINING_VARIANT

@@ -1,8 +1,20 @@
 """nnUNetTrainerLabeledOnly: plain nnU-Net trained on the labelled cases of the semi-supervised
 split only, with the budget of the plans' ``nnunet_contrast.budget``. The baseline ("random
-init" in the papers) every method is compared with."""
+init" in the papers) every method is compared with.
+
+``nnUNetTrainerLabeledOnlyTwiceIterations``: the same with twice the iterations per epoch, a baseline
+matched to the compute of a method that processes a labelled and an unlabelled batch per step."""
+from nnunet_contrast.settings import Budget
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
 
 class nnUNetTrainerLabeledOnly(SemiSupervisedTrainer):
     uses_unlabeled = False
+
+
+class nnUNetTrainerLabeledOnlyTwiceIterations(nnUNetTrainerLabeledOnly):
+    """Twice ``budget.num_iterations_per_epoch``; the epochs (and so the poly schedule's length) as the budget."""
+
+    def apply_budget(self, budget: Budget) -> None:
+        super().apply_budget(budget)
+        self.num_iterations_per_epoch = 2 * budget.num_iterations_per_epoch

@@ -23,6 +23,7 @@ from nnunet_contrast.training.method import MethodTrainer
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler, round_start_epochs
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, HEADS, LABELED, LABELED_AND_UNLABELED, NETWORK,
                                                SEGMENTATION, NnUNetSGD, Stage, Term)
+from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs, full_resolution
 
 WARMUP, JOINT = "warmup", "joint"
@@ -79,9 +80,13 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
                                                            s.embedding_dim, normalize=False)})
 
     # ------------------------------------------------------------ rounds
+    def uses_teacher(self, stage) -> bool:
+        return super().uses_teacher(stage) or (stage.name == JOINT and self.method_settings.labeller == "teacher")
+
     def enter_stage(self, index: int) -> None:
         super().enter_stage(index)
-        if self.current_stage.name == JOINT:  # a round starts: labels from a fresh frozen copy of the network
+        if self.current_stage.name == JOINT and self.method_settings.labeller == "snapshot":
+            # a round starts: labels from a fresh frozen copy of the network
             self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.confidence_threshold)
             rounds = [i for i, stage in enumerate(self.schedule.stages) if stage.name == JOINT]
             self.print_to_log_file(f"Pseudo-labelling round {rounds.index(index) + 1}/{len(rounds)}: labels from "
@@ -89,11 +94,21 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
 
     # ------------------------------------------------------------ the contrastive term
     def contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
-        """Eq. 3-4 over the labelled (true labels) and unlabelled images (pseudo-labels of the frozen
-        snapshot, which enter this term only), on the joint pass's last decoder stage."""
+        """Eq. 3-4 on the joint pass's last decoder stage, over the labelled and unlabelled images."""
+        return self.contrast_term(inputs.joint.features, self.contrast_labels(inputs))
+
+    def contrast_labels(self, inputs: StepInputs) -> torch.Tensor:
+        """True labels of the labelled images, pseudo-labels of the unlabelled ones: the frozen snapshot's
+        (the paper; they enter this term only) or the EMA teacher's confident ones (``labeller = teacher``).
+        In a self-training stage, the target of each pixel of the student's batch (the teacher's)."""
+        if inputs.stage.self_training:
+            return inputs.student.labels
         _, target = inputs.labeled
-        labels = torch.cat([full_resolution(target)[:, 0].long(), self.pseudo_labeler(inputs.unlabeled)])
-        return self.contrast_term(inputs.joint.features, labels)
+        if self.method_settings.labeller == "teacher":
+            pseudo_labels, _ = self.self_training.teacher(inputs.unlabeled)
+        else:
+            pseudo_labels = self.pseudo_labeler(inputs.unlabeled)
+        return torch.cat([full_resolution(target)[:, 0].long(), pseudo_labels])
 
     def contrast_term(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Eq. 3-4 over the batch; labels: true labels of labelled, pseudo-labels of unlabelled images."""
@@ -121,3 +136,8 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
 class nnUNetTrainerPseudoLabelContrastInter(nnUNetTrainerPseudoLabelContrast):
     """Inter-image matching: class means of the image and of a partner image of the batch."""
     variant_settings = {"pseudolabel": {"matching": "inter"}}
+
+
+class nnUNetTrainerPseudoLabelContrastSelfTraining(nnUNetTrainerPseudoLabelContrast):
+    """The method's joint training with the self-training term added (EMA teacher's pseudo-labels)."""
+    variant_settings = SELF_TRAINING_VARIANT

@@ -17,6 +17,7 @@ from nnunet_contrast.network.taps import check_unet, decoder_channels, forward_w
 from nnunet_contrast.training.global_local import GlobalLocalPretraining
 from nnunet_contrast.training.schedule import (ENCODER, INTENSITY, LABELED, LABELED_AND_UNLABELED, NETWORK, SPATIAL,
                                                Stage, Term)
+from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs
 
 
@@ -64,3 +65,8 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
         view0, view1 = inputs.views(images)
         _, features = forward_with_decoder_features(self.network, torch.cat([view0, view1]))
         return self.local_loss(self.heads["local"](features), torch.cat([target, target]))
+
+
+class nnUNetTrainerSupConLocalSelfTraining(nnUNetTrainerSupConLocal):
+    """SupConLocal's global and local pretraining, then the self-training stage instead of nnU-Net's fine-tuning."""
+    variant_settings = SELF_TRAINING_VARIANT

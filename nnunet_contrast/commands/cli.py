@@ -92,7 +92,6 @@ def cmd_demo(args) -> None:
 def cmd_benchmark(args) -> None:
     from nnunet_contrast.commands.benchmark.report import write_report
     from nnunet_contrast.commands.benchmark import runs
-    from nnunet_contrast.nnunet_env import nnunet_environment
     from nnunet_contrast.settings import all_preset_names
 
     trainers = args.trainers or project_trainers()
@@ -100,11 +99,12 @@ def cmd_benchmark(args) -> None:
     if args.budget not in all_preset_names():
         raise UserInputError(f"--budget {args.budget} is not a preset of plans/: choose one of {all_preset_names()}")
     check_assignments(args.set)
-    if not Path(args.msd).is_dir():
+    if args.msd and not Path(args.msd).is_dir():
         raise UserInputError(f"--msd {args.msd} is not a folder: pass an MSD task folder, e.g. Task04_Hippocampus")
-    benchmark = runs.Benchmark(Path(args.workdir), Path(args.msd), trainers, args.fractions, args.folds,
-                               runs.Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
-                               upper_bound=not args.no_upper_bound, train_seed=args.train_seed)
+    benchmark = runs.Benchmark(Path(args.workdir), Path(args.msd) if args.msd else None, trainers, args.fractions,
+                               args.folds, runs.Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
+                               upper_bound=not args.no_upper_bound, train_seed=args.train_seed,
+                               existing_dataset=args.dataset, with_recipe=args.recipe)
     if args.dry_run:
         todo = runs.execute(benchmark.steps(), {}, dry_run=True)
         print(f"{todo} step(s) to do; {len(benchmark.runs())} run(s) in this benchmark")
@@ -114,7 +114,7 @@ def cmd_benchmark(args) -> None:
         if completed:
             print(f"added per-case Dice to {completed} record(s) of an older version")
         runner = functools.partial(runs.subprocess_runner, keep_fds=(lock,))
-        runs.execute(benchmark.steps(), nnunet_environment(benchmark.workdir), runner=runner)
+        runs.execute(benchmark.steps(), benchmark.environment(), runner=runner)
     if (benchmark.workdir / "results").is_dir():
         print(f"report: {write_report(benchmark.workdir)}")
 
@@ -187,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="train and score every trainer at several labelled fractions and folds "
                                          "with one budget, through nnU-Net's commands (resumable)")
     p.add_argument("--workdir", required=True, help="folder for nnU-Net's data, the runs and the results")
-    p.add_argument("--msd", required=True, help="MSD task folder, e.g. Task04_Hippocampus (read only)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--msd", help="MSD task folder, e.g. Task04_Hippocampus (read only); converted, planned and "
+                                      "trained in --workdir")
+    source.add_argument("--dataset", help="ID or name of a dataset nnU-Net has converted and planned (2d), in your "
+                                          "nnUNet_raw/_preprocessed/_results, where it trains")
     p.add_argument("--fractions", nargs="+", default=list(DEFAULT_FRACTIONS),
                    help="labelled fractions (0.05) or counts (10) of each fold's training cases "
                         f"(default {' '.join(DEFAULT_FRACTIONS)})")
@@ -201,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="nnUNetv2_train -device (default cpu)")
     p.add_argument("--no-upper-bound", action="store_true",
                    help=f"skip {BASELINE} on all labels of each fold (the upper bound)")
+    p.add_argument("--recipe", action="store_true",
+                   help=f"add nnU-Net's maintainers' recipe as a row: {BASELINE}, nnUNetv2_predict on the unlabelled "
+                        "cases, then training again on the labels plus those predictions (MIC-DKFZ/nnUNet#2338)")
     p.add_argument("--dry-run", action="store_true", help="list the commands it would run, run nothing")
     p.set_defaults(func=cmd_benchmark)
 

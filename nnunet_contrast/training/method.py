@@ -23,6 +23,7 @@ from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_n
 from nnunet_contrast.training.progress import ContrastLocalLogger
 from nnunet_contrast.training.schedule import (ENCODER, FINETUNE_ROLE, HEADS, LABELED, LABELED_AND_UNLABELED, NETWORK,
                                                SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term)
+from nnunet_contrast.training.self_training import COVERAGE, SelfTraining, self_training_schedule
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
 
@@ -60,6 +61,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.steps_this_epoch = 0
         self._heads = None
         self.stage_loaders: Dict[str, object] = {}
+        self.self_training = SelfTraining(self)
         self.logger.local_logger = ContrastLocalLogger(self.schedule.names)
 
     @classmethod
@@ -97,10 +99,14 @@ class MethodTrainer(SemiSupervisedTrainer):
                      (Term(SEGMENTATION),), LABELED, role=FINETUNE_ROLE)
 
     def with_finetune_setting(self, stages: List[Stage]) -> List[Stage]:
-        """``run.finetune = nnunet`` replaces the method's fine-tuning stages by nnU-Net's own fine-tuning."""
-        if self.settings.run.finetune == "method":
-            return stages
-        return [s for s in stages if s.role != FINETUNE_ROLE] + [self.nnunet_finetune_stage()]
+        """``run.finetune``: the method's own fine-tuning stages, nnU-Net's own fine-tuning instead, or
+        self-training (``training/self_training.py``)."""
+        kind = self.settings.run.finetune
+        if kind == "selftraining":
+            return self_training_schedule(stages, self.settings.budget, self.settings.selftraining)
+        if kind == "nnunet":
+            return [s for s in stages if s.role != FINETUNE_ROLE] + [self.nnunet_finetune_stage()]
+        return stages
 
     def pretrain_iterations(self, setting: int) -> int:
         """A pretraining stage's iterations per epoch: ``setting``, or nnU-Net's budget when it is 0."""
@@ -110,11 +116,14 @@ class MethodTrainer(SemiSupervisedTrainer):
     def current_stage(self) -> Optional[Stage]:
         return None if self.stage_index is None else self.schedule.stages[self.stage_index]
 
-    def stage_progress(self) -> float:
-        """Where this step stands in its stage, in [0, 1): for weights that change over a stage."""
-        stage, start = self.current_stage, self.schedule.starts[self.stage_index]
-        done = (self.current_epoch - start) * stage.iterations + self.steps_this_epoch
-        return done / (stage.epochs * stage.iterations)
+    def term_progress(self, term: Term) -> float:
+        """Where this step stands in the stages with ``term``, in [0, 1): for weights that change."""
+        done = (self.current_epoch - self.schedule.starts[self.stage_index]) * self.current_stage.iterations
+        return self.schedule.term_progress(term.name, self.stage_index, done + self.steps_this_epoch)
+
+    def uses_teacher(self, stage: Stage) -> bool:
+        """The stage reads the EMA teacher, which then follows the network after every step."""
+        return stage.self_training
 
     # ------------------------------------------------------------ what trains, and how
     @property
@@ -169,6 +178,8 @@ class MethodTrainer(SemiSupervisedTrainer):
             self._best_ema = None
         self.finish_unused_loaders()
         self.print_to_log_file(f"Entering stage '{stage.name}' at epoch {self.current_epoch}")
+        if self.uses_teacher(stage):
+            self.self_training.start()
 
     # ------------------------------------------------------------ data of a stage
     def reads_unlabeled_batches(self) -> bool:
@@ -226,22 +237,31 @@ class MethodTrainer(SemiSupervisedTrainer):
         else:
             inputs = StepInputs(self, stage, batch)
             output = self.optimizer_step(lambda: self.stage_loss(stage, inputs))
+        if self.uses_teacher(stage):
+            self.self_training.update()
         self.steps_this_epoch += 1
         return output
 
     def stage_loss(self, stage: Stage, inputs: StepInputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The weighted sum of the stage's terms, and each term (unweighted) to log."""
-        progress = self.stage_progress()
+        """The weighted sum of the stage's terms, and to log: each term (unweighted), their weighted
+        unsupervised sum and what the terms noted (``inputs.logged``)."""
         values = {term.name: getattr(self, f"{term.name}_loss")(inputs) for term in stage.terms}
-        weighted = {term.name: term.weight_at(progress) * values[term.name] for term in stage.terms}
+        weighted = {term.name: term.weight_at(self.term_progress(term)) * values[term.name] for term in stage.terms}
         total = sum(weighted.values())
         unsupervised = sum(value for name, value in weighted.items() if name != SEGMENTATION)
-        return total, {**values, "unsupervised": torch.as_tensor(unsupervised, dtype=torch.float32)}
+        return total, {**values, **inputs.logged, "unsupervised": torch.as_tensor(unsupervised, dtype=torch.float32)}
 
     def segmentation_loss(self, inputs: StepInputs) -> torch.Tensor:
-        """nnU-Net's loss of each decoder's output on the labelled images of the joint pass."""
+        """nnU-Net's loss of each decoder's output on the labelled images of the joint pass (in a
+        self-training stage: on the student's pixels that came from labelled images)."""
+        if inputs.stage.self_training:
+            return self.self_training.true_label_loss(inputs)
         _, target = inputs.labeled
         return sum(self.loss(batch_part(output, inputs.labeled_part), target) for output in inputs.joint.outputs)
+
+    def pseudo_label_loss(self, inputs: StepInputs) -> torch.Tensor:
+        """Self-training: nnU-Net's loss on the teacher's confident labels of the student's unlabelled pixels."""
+        return self.self_training.pseudo_label_loss(inputs)
 
     def joint_forward(self, images: torch.Tensor, features: bool) -> JointPass:
         """One pass of the network over labelled and unlabelled images; with its last decoder stage
@@ -288,8 +308,23 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
         if contrast == contrast:
             self.print_to_log_file(f"contrastive loss ({stage.name}): {round(contrast, 4)}")
+        coverage = [float(o[COVERAGE]) for o in train_outputs if COVERAGE in o]
+        if coverage:
+            self.print_to_log_file(f"confident pseudo-labels ({stage.name}): {round(100 * float(np.mean(coverage)), 1)}% "
+                                   f"of the unlabelled pixels")
+
+    def validation_step(self, batch: dict) -> dict:
+        result = super().validation_step(batch)
+        if self.self_training.teacher is not None:
+            result.update(self.self_training.validation_counts(batch))
+        return result
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        self.self_training.log_validation(val_outputs)
+        super().on_validation_epoch_end(val_outputs)
 
     def on_train_end(self):
+        self.self_training.teacher_into_network()  # before nnU-Net writes the final checkpoint
         self.dataloader_train = self.dataloader_labeled  # what nnU-Net shuts down
         super().on_train_end()
 
@@ -297,7 +332,8 @@ class MethodTrainer(SemiSupervisedTrainer):
     def checkpoint_extras(self) -> Dict:
         stage = self.current_stage
         return {**super().checkpoint_extras(), "heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
-                "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index}
+                "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index,
+                "teacher": self.self_training.state_dict()}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:
         """Before nnU-Net restores weights and optimizer state: the heads, and the optimizer of the stage
@@ -310,6 +346,7 @@ class MethodTrainer(SemiSupervisedTrainer):
                                    "stages follow the current settings (see nnunet_contrast_settings.json)")
         if "heads" in extras:
             self.heads.load_state_dict(extras["heads"])
+        self.self_training.load_state_dict(extras.get("teacher"))
         index = extras.get("stage_index")
         if index is None or index >= len(self.schedule.stages) or \
                 self.schedule.stages[index].name != extras.get("optimizer_stage"):  # the stages have changed

@@ -1,4 +1,5 @@
-"""nnU-Net's training log and progress.png, extended with the contrastive loss and the stage."""
+"""nnU-Net's training log and progress.png, extended with the contrastive loss, the stage and the
+EMA teacher's validation Dice (NaN in epochs without a teacher)."""
 import io
 import math
 from os.path import join
@@ -6,17 +7,24 @@ from typing import Sequence
 
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-CONTRAST_KEYS = ("contrast_loss", "stage")
+CONTRAST_KEYS = ("contrast_loss", "stage", "teacher_dice")
 
 
 class ContrastLocalLogger(LocalLogger):
-    """nnU-Net's LocalLogger with two more per-epoch entries; progress.png gets a fourth panel."""
+    """nnU-Net's LocalLogger with more per-epoch entries; progress.png gets a fourth panel."""
 
     def __init__(self, stage_names: Sequence[str], verbose: bool = False):
         super().__init__(verbose)
         for key in CONTRAST_KEYS:
             self.my_fantastic_logging[key] = []
         self.stage_names = list(stage_names)
+
+    def load_checkpoint(self, checkpoint: dict):
+        """A checkpoint written before an entry existed gets it as NaN for its epochs."""
+        super().load_checkpoint(checkpoint)
+        epochs = len(self.my_fantastic_logging.get("epoch_end_timestamps", []))
+        for key in CONTRAST_KEYS:
+            self.my_fantastic_logging.setdefault(key, [math.nan] * epochs)
 
     def plot_progress_png(self, output_folder):
         super().plot_progress_png(output_folder)

@@ -1,19 +1,21 @@
-"""Pseudo-labels for self-training (Chaitanya et al. 2023, Sec. 3 and Table VII).
+"""Pseudo-labels for self-training.
 
-A ``PseudoLabeler`` holds a frozen copy of the segmentation network taken at the start of a
-pseudo-labelling round; it labels each augmented unlabelled batch, so that pseudo-labels follow
-their image's spatial augmentation. Refreshing the copy every P iterations is the paper's
-re-estimation of pseudo-labels every P iterations.
+* ``PseudoLabeler`` (Chaitanya et al. 2023, Sec. 3 and Table VII) holds a frozen copy of the
+  segmentation network taken at the start of a pseudo-labelling round; it labels each augmented
+  unlabelled batch, so that pseudo-labels follow their image's spatial augmentation. Refreshing the
+  copy every P iterations is the paper's re-estimation of pseudo-labels every P iterations.
+* ``EmaTeacher`` (mean teacher, Tarvainen & Valpola 2017) is a copy that follows the student,
+  theta_t <- d theta_t + (1 - d) theta_s after every student step; it labels by argmax and leaves
+  out the pixels whose softmax confidence is below a threshold.
 """
 import copy
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
+from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.network.taps import unwrap_network
-
-EXCLUDED = -1  # label of the pixels of an image left out by the confidence filter
 
 
 def round_start_epochs(warmup_epochs: int, total_epochs: int, rounds: int) -> List[int]:
@@ -46,22 +48,13 @@ def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, backgrou
     return torch.where(present.any(1), mean, torch.ones_like(mean))
 
 
-class PseudoLabeler:
-    """Frozen snapshot of a segmentation network that labels images by argmax.
+class FrozenNetwork:
+    """A copy of the trainer's network (DDP / compile wrappers removed) in eval mode, without gradients."""
 
-    Args:
-        network: the trainer's network (DDP / compile wrappers are removed); it is copied.
-        confidence_threshold: 0 keeps every pseudo-label; above 0, an image whose prediction
-            and the prediction of its flipped copy (flipped back) agree with a foreground Dice
-            below the threshold is excluded (all pixels ``EXCLUDED``). The paper's consistency
-            filter uses rotation, translation and scaling; flips are exactly invertible.
-    """
-
-    def __init__(self, network: nn.Module, confidence_threshold: float = 0.0):
+    def __init__(self, network: nn.Module):
         self.network = copy.deepcopy(unwrap_network(network)).eval()
         for parameter in self.network.parameters():
             parameter.requires_grad_(False)
-        self.confidence_threshold = confidence_threshold
 
     def state_dict(self) -> dict:
         return self.network.state_dict()
@@ -74,6 +67,22 @@ class PseudoLabeler:
         out = self.network(images)
         return out[0] if isinstance(out, (list, tuple)) else out  # full resolution under deep supervision
 
+
+class PseudoLabeler(FrozenNetwork):
+    """Frozen snapshot of a segmentation network that labels images by argmax.
+
+    Args:
+        network: the trainer's network; it is copied.
+        confidence_threshold: 0 keeps every pseudo-label; above 0, an image whose prediction
+            and the prediction of its flipped copy (flipped back) agree with a foreground Dice
+            below the threshold is excluded (all pixels ``EXCLUDED``). The paper's consistency
+            filter uses rotation, translation and scaling; flips are exactly invertible.
+    """
+
+    def __init__(self, network: nn.Module, confidence_threshold: float = 0.0):
+        super().__init__(network)
+        self.confidence_threshold = confidence_threshold
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, H, W) long pseudo-labels."""
@@ -85,3 +94,40 @@ class PseudoLabeler:
             agree = foreground_dice(labels, flipped, logits.shape[1])
             labels[agree < self.confidence_threshold] = EXCLUDED
         return labels
+
+
+class EmaTeacher(FrozenNetwork):
+    """Exponential moving average of the student's weights.
+
+    Args:
+        network: the student (the trainer's network); the teacher starts as its copy.
+        decay: d in theta_t <- d theta_t + (1 - d) theta_s, in [0, 1); buffers that are no floats are copied.
+        confidence_threshold: pixels whose teacher softmax maximum is below it get ``EXCLUDED``.
+    """
+
+    def __init__(self, network: nn.Module, decay: float, confidence_threshold: float):
+        if not 0 <= decay < 1 or not 0 <= confidence_threshold <= 1:
+            raise ValueError(f"EmaTeacher: decay must be in [0, 1) and confidence_threshold in [0, 1], got "
+                             f"{decay} and {confidence_threshold}")
+        super().__init__(network)
+        self.decay, self.confidence_threshold = decay, confidence_threshold
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        current = unwrap_network(student).state_dict()
+        for name, value in self.network.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(self.decay).add_(current[name].detach().to(value.dtype), alpha=1 - self.decay)
+            else:
+                value.copy_(current[name])
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) images -> ((B, H, W) long argmax labels, (B, H, W) float32 softmax maximum)."""
+        confidence, labels = torch.softmax(self.logits(images).float(), 1).max(1)
+        return labels, confidence
+
+    def __call__(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Like ``predict``, with ``EXCLUDED`` where the confidence is below the threshold."""
+        labels, confidence = self.predict(images)
+        return torch.where(confidence >= self.confidence_threshold, labels, EXCLUDED), confidence

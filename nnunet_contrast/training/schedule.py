@@ -22,6 +22,7 @@ PRETRAIN, FINETUNE_ROLE = "pretraining", "fine-tuning"  # run.finetune = nnunet 
 NETWORK, ENCODER, HEADS = "network", "encoder", "heads"  # "head:NAME" is one projection head
 
 SEGMENTATION = "segmentation"  # nnU-Net's loss (Dice + CE, deep supervision) on the labelled images
+PSEUDO_LABEL = "pseudo_label"  # self-training: nnU-Net's loss on the EMA teacher's confident pseudo-labels
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,9 @@ Weight = Union[float, Callable[[float], float]]
 @dataclass(frozen=True)
 class Term:
     """A loss term: the trainer's method ``<name>_loss(inputs)``, times ``weight``; a weight may be a
-    function of the stage's progress in [0, 1) (e.g. ``sigmoid_rampup``). ``features``: the term reads
-    the last decoder stage of the joint forward pass (the pass then taps it)."""
+    function of the term's progress in [0, 1) (e.g. ``sigmoid_rampup``): the share of the iterations of
+    all stages with this term done so far. ``features``: the term reads the last decoder stage of the
+    joint forward pass (the pass then taps it)."""
     name: str
     weight: Weight = 1.0
     features: bool = False
@@ -62,6 +64,14 @@ def sigmoid_rampup(length: float) -> Callable[[float], float]:
     return weight
 
 
+def ramped(weight: float, length: float) -> Weight:
+    """``weight`` after a sigmoid ramp over the first ``length`` of the term's iterations (``weight`` when 0)."""
+    if length <= 0:
+        return weight
+    ramp = sigmoid_rampup(length)
+    return lambda progress: weight * ramp(progress)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -78,6 +88,11 @@ class Stage:
     def supervised(self) -> bool:
         """Trains nnU-Net's segmentation loss: its pseudo Dice means something (checkpoint_best)."""
         return any(t.name == SEGMENTATION for t in self.terms)
+
+    @property
+    def self_training(self) -> bool:
+        """Trains on the EMA teacher's pseudo-labels: the student sees its own view (training/self_training.py)."""
+        return any(t.name == PSEUDO_LABEL for t in self.terms)
 
     @property
     def is_nnunet_step(self) -> bool:
@@ -129,6 +144,14 @@ class Schedule:
         while last + 1 < len(self.stages) and self.stages[last + 1].optimizer_key() == key:
             last += 1
         return self.starts[first], self.starts[last] + self.stages[last].epochs - self.starts[first]
+
+    def term_progress(self, name: str, index: int, done_in_stage: int) -> float:
+        """The share of the iterations of all stages with term ``name`` done after ``done_in_stage``
+        iterations of stage ``index``."""
+        with_term = [i for i, s in enumerate(self.stages) if any(t.name == name for t in s.terms)]
+        total = sum(self.stages[i].epochs * self.stages[i].iterations for i in with_term)
+        before = sum(self.stages[i].epochs * self.stages[i].iterations for i in with_term if i < index)
+        return (before + done_in_stage) / total
 
     def shares_optimizer(self, a: int, b: int) -> bool:
         return self.span(a) == self.span(b)

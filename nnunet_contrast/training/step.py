@@ -1,7 +1,7 @@
 """What one training step of a stage reads, computed on first use and at most once per step."""
 from dataclasses import dataclass
 from functools import cached_property
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -46,6 +46,7 @@ class StepInputs:
 
     def __init__(self, trainer, stage: Stage, batch: dict):
         self.trainer, self.stage, self.batch = trainer, stage, batch
+        self.logged: Dict[str, torch.Tensor] = {}  # what terms note for the log (e.g. pseudo-label coverage)
 
     @cached_property
     def batch_images(self) -> torch.Tensor:
@@ -74,8 +75,17 @@ class StepInputs:
         return None if images is None else to_device(images, self.trainer.device)
 
     @cached_property
+    def student(self):
+        """Self-training: the student's view of the labelled and unlabelled batch, and each pixel's target
+        (``data/mixing.py``)."""
+        return self.trainer.self_training.student_batch(self)
+
+    @cached_property
     def images(self) -> torch.Tensor:
-        """The labelled images, followed by the unlabelled ones when the stage reads them."""
+        """The labelled images, followed by the unlabelled ones when the stage reads them (in a
+        self-training stage: as the student sees them)."""
+        if self.stage.self_training:
+            return self.student.images
         if self.stage.data != LABELED_AND_UNLABELED or self.unlabeled is None:
             return self.batch_images
         return torch.cat([self.batch_images, self.unlabeled])

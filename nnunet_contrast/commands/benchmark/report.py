@@ -82,8 +82,22 @@ def labelled_counts(cells: Dict[tuple, Dict[int, dict]], fraction: str) -> str:
     return "/".join(str(c) for c in counts)
 
 
+def paired(cells: Dict[tuple, Dict[int, dict]], trainer: str, fraction: str, reference: tuple) -> Dict[int, tuple]:
+    """Fold -> (the trainer's Dice, the reference cell's Dice) on the folds both have."""
+    ours, theirs = cells.get((trainer, fraction), {}), cells.get(reference, {})
+    return {k: (ours[k]["foreground_dice"], theirs[k]["foreground_dice"]) for k in sorted(set(ours) & set(theirs))}
+
+
+def with_folds(values: Dict[int, float], signed: bool = True) -> str:
+    """``mean ± sd (n=3): fold 0 +0.010, fold 1 ...`` (folds listed from two on)."""
+    text = mean_spread(list(values.values()), signed=signed)
+    if len(values) > 1:
+        text += ": " + ", ".join(f"f{k} {v:{'+' if signed else ''}.3f}" for k, v in values.items())
+    return text
+
+
 def delta_table(records: Sequence[dict]) -> List[str]:
-    """Per-fold paired difference to the baseline at the same fraction, then its mean over folds."""
+    """Per-fold paired difference to the baseline at the same fraction: its mean, spread and each fold's."""
     fractions, cells = fraction_order(records), by_cell(records)
     if not fractions:
         return ["(no method runs yet)"]
@@ -91,13 +105,31 @@ def delta_table(records: Sequence[dict]) -> List[str]:
     for trainer in method_order(records):
         if trainer == BASELINE:
             continue
-        values = []
-        for f in fractions:
-            base, ours = cells.get((BASELINE, f), {}), cells[(trainer, f)]
-            diffs = [ours[k]["foreground_dice"] - base[k]["foreground_dice"] for k in sorted(set(base) & set(ours))]
-            values.append(mean_spread(diffs, signed=True))
+        values = [with_folds({k: a - b for k, (a, b) in paired(cells, trainer, f, (BASELINE, f)).items()})
+                  for f in fractions]
         lines.append(table_row(trainer, values))
     return lines
+
+
+def gap_table(records: Sequence[dict]) -> List[str]:
+    """Share of the gap between the baseline and the upper bound (all labels) that a method closes,
+    (method - baseline) / (upper - baseline) per fold, then its mean over folds."""
+    fractions, cells = fraction_order(records), by_cell(records)
+    upper = {k: r["foreground_dice"] for k, r in cells.get((BASELINE, ALL_LABELS), {}).items()}
+    if not upper or not fractions:
+        return []
+    lines = [table_row("method", fractions), "|---" * (len(fractions) + 1) + "|"]
+    for trainer in method_order(records):
+        if trainer == BASELINE:
+            continue
+        values = []
+        for f in fractions:
+            shares = {k: (a - b) / (upper[k] - b) for k, (a, b) in paired(cells, trainer, f, (BASELINE, f)).items()
+                      if k in upper and upper[k] > b}
+            values.append(with_folds(shares))
+        lines.append(table_row(trainer, values))
+    return [f"Share of the gap between {BASELINE} and all labels that the method closes, per fold "
+            "(1: as good as all labels; negative: worse than the baseline):", "", *lines, ""]
 
 
 MIN_CASES_FOR_INTERVAL = 10  # a percentile bootstrap of fewer cases gives too narrow an interval
@@ -247,8 +279,9 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
             f"{max(r['environment']['date'] for r in records)}. Scores: nnU-Net's validation of each fold ("
             + ", ".join(f"fold {fold}: {n} cases" for fold, n in validation) + ").", "",
             "Mean foreground Dice:", "", *dice_table(records), "",
-            f"Difference to {BASELINE} on the same fraction and fold:", "", *delta_table(records), "",
-            *case_section(records),
+            f"Difference to {BASELINE} on the same fraction and fold (mean ± standard deviation over folds: "
+            "each fold's):", "", *delta_table(records), "",
+            *gap_table(records), *case_section(records),
             f"![Dice against labelled fraction]({plot.name})", "",
             "Cost:", "", *cost_table(records), ""]
 

@@ -1,8 +1,9 @@
 """``nnunet-contrast benchmark``: every trainer against nnU-Net at one budget, through nnU-Net's commands.
 
-For an MSD task folder it runs, in a work folder and skipping whatever is already done:
+For an MSD task folder (``--msd``) it runs, in a work folder and skipping whatever is already done:
 nnU-Net's convert and 2d plan-and-preprocess (once), ``nnunet-contrast add-unlabeled`` (the task's
-``imagesTs`` scans that have no label), and for each labelled fraction ``nnunet-contrast split`` (one
+``imagesTs`` scans that have no label); for a dataset already converted and planned (``--dataset ID``)
+it uses the user's own nnU-Net folders and none of these. Then for each labelled fraction ``nnunet-contrast split`` (one
 split file per fraction, one seed) and ``nnunet-contrast plans`` (the budget plus that split file),
 then ``nnUNetv2_train`` for every trainer and fold. A run is scored by nnU-Net's own final validation
 of its fold (``fold_F/validation/summary.json``): the fold's validation cases, which are never
@@ -10,7 +11,7 @@ training cases and which nnU-Net predicts with the final weights (no model selec
 
 Work folder::
 
-    nnUNet_raw/ nnUNet_preprocessed/ nnUNet_results/   nnU-Net's folders
+    nnUNet_raw/ nnUNet_preprocessed/ nnUNet_results/   nnU-Net's folders (--msd only)
     logs/PLANS/TRAINER_foldF.log                        each training's output
     results/PLANS/TRAINER_foldF.json                    one record per finished run
     results.csv                                         every record, one line each
@@ -44,6 +45,7 @@ except ImportError:  # Windows: no work-folder lock
     fcntl = None
 
 BASELINE = "nnUNetTrainerLabeledOnly"
+RECIPE = "RetrainOnPredictions"  # the maintainers' recipe (recipe.py): a row of the tables, not a trainer
 ALL_LABELS = "1.0"   # the upper bound: the baseline trained on every training case of the fold
 DEFAULT_FRACTIONS = ("0.01", "0.05", "0.1", "0.2")
 DEFAULT_BUDGET = "benchmark_cpu"
@@ -102,6 +104,7 @@ class Step:
     resume_if: Sequence[Path] = ()       # add nnU-Net's --c when one of these files exists
     log: Optional[Path] = None
     stamp: bool = False                  # ``done`` is a stamp written after success, not the command's output
+    env: Optional[dict] = None           # the command's environment, when not the benchmark's
 
     def command_now(self) -> List[str]:
         return self.command + (["--c"] if any(p.exists() for p in self.resume_if) else [])
@@ -110,7 +113,7 @@ class Step:
 @dataclass
 class Benchmark:
     workdir: Path
-    msd: Path
+    msd: Optional[Path]             # an MSD task folder, or None with ``dataset``
     trainers: Sequence[str]
     fractions: Sequence[str] = DEFAULT_FRACTIONS
     folds: Sequence[int] = (0,)
@@ -119,25 +122,59 @@ class Benchmark:
     device: str = "cpu"
     upper_bound: bool = True
     train_seed: int = 0
+    existing_dataset: Optional[str] = None  # ``--dataset``: converted and planned, in the user's nnU-Net folders
+    with_recipe: bool = False               # the maintainers' recipe as a row (``recipe.py``)
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
-        self.msd = Path(self.msd).resolve()
-        match = re.fullmatch(r"Task(\d+)_(\w+)", self.msd.name)
-        if not match:
-            raise UserInputError(f"--msd {self.msd} is not an MSD task folder (TaskXX_Name): pass e.g. "
-                                 f"--msd Task04_Hippocampus")
-        self.dataset_id = str(int(match.group(1)))
-        self.dataset = f"Dataset{int(match.group(1)):03d}_{match.group(2)}"
+        if (self.msd is None) == (self.existing_dataset is None):
+            raise UserInputError("pass either --msd TASK_FOLDER or --dataset ID (a dataset nnU-Net has converted "
+                                 "and planned), not both")
+        if self.msd is not None:
+            self.msd = Path(self.msd).resolve()
+            match = re.fullmatch(r"Task(\d+)_(\w+)", self.msd.name)
+            if not match:
+                raise UserInputError(f"--msd {self.msd} is not an MSD task folder (TaskXX_Name): pass e.g. "
+                                     f"--msd Task04_Hippocampus")
+            self.dataset_id = str(int(match.group(1)))
+            self.dataset = f"Dataset{int(match.group(1)):03d}_{match.group(2)}"
+        else:
+            self.dataset = self.planned_dataset(self.existing_dataset)
+            self.dataset_id = str(int(self.dataset[len("Dataset"):].split("_")[0]))
         self.fractions = list(dict.fromkeys(normalised_fraction(f) for f in self.fractions))
-        self.trainers = list(dict.fromkeys([BASELINE, *self.trainers]))  # every table needs its baseline
+        self.trainers = list(dict.fromkeys([BASELINE, *self.trainers, *[RECIPE] * self.with_recipe]))  # baseline first
         if any(fold < 0 for fold in self.folds):
             raise UserInputError(f"--folds {' '.join(map(str, self.folds))}: folds are nnU-Net's, 0 to 4 by default")
 
+    @staticmethod
+    def planned_dataset(dataset: str) -> str:
+        """The name of a dataset of the user's nnU-Net folders that has a preprocessed 2d configuration."""
+        from nnunet_contrast.nnunet_env import dataset_name, require_path_variables
+
+        require_path_variables()
+        name = dataset_name(dataset)
+        plans = Path(os.environ["nnUNet_preprocessed"]) / name / "nnUNetPlans.json"
+        configurations = json.loads(plans.read_text()).get("configurations", {}) if plans.is_file() else {}
+        data = "2d" in configurations and (plans.parent / configurations["2d"].get("data_identifier", "")).is_dir()
+        if not data:
+            raise UserInputError(f"--dataset {dataset}: {name} has no preprocessed 2d configuration: run "
+                                 f"nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first")
+        return name
+
     # -- where things are -------------------------------------------------------------------------
+    def nnunet_folder(self, variable: str) -> Path:
+        """One of nnU-Net's folders: the work folder's for an MSD task, the user's own for ``--dataset``."""
+        return self.workdir / variable if self.msd is not None else Path(os.environ[variable])
+
+    def environment(self) -> dict:
+        """What the commands run with: nnU-Net's folders (see ``nnunet_folder``) and small-machine pools."""
+        from nnunet_contrast.nnunet_env import nnunet_environment
+
+        return nnunet_environment(self.workdir if self.msd is not None else None)
+
     @property
     def preprocessed(self) -> Path:
-        return self.workdir / "nnUNet_preprocessed" / self.dataset
+        return self.nnunet_folder("nnUNet_preprocessed") / self.dataset
 
     def split_name(self, fraction: str) -> str:
         return f"splits_semisup_seed{self.seed}_l{fraction}.json"
@@ -146,9 +183,17 @@ class Benchmark:
         fraction = getattr(run_or_fraction, "fraction", run_or_fraction)
         return self.budget.plans_identifier(fraction, self.seed, self.train_seed)
 
+    @functools.cached_property
+    def recipe(self):
+        from nnunet_contrast.commands.benchmark.recipe import MaintainersRecipe
+
+        return MaintainersRecipe(self)
+
     def fold_folder(self, run: Run) -> Path:
+        if run.trainer == RECIPE:
+            return self.recipe.fold_folder(run)
         plans = self.plans(run)
-        return (self.workdir / "nnUNet_results" / self.dataset / f"{run.trainer}__{plans}__2d" /
+        return (self.nnunet_folder("nnUNet_results") / self.dataset / f"{run.trainer}__{plans}__2d" /
                 f"fold_{run.fold}")
 
     def run_file(self, folder: str, run: Run, suffix: str) -> Path:
@@ -162,7 +207,7 @@ class Benchmark:
     def runs(self) -> List[Run]:
         """The upper bound first, then fraction by fraction and fold by fold with the baseline first: a
         stopped benchmark leaves whole cells, each with its reference points."""
-        trainers = sorted(self.trainers, key=lambda t: t != BASELINE)
+        trainers = sorted(self.trainers, key=lambda t: (t != BASELINE, t != RECIPE))  # the recipe needs the baseline
         runs = [Run(BASELINE, ALL_LABELS, fold) for fold in self.folds] if self.upper_bound else []
         runs += [Run(t, f, fold) for f in self.fractions for fold in self.folds for t in trainers]
         return list(dict.fromkeys(runs))
@@ -177,6 +222,8 @@ class Benchmark:
         return steps
 
     def preparation_steps(self) -> List[Step]:
+        if self.msd is None:  # --dataset: converted and planned already
+            return []
         unlabeled = self.workdir / "unlabeled"
         stamps = self.workdir / "stamps" / self.dataset  # these commands' outputs exist before they finish
         steps = [
@@ -203,21 +250,23 @@ class Benchmark:
                   "--set", f"nnunet_contrast.run.seed={self.train_seed}", "-o", plans])]
 
     def run_steps(self, run: Run) -> List[Step]:
+        record = Step(f"record {run.trainer} {run.fraction} fold {run.fold}", self.record_path(run),
+                      action=lambda: self.write_record(run))
+        if run.trainer == RECIPE:
+            return self.recipe.steps(run) + [record]
         fold = self.fold_folder(run)
         train = Step(f"train {run.trainer} {run.fraction} fold {run.fold}", fold / "validation" / "summary.json",
                      ["nnUNetv2_train", self.dataset_id, "2d", str(run.fold), "-tr", run.trainer, "-p",
                       self.plans(run), "-device", self.device],
                      resume_if=(fold / "checkpoint_latest.pth", fold / "checkpoint_final.pth"),
                      log=self.run_file("logs", run, "log"))
-        record = Step(f"record {run.trainer} {run.fraction} fold {run.fold}", self.record_path(run),
-                      action=lambda: self.write_record(run))
         return [train, record]
 
     # -- the unlabelled scans of the MSD task -------------------------------------------------------
     def unlabeled_scans(self) -> List[Path]:
         """``imagesTs`` scans of the MSD task with no label in ``labelsTs`` (MSD's test images)."""
-        images = self.msd / "imagesTs"
-        if not images.is_dir():
+        images = self.msd / "imagesTs" if self.msd is not None else None
+        if images is None or not images.is_dir():
             return []
         labels = self.msd / "labelsTs"
         return sorted(p for p in images.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith(".")
@@ -347,7 +396,7 @@ def execute(steps: Sequence[Step], env: dict, runner=subprocess_runner, dry_run:
             continue
         if step.before is not None:
             step.before()
-        runner(command, env, step.log)
+        runner(command, step.env or env, step.log)
         if step.stamp:
             step.done.parent.mkdir(parents=True, exist_ok=True)
             step.done.touch()

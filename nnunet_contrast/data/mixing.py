@@ -1,0 +1,102 @@
+"""The student's batch in self-training: a stronger view than the teacher's, optionally mixed.
+
+The teacher labels the unlabelled images as nnU-Net's loader augmented them; the student sees
+them with further intensity perturbation and, by setting:
+
+* ``none``: as they are;
+* ``cutmix`` (Yun et al. 2019, as UniMatch for medical images): with probability 0.5 a box of
+  another unlabelled image of the batch is pasted in, box area ~ U(0.02, 0.4) of the patch, aspect
+  ratio ~ U(0.3, 1/0.3);
+* ``copypaste`` (bidirectional copy-paste, Bai et al. 2023, BCP): a box of ``box_fraction`` of each
+  side is pasted from an unlabelled image into each labelled one, and from a labelled image into
+  each unlabelled one, at a random position.
+
+Every pixel keeps the target of the image it came from: its true label from a labelled image, the
+teacher's pseudo-label (``EXCLUDED`` where unconfident) from an unlabelled one.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nnunet_contrast.data.views import intensity_view
+
+MIXINGS = ("none", "cutmix", "copypaste")
+CUTMIX_PROBABILITY, CUTMIX_AREA, CUTMIX_ASPECT = 0.5, (0.02, 0.4), (0.3, 1 / 0.3)
+
+
+@dataclass
+class StudentBatch:
+    """What the student trains on.
+
+    images: (L + U, C, H, W), first the L labelled-based images, then the U unlabelled-based ones;
+    labels: (L + U, H, W) long, the target of every pixel (``EXCLUDED``: none);
+    from_labeled: (L + U, H, W) bool, whether the pixel came from a labelled image (its label is true).
+    """
+    images: torch.Tensor
+    labels: torch.Tensor
+    from_labeled: torch.Tensor
+    n_labeled: int
+
+
+def box_masks(n: int, height: int, width: int, box_h: torch.Tensor, box_w: torch.Tensor,
+              device: torch.device) -> torch.Tensor:
+    """(n, H, W) bool: one box per image, of ``box_h`` x ``box_w`` pixels (n,) at a random position inside."""
+    top = (torch.rand(n, device=device) * (height - box_h + 1)).floor()
+    left = (torch.rand(n, device=device) * (width - box_w + 1)).floor()
+    rows = torch.arange(height, device=device)[None, :, None]
+    cols = torch.arange(width, device=device)[None, None, :]
+    inside_rows = (rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
+    inside_cols = (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None])
+    return inside_rows & inside_cols
+
+
+def fixed_boxes(n: int, height: int, width: int, side_fraction: float, device: torch.device) -> torch.Tensor:
+    """(n, H, W) bool: boxes of ``side_fraction`` of each side (BCP: 2/3), at random positions."""
+    box_h = torch.full((n,), float(int(height * side_fraction)), device=device)
+    box_w = torch.full((n,), float(int(width * side_fraction)), device=device)
+    return box_masks(n, height, width, box_h, box_w, device)
+
+
+def cutmix_boxes(n: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(n, H, W) bool: with probability ``CUTMIX_PROBABILITY`` a box of random area and aspect ratio, else none."""
+    area = torch.empty(n, device=device).uniform_(*CUTMIX_AREA) * height * width
+    log_aspect = torch.empty(n, device=device).uniform_(math.log(CUTMIX_ASPECT[0]), math.log(CUTMIX_ASPECT[1]))
+    aspect = log_aspect.exp()  # height / width of the box
+    box_h = (area * aspect).sqrt().round().clamp(1, height)
+    box_w = (area / aspect).sqrt().round().clamp(1, width)
+    boxes = box_masks(n, height, width, box_h, box_w, device)
+    return boxes & (torch.rand(n, device=device) < CUTMIX_PROBABILITY)[:, None, None]
+
+
+def paste(base: torch.Tensor, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``source`` inside the boxes (n, H, W), ``base`` elsewhere; images (n, C, H, W) or labels (n, H, W)."""
+    return torch.where(boxes[:, None] if base.ndim == 4 else boxes, source, base)
+
+
+def student_batch(labeled: torch.Tensor, true_labels: torch.Tensor, unlabeled: torch.Tensor,
+                  pseudo_labels: torch.Tensor, mixing: str, box_fraction: float,
+                  strong_intensity: bool = True) -> StudentBatch:
+    """The student's batch from labelled images (L, C, H, W) with their labels (L, H, W), and
+    unlabelled images (U, C, H, W) with the teacher's pseudo-labels (U, H, W)."""
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing must be one of {list(MIXINGS)}, got {mixing!r}")
+    strong = intensity_view(unlabeled).to(unlabeled.dtype) if strong_intensity else unlabeled
+    n_l, n_u = len(labeled), len(unlabeled)
+    from_l, from_u = torch.ones_like(true_labels, dtype=torch.bool), torch.zeros_like(pseudo_labels, dtype=torch.bool)
+    if mixing == "cutmix":
+        partner = torch.roll(torch.arange(n_u, device=unlabeled.device), 1)  # another image of the batch
+        boxes = cutmix_boxes(n_u, *unlabeled.shape[-2:], unlabeled.device)
+        strong, pseudo_labels = paste(strong, strong[partner], boxes), paste(pseudo_labels, pseudo_labels[partner], boxes)
+    elif mixing == "copypaste":
+        into_l = fixed_boxes(n_l, *labeled.shape[-2:], box_fraction, labeled.device)  # unlabelled content
+        into_u = fixed_boxes(n_u, *labeled.shape[-2:], box_fraction, labeled.device)  # labelled content
+        u_of_l, l_of_u = (torch.arange(n_l, device=labeled.device) % n_u,
+                          torch.arange(n_u, device=labeled.device) % n_l)
+        # both directions from the unmixed images
+        labeled, strong = paste(labeled, strong[u_of_l], into_l), paste(strong, labeled[l_of_u], into_u)
+        true_labels, pseudo_labels = (paste(true_labels, pseudo_labels[u_of_l], into_l),
+                                      paste(pseudo_labels, true_labels[l_of_u], into_u))
+        from_l, from_u = ~into_l, into_u
+    return StudentBatch(torch.cat([labeled, strong]), torch.cat([true_labels, pseudo_labels]),
+                        torch.cat([from_l, from_u]), n_l)

@@ -1,0 +1,316 @@
+"""The pieces of self-training (training/self_training.py) on small tensors: the masked nnU-Net loss
+against a loop reference of its equation, the student's mixed batch, the EMA teacher, the ramp and
+the schedule rules.
+
+The loss reference (losses/masked_segmentation.py): at each deep-supervision resolution k, the
+target is the full-resolution label map sampled at the nearest source pixel, floor((i + 0.5) H / h);
+CE_k is the mean over kept pixels of -log softmax; SoftDice_k per foreground class is
+(2 I + eps) / (G + P + eps) over the kept pixels (I: sum of s t, P: sum of s, G: sum of t), summed over
+the batch (batch Dice) or per image, then averaged; the loss is sum_k w_k (CE_k - SoftDice_k).
+"""
+import math
+
+import pytest
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+from loss_checks import F64, assert_finite, assert_matches, grad_of, randn
+from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, student_batch
+from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss, deep_supervision_targets
+from nnunet_contrast.settings import resolve_settings
+from nnunet_contrast.training.pseudo_labels import EmaTeacher
+from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
+                                               SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term)
+from nnunet_contrast.training.schedule import ramped
+from nnunet_contrast.training.self_training import self_training_schedule, self_training_stages
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EPS = 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# the masked loss against its equation
+# --------------------------------------------------------------------------------------------------
+def nearest_label(labels, b, i, j, h, w):
+    height, width = labels.shape[1:]
+    return int(labels[b, min(math.floor((i + 0.5) * height / h), height - 1),
+                      min(math.floor((j + 0.5) * width / w), width - 1)])
+
+
+def reference_level(logits, labels, batch_dice):
+    """CE - SoftDice at one resolution, with loops over images, pixels and classes."""
+    n, k, h, w = logits.shape
+    ce_sum, kept = 0.0, 0
+    inter, pred, gt = {}, {}, {}
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                y = nearest_label(labels, b, i, j, h, w)
+                if y == EXCLUDED:
+                    continue
+                exps = [torch.exp(logits[b, c, i, j]) for c in range(k)]
+                total = sum(exps)
+                ce_sum = ce_sum - torch.log(exps[y] / total)
+                kept += 1
+                for c in range(1, k):
+                    key = c if batch_dice else (b, c)
+                    s = exps[c] / total
+                    inter[key] = inter.get(key, 0.0) + s * (1.0 if y == c else 0.0)
+                    pred[key] = pred.get(key, 0.0) + s
+                    gt[key] = gt.get(key, 0.0) + (1.0 if y == c else 0.0)
+    keys = list(range(1, k)) if batch_dice else [(b, c) for b in range(n) for c in range(1, k)]
+    dice = sum((2 * inter.get(key, 0.0) + EPS) / (gt.get(key, 0.0) + pred.get(key, 0.0) + EPS) for key in keys)
+    dice = dice / len(keys)
+    ce = ce_sum / kept if kept else 0.0
+    return ce - dice
+
+
+def reference_loss(outputs, labels, weights, batch_dice):
+    if not (labels != EXCLUDED).any():
+        return sum(o.sum() for o in outputs) * 0.0
+    return sum(w * reference_level(o, labels, batch_dice) for o, w in zip(outputs, weights) if w != 0)
+
+
+def random_labels(seed, shape, classes, excluded_share=0.3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < excluded_share] = EXCLUDED
+    return labels
+
+
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_masked_loss_matches_its_equation_with_deep_supervision(batch_dice):
+    full, half = randn(0, 2, 3, 6, 4), randn(1, 2, 3, 3, 2)
+    labels = random_labels(2, (2, 6, 4), 3)
+    weights = [0.6, 0.4]
+    loss = MaskedSegmentationLoss(batch_dice, weights)
+    lib = grad_of(lambda a, b: loss([a, b], labels), full, half)
+    ref = grad_of(lambda a, b: reference_loss([a, b], labels, weights, batch_dice), full, half)
+    assert_matches(lib[0], ref[0], lib[1], ref[1])
+    assert lib[0].dtype == torch.float32
+
+
+def test_masked_loss_without_deep_supervision_and_a_zero_weight_level():
+    logits, labels = randn(3, 3, 2, 5, 5), random_labels(4, (3, 5, 5), 2)
+    lib = grad_of(lambda a: MaskedSegmentationLoss(True)(a, labels), logits)
+    ref = grad_of(lambda a: reference_loss([a], labels, [1.0], True), logits)
+    assert_matches(lib[0], ref[0], lib[1], ref[1])
+    coarse = randn(5, 3, 2, 2, 2)
+    lib = grad_of(lambda a, b: MaskedSegmentationLoss(True, [1.0, 0.0])([a, b], labels), logits, coarse)
+    assert torch.count_nonzero(lib[1][1]) == 0  # nnU-Net leaves the lowest resolution out (weight 0)
+
+
+def test_nothing_excluded_is_nnunets_own_loss():
+    outputs, labels = [randn(6, 2, 3, 8, 8), randn(7, 2, 3, 4, 4)], random_labels(8, (2, 8, 8), 3, 0.0)
+    dice = {"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}
+    nnunet = DeepSupervisionWrapper(DC_and_CE_loss(dice, {}, weight_ce=1, weight_dice=1,
+                                                   dice_class=MemoryEfficientSoftDiceLoss), [0.7, 0.3])
+    targets = deep_supervision_targets(labels, outputs)
+    torch.testing.assert_close(MaskedSegmentationLoss(True, [0.7, 0.3])(outputs, labels),
+                               nnunet([o.float() for o in outputs], targets).float())
+
+
+def test_deep_supervision_targets_are_nnunets_downsampling():
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    labels = random_labels(9, (1, 10, 7), 4, 0.0)
+    nnunet = DownsampleSegForDSTransform([[1, 1], [0.5, 0.5], [0.25, 0.25]])(segmentation=labels.clone().short())
+    outputs = [torch.zeros(1, 4, *t.shape[1:]) for t in nnunet["segmentation"]]
+    for ours, theirs in zip(deep_supervision_targets(labels, outputs), nnunet["segmentation"]):
+        assert torch.equal(ours[:, 0].long(), theirs.long())
+
+
+@pytest.mark.parametrize("case", ["no pixel kept", "one class", "one pixel of a class"])
+def test_masked_loss_edge_cases(case):
+    logits = randn(10, 2, 3, 4, 4)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    if case == "no pixel kept":
+        labels[:] = EXCLUDED
+    elif case == "one pixel of a class":
+        labels[:] = EXCLUDED
+        labels[1, 2, 3] = 2
+    value, grads = grad_of(lambda a: MaskedSegmentationLoss(True)(a, labels), logits)
+    assert_finite(value, grads)
+    if case == "no pixel kept":
+        assert value == 0 and torch.count_nonzero(grads[0]) == 0
+    else:
+        ref = grad_of(lambda a: reference_loss([a], labels, [1.0], True), logits)
+        assert_matches(value, ref[0], grads, ref[1])
+        if case == "one pixel of a class":
+            assert torch.count_nonzero(grads[0].abs().sum(1)) == 1  # only that pixel has a gradient
+
+
+def test_masked_loss_refuses_labels_of_another_shape():
+    with pytest.raises(ValueError, match="labels must be"):
+        MaskedSegmentationLoss(True)(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------
+# the student's batch
+# --------------------------------------------------------------------------------------------------
+def test_fixed_boxes_have_their_size_and_stay_inside():
+    torch.manual_seed(0)
+    boxes = fixed_boxes(50, 9, 6, 2 / 3, torch.device("cpu"))
+    for box in boxes:
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        assert (len(rows), len(cols)) == (6, 4) and box.sum() == 24
+        assert rows.max() - rows.min() == 5 and cols.max() - cols.min() == 3  # one rectangle
+
+
+def test_cutmix_boxes_are_boxes_of_the_sampled_areas_half_the_time():
+    torch.manual_seed(0)
+    boxes = cutmix_boxes(400, 40, 40, torch.device("cpu"))
+    areas = boxes.flatten(1).sum(1).float() / 1600
+    mixed = areas > 0
+    assert 0.4 < mixed.float().mean() < 0.6
+    assert areas[mixed].min() >= 0.005 and areas[mixed].max() <= 0.45
+
+
+def mixing_inputs():
+    g = torch.Generator().manual_seed(0)
+    labeled, unlabeled = torch.rand(3, 2, 12, 9, generator=g), torch.rand(2, 2, 12, 9, generator=g) + 10
+    true_labels = torch.randint(0, 3, (3, 12, 9), generator=g)
+    pseudo = torch.randint(0, 3, (2, 12, 9), generator=g) + 100  # marks pixels that came from unlabelled images
+    return labeled, true_labels, unlabeled, pseudo
+
+
+def test_no_mixing_is_the_batch_with_stronger_unlabelled_images():
+    labeled, true_labels, unlabeled, pseudo = mixing_inputs()
+    batch = student_batch(labeled, true_labels, unlabeled, pseudo, "none", 0.5, strong_intensity=False)
+    assert torch.equal(batch.images, torch.cat([labeled, unlabeled])) and batch.n_labeled == 3
+    assert torch.equal(batch.labels, torch.cat([true_labels, pseudo]))
+    assert batch.from_labeled[:3].all() and not batch.from_labeled[3:].any()
+    strong = student_batch(labeled, true_labels, unlabeled, pseudo, "none", 0.5)
+    assert torch.equal(strong.images[:3], labeled) and not torch.equal(strong.images[3:], unlabeled)
+
+
+def test_copy_paste_keeps_each_pixels_source_and_target():
+    labeled, true_labels, unlabeled, pseudo = mixing_inputs()
+    torch.manual_seed(1)
+    batch = student_batch(labeled, true_labels, unlabeled, pseudo, "copypaste", 2 / 3, strong_intensity=False)
+    came_from_unlabeled = batch.images[:, 0] >= 10
+    assert torch.equal(~came_from_unlabeled, batch.from_labeled)  # each pixel's flag is its source
+    assert torch.equal(batch.labels >= 100, came_from_unlabeled)  # and so is its target
+    for i, image in enumerate(batch.images):
+        box = came_from_unlabeled[i] if i < 3 else ~came_from_unlabeled[i]
+        assert box.sum() == 8 * 6  # a 2/3 box of the other kind of image in every image
+        own = labeled[i] if i < 3 else unlabeled[i - 3]
+        partner = unlabeled[i % 2] if i < 3 else labeled[(i - 3) % 3]
+        assert torch.equal(image[:, ~box], own[:, ~box]) and torch.equal(image[:, box], partner[:, box])
+        own_labels = true_labels[i] if i < 3 else pseudo[i - 3]
+        partner_labels = pseudo[i % 2] if i < 3 else true_labels[(i - 3) % 3]
+        assert torch.equal(batch.labels[i][~box], own_labels[~box])
+        assert torch.equal(batch.labels[i][box], partner_labels[box])
+
+
+def test_cutmix_mixes_unlabelled_images_only():
+    labeled, true_labels, unlabeled, pseudo = mixing_inputs()
+    torch.manual_seed(2)
+    batch = student_batch(labeled, true_labels, unlabeled, pseudo, "cutmix", 0.5, strong_intensity=False)
+    assert torch.equal(batch.images[:3], labeled) and torch.equal(batch.labels[:3], true_labels)
+    for u in range(2):
+        pasted = batch.images[3 + u, 0] != unlabeled[u, 0]
+        partner = (u - 1) % 2
+        assert torch.equal(batch.images[3 + u][:, pasted], unlabeled[partner][:, pasted])
+        assert torch.equal(batch.labels[3 + u][pasted], pseudo[partner][pasted])
+        assert torch.equal(batch.labels[3 + u][~pasted], pseudo[u][~pasted])
+    assert not batch.from_labeled[3:].any()
+
+
+def test_unknown_mixing_is_refused():
+    with pytest.raises(ValueError, match="mixing must be one of"):
+        student_batch(*mixing_inputs(), "mixup", 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# the EMA teacher
+# --------------------------------------------------------------------------------------------------
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 1)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+
+def test_teacher_follows_the_student_as_its_equation_says():
+    torch.manual_seed(0)
+    student = TinyNet()
+    teacher = EmaTeacher(student, decay=0.9, confidence_threshold=0.5)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+        student.steps += 3
+    teacher.update(student)
+    for name, value in student.state_dict().items():
+        if name == "steps":
+            assert teacher.state_dict()[name] == 3  # not a float: copied
+            continue
+        for index in range(value.numel()):
+            expected = 0.9 * before[name].flatten()[index].item() + 0.1 * value.flatten()[index].item()
+            assert teacher.state_dict()[name].flatten()[index].item() == pytest.approx(expected, rel=1e-5)
+    assert all(not p.requires_grad for p in teacher.network.parameters())
+
+
+def test_teacher_leaves_out_unconfident_pixels():
+    teacher = EmaTeacher(TinyNet(), 0.99, 0.8)
+    logits = torch.tensor([[[[3.0, 0.1]], [[0.0, 0.0]], [[0.0, 0.2]]]])  # (1, 3, 1, 2)
+    teacher.logits = lambda images: logits
+    labels, confidence = teacher(torch.zeros(1, 2, 1, 2))
+    assert labels.tolist() == [[[0, EXCLUDED]]]
+    assert confidence[0, 0, 0] == pytest.approx(torch.softmax(logits[0, :, 0, 0], 0).max().item())
+
+
+def test_teacher_refuses_a_decay_of_one():
+    with pytest.raises(ValueError, match="decay must be in"):
+        EmaTeacher(TinyNet(), 1.0, 0.9)
+
+
+# --------------------------------------------------------------------------------------------------
+# the ramp and the schedule
+# --------------------------------------------------------------------------------------------------
+def test_ramp_rises_over_the_terms_stages():
+    weight = ramped(0.5, 0.5)
+    assert weight(0.0) == pytest.approx(0.5 * math.exp(-5)) and weight(0.5) == weight(0.99) == 0.5
+    assert ramped(0.3, 0) == 0.3  # no ramp: a constant weight
+    term = Term(PSEUDO_LABEL, weight)
+    stage = lambda name, epochs: Stage(name, epochs, 10, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION), term),
+                                       LABELED_AND_UNLABELED)
+    schedule = Schedule([Stage("warm", 2, 10, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),)), stage("a", 1),
+                         stage("b", 3)])
+    assert schedule.term_progress(PSEUDO_LABEL, 1, 0) == 0.0
+    assert schedule.term_progress(PSEUDO_LABEL, 2, 5) == pytest.approx(15 / 40)  # across the rounds
+
+
+def settings(**selftraining):
+    return resolve_settings({"nnunet_contrast": {"selftraining": selftraining,
+                                                 "budget": {"num_epochs": 10}}}, ("base",))
+
+
+def test_self_training_stages_warm_up_then_self_train():
+    s = settings(warmup_fraction=0.25)
+    warmup, selftrain = self_training_stages(s.budget, s.selftraining)
+    assert (warmup.epochs, selftrain.epochs) == (3, 7) and warmup.is_nnunet_step
+    assert selftrain.self_training and selftrain.supervised and selftrain.data == LABELED_AND_UNLABELED
+    assert warmup.optimizer_key() == selftrain.optimizer_key()  # one poly schedule over both
+
+
+def test_finetune_selftraining_replaces_or_joins_the_methods_fine_tuning():
+    s = settings()
+    pretrain = Stage("global", 1, 5, ("encoder",), Adam(1e-3), (Term("global_contrast"),), LABELED_AND_UNLABELED)
+    finetune = Stage("finetune", 10, 5, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), LABELED, role=FINETUNE_ROLE)
+    replaced = self_training_schedule([pretrain, finetune], s.budget, s.selftraining)
+    assert [st.name for st in replaced] == ["global", "warmup", "selftrain"]
+    joint = Stage("joint", 10, 5, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION), Term("contrast", 0.1)),
+                  LABELED_AND_UNLABELED, role=FINETUNE_ROLE)
+    joined = self_training_schedule([finetune, joint], s.budget, s.selftraining)
+    assert [st.name for st in joined] == ["finetune", "joint"] and not joined[0].self_training
+    assert [t.name for t in joined[1].terms] == [SEGMENTATION, "contrast", PSEUDO_LABEL]
+
+
+def test_self_training_settings_are_checked():
+    with pytest.raises(ValueError, match="selftraining.mixing must be one of"):
+        settings(mixing="mixup")
+    with pytest.raises(ValueError, match="selftraining.ema_decay must be in"):
+        settings(ema_decay=1.0)

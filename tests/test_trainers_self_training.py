@@ -1,0 +1,127 @@
+"""The self-training trainers and every method's self-training variant in process, on the prepared
+sample: labels of unlabelled cases never reach a loss (with and without mixing), what each variant's
+schedule is, the teacher in the checkpoint and the final weights (student or teacher), and the logs."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
+                      make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
+from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION
+
+SELF_TRAINED = {  # trainer -> the stage in which it learns from the teacher
+    "nnUNetTrainerSelfTraining": "selftrain",
+    "nnUNetTrainerCopyPaste": "selftrain",
+    "nnUNetTrainerPseudoLabelContrastSelfTraining": "joint",
+    "nnUNetTrainerCrossLevelSelfTraining": "contrast",
+    "nnUNetTrainerIDEALSelfTraining": "finetune",
+}
+VARIANTS = {  # each method's self-training variant -> its stages
+    "nnUNetTrainerSupConLocalSelfTraining": ["global", "local", "warmup", "selftrain"],
+    "nnUNetTrainerGlobalLocalContrastSelfTraining": ["global", "local", "warmup", "selftrain"],
+    "nnUNetTrainerGlobalContrastSelfTraining": ["global", "warmup", "selftrain"],
+    "nnUNetTrainerPseudoLabelContrastSelfTraining": ["warmup", "joint"],
+    "nnUNetTrainerCrossLevelSelfTraining": ["contrast", "consistency"],
+    "nnUNetTrainerIDEALSelfTraining": ["dense", "finetune"],
+}
+
+
+@pytest.fixture(scope="module")
+def every_pixel_plans(hippocampus):
+    """Every pseudo-label kept (threshold 0), so that the pseudo-label term reads every unlabelled pixel."""
+    return make_plans(hippocampus, "nnUNetPlans_selftrain_all", "nnunet_contrast.selftraining.confidence_threshold=0",
+                      "nnunet_contrast.pseudolabel.labeller=teacher")
+
+
+def self_training_losses(trainer_name, plans, stage):
+    """Every term of ``stage`` on the same batches, all seeds fixed, the teacher a copy of the network."""
+    trainer = ready_trainer(trainer_name, plans)
+    trainer.self_training.start()
+    seed_everything(1)
+    batch = next(trainer.dataloader_train)
+    with torch.no_grad():
+        return {name: value.item() for name, value in stage_terms(trainer, stage, batch).items()}
+
+
+@pytest.mark.parametrize("trainer", list(SELF_TRAINED))
+def test_labels_of_unlabelled_cases_never_reach_a_self_training_loss(hippocampus, tmp_path, every_pixel_plans, trainer):
+    split = split_of_fold0(hippocampus)
+    reference, hidden, changed = losses_with_hidden_labels_corrupted(
+        hippocampus, tmp_path, lambda: self_training_losses(trainer, every_pixel_plans, SELF_TRAINED[trainer]),
+        split["unlabeled"],
+        lambda folder, saved: corrupt_images(folder, split["unlabeled"], saved))  # control: their images count
+    assert hidden == reference
+    assert reference[PSEUDO_LABEL] > 0 and changed[PSEUDO_LABEL] != reference[PSEUDO_LABEL]
+
+
+def test_true_labels_of_labelled_cases_do_reach_the_segmentation_term(hippocampus, tmp_path, every_pixel_plans):
+    split = split_of_fold0(hippocampus)
+    reference, _, changed = losses_with_hidden_labels_corrupted(
+        hippocampus, tmp_path, lambda: self_training_losses("nnUNetTrainerCopyPaste", every_pixel_plans, "selftrain"),
+        split["unlabeled"], lambda folder, saved: corrupt_labels(folder, split["labeled"], saved))
+    # copy-paste: labelled boxes carry their true labels into the unlabelled images' term too
+    assert changed[SEGMENTATION] != reference[SEGMENTATION] and changed[PSEUDO_LABEL] != reference[PSEUDO_LABEL]
+
+
+def test_without_mixing_the_segmentation_term_is_nnunets_loss(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_selftrain_nomix", "nnunet_contrast.selftraining.mixing=none")
+    trainer = ready_trainer("nnUNetTrainerSelfTraining", plans)
+    trainer.self_training.start()
+    seed_everything(1)
+    batch = next(trainer.dataloader_train)
+    with torch.no_grad():
+        terms = stage_terms(trainer, "selftrain", batch)
+        nnunet = trainer.loss(trainer.network(batch["data"]), batch["target"])
+    torch.testing.assert_close(terms[SEGMENTATION], nnunet.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainer", list(VARIANTS))
+def test_each_methods_variant_fine_tunes_with_self_training(hippocampus, trainer):
+    schedule = make_trainer(trainer, TEST_PLANS).schedule
+    assert [s.name for s in schedule.stages] == VARIANTS[trainer]
+    finetune = [s for s in schedule.stages if s.role == "fine-tuning"]
+    published = make_trainer(trainer[:-len("SelfTraining")], TEST_PLANS).schedule
+    assert [s for s in schedule.stages if s.role != "fine-tuning"] == \
+        [s for s in published.stages if s.role != "fine-tuning"]  # its pretraining as published
+    learning_from_teacher = [s for s in finetune if s.self_training]
+    assert learning_from_teacher and all(s.supervised for s in learning_from_teacher)
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSupConLocalSelfTraining", "nnUNetTrainerIDEALSelfTraining",
+                                     "nnUNetTrainerPseudoLabelContrastSelfTraining"])
+def test_a_variants_self_training_step_trains(hippocampus, trainer):
+    t = ready_trainer(trainer, TEST_PLANS)
+    index = next(i for i, s in enumerate(t.schedule.stages) if s.self_training)
+    t.current_epoch = t.schedule.starts[index]
+    t.start_stage_epoch(index)
+    assert t.self_training.teacher is not None
+    before = {k: v.clone() for k, v in t.self_training.teacher.state_dict().items()}
+    output = t.train_step(next(t.dataloader_train))
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in output.values())
+    after = t.self_training.teacher.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the teacher followed the student
+
+
+@pytest.mark.parametrize("predict_with", ["student", "teacher"])
+def test_final_checkpoint_holds_the_network_predict_with_names(hippocampus, predict_with):
+    plans = make_plans(hippocampus, f"nnUNetPlans_predict_{predict_with}",
+                       f"nnunet_contrast.selftraining.predict_with={predict_with}")
+    trainer = make_trainer("nnUNetTrainerSelfTraining", plans)
+    trainer.run_training()
+    checkpoint = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", weights_only=False)
+    teacher = checkpoint["nnunet_contrast"]["teacher"]
+    weights = checkpoint["network_weights"]
+    assert weights.keys() == teacher.keys()
+    same = all(torch.equal(weights[k].cpu(), teacher[k].cpu()) for k in weights)
+    assert same == (predict_with == "teacher")
+    log = Path(trainer.log_file).read_text()
+    assert "EMA teacher on the validation batches: Dice" in log and "confident pseudo-labels (selftrain)" in log
+
+
+def test_pseudolabel_contrast_can_label_with_the_ema_teacher(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_pl_teacher", "nnunet_contrast.pseudolabel.labeller=teacher")
+    trainer = make_trainer("nnUNetTrainerPseudoLabelContrast", plans)
+    trainer.run_training()
+    assert trainer.pseudo_labeler is None and trainer.self_training.teacher is not None
+    assert "EMA teacher (decay 0.99) starts" in Path(trainer.log_file).read_text()
