@@ -8,7 +8,7 @@ What a step holds follows each method's own defaults (not the CPU preset's), exc
 batch, including the pretraining batches of the global/local trainers, is ``--batch`` images.
 
     python benchmarks/stage_timing.py [--batch 32] [--iterations 10] [--rounds 3] [--workdir DIR]
-        [--only SupConLocal PseudoLabel GlobalLocal CrossLevel IDEAL]
+        [--only SupConLocal PseudoLabel GlobalLocal CrossLevel IDEAL SelfTraining]
 """
 import argparse
 import dataclasses
@@ -25,7 +25,7 @@ import torch
 
 from nnunet_contrast.training.schedule import Schedule
 
-FAMILIES = ("SupConLocal", "PseudoLabel", "GlobalLocal", "CrossLevel", "IDEAL")
+FAMILIES = ("SupConLocal", "PseudoLabel", "GlobalLocal", "CrossLevel", "IDEAL", "SelfTraining")
 
 
 def build(trainer_name: str, plans: str):
@@ -113,6 +113,17 @@ def ideal_cases(plans):
     return cases, [method]
 
 
+def selftraining_cases(plans):
+    """The self-training stage (EMA teacher's pass, the student's pass over labelled + unlabelled images)
+    with CutMix and with copy-paste, and on top of PseudoLabelContrast's joint training."""
+    cutmix, copypaste = build("nnUNetTrainerSelfTraining", plans), build("nnUNetTrainerCopyPaste", plans)
+    joint = build("nnUNetTrainerPseudoLabelContrastSelfTraining", plans)
+    cases = {"SelfTraining selftrain (CutMix)": at_stage(cutmix, "selftrain"),
+             "CopyPaste selftrain (copy-paste)": at_stage(copypaste, "selftrain"),
+             "PseudoLabelContrastSelfTraining joint": at_stage(joint, "joint")}
+    return cases, [cutmix, copypaste, joint]
+
+
 def shut_down(trainer):
     for loader in {id(x): x for x in (getattr(trainer, "dataloader_labeled", None), trainer.dataloader_train,
                                       trainer.dataloader_val)}.values():
@@ -148,7 +159,8 @@ def main():
     torch.set_num_threads(os.cpu_count())
     baseline = build("nnUNetTrainerLabeledOnly", plans)
     cases, trainers = {"LabeledOnly (nnU-Net step)": lambda: baseline}, [baseline]
-    makers = (supconlocal_cases, pseudolabel_cases, globallocal_cases, crosslevel_cases, ideal_cases)
+    makers = (supconlocal_cases, pseudolabel_cases, globallocal_cases, crosslevel_cases, ideal_cases,
+              selftraining_cases)
     for family, make in zip(FAMILIES, makers):
         if family in args.only:
             more, built = make(plans)
@@ -166,7 +178,8 @@ def main():
           f"unlabelled images and its local stage uses {supcon['local_images']} labelled images x 2 views; "
           f"PseudoLabelContrast joint adds {baseline.unlabeled_batch_size} unlabelled images; GlobalLocalContrast "
           f"pretraining batches are {args.batch} images (G^D/L^D: {args.batch // 4} volumes x 4 partitions) x 2 "
-          f"views; CrossLevel and IDEAL add {baseline.unlabeled_batch_size} unlabelled images to each step; median of "
+          f"views; CrossLevel, IDEAL and self-training add {baseline.unlabeled_batch_size} unlabelled images to each "
+          f"step (self-training: the teacher labels them, the student trains on both); median of "
           f"{args.rounds} rounds x {args.iterations} iterations")
     print("| stage | s / iteration | x LabeledOnly |")
     print("|---|---|---|")

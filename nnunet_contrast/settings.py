@@ -146,12 +146,14 @@ class GlobalLocal(GlobalLocalStages):
     partitions: int = setting(**AT_LEAST_ONE)
     temperature: float = setting(**POSITIVE)
     decoder_blocks: int = setting(**AT_LEAST_ONE)
+    keep_output_blocks: int = setting()  # last decoder stages the local stage never trains (0: the paper)
     region_size: int = setting(**AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
 class CrossLevel:
     grid: int = setting()
+    min_cell_strides: int = setting(**AT_LEAST_ONE)  # grid 0: cells of at least this many total strides per side
     contrast_fraction: float = setting(at_most_one=True)
     alpha: float = setting()
     beta: float = setting()

@@ -59,6 +59,13 @@ def test_auto_grid_preferred():
     assert auto_grid((56, 40), preferred=1) == 2
 
 
+def test_auto_grid_with_larger_cells_for_small_patches():
+    assert auto_grid((56, 40), (8, 8)) == 4  # cells of 14 x 10: one stride
+    assert auto_grid((56, 40), (8, 8), min_strides=2) == 2  # cells of 28 x 20
+    assert auto_grid((320, 320), (64, 64), min_strides=2) == 2
+    assert SubPatchGrid((56, 40), 0, (8, 8), min_strides=2).cell == (28, 20)
+
+
 # ----------------------------------------------------------------------------- SubPatchGrid
 GRIDS = [((56, 40), 4, (8, 8)), ((45, 27), 3, (4, 2)), ((30, 18), 2, (16, 1)), ((20, 20), 5, (1, 1)),
          ((56, 40), 8, (8, 4))]

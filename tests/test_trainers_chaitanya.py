@@ -234,6 +234,25 @@ def test_globallocal_rejects_a_decoder_block_the_network_lacks(hippocampus):
     assert set(global_only.heads) == {"global"}
 
 
+def test_globallocal_keeps_the_last_decoder_stages_out_of_the_local_stage(hippocampus):
+    kept = make_trainer(GLOBALLOCAL, make_plans(hippocampus, "nnUNetPlans_keepblock",
+                                                "nnunet_contrast.globallocal.keep_output_blocks=1"))
+    kept.initialize()
+    assert kept.local_blocks == 2  # 3 decoder stages, the last kept for the segmentation loss
+    local = {id(p) for p in kept.parameters_of("decoder_blocks")}
+    last_stage = {id(p) for p in kept.network.decoder.stages[-1].parameters()}
+    assert local and not local & last_stage
+    paper = make_trainer(GLOBALLOCAL, TEST_PLANS)
+    paper.initialize()
+    assert paper.local_blocks == 3  # the paper's l = 3: here the whole decoder
+    paper_last = {id(p) for p in paper.network.decoder.stages[-1].parameters()}
+    assert paper_last <= {id(p) for p in paper.parameters_of("decoder_blocks")}
+    too_many = make_trainer(GLOBALLOCAL, make_plans(hippocampus, "nnUNetPlans_keepall",
+                                                    "nnunet_contrast.globallocal.keep_output_blocks=3"))
+    with pytest.raises(UserInputError, match="keep_output_blocks is 3 but this network has 3 decoder stages"):
+        too_many.initialize()
+
+
 def test_variants_fix_what_their_name_says(hippocampus):
     plans = make_plans(hippocampus, "nnUNetPlans_variants", "nnunet_contrast.pseudolabel.matching=intra",
                        "nnunet_contrast.globallocal.global_strategy=GD", "nnunet_contrast.globallocal.local_epochs=3")

@@ -60,12 +60,15 @@ def test_true_labels_of_labelled_cases_do_reach_the_segmentation_term(hippocampu
     reference, _, changed = losses_with_hidden_labels_corrupted(
         hippocampus, tmp_path, lambda: self_training_losses("nnUNetTrainerCopyPaste", every_pixel_plans, "selftrain"),
         split["unlabeled"], lambda folder, saved: corrupt_labels(folder, split["labeled"], saved))
-    # copy-paste: labelled boxes carry their true labels into the unlabelled images' term too
+    # both terms change: the segmentation term reads the true labels (in copy-paste also of the labelled boxes
+    # pasted into unlabelled images); the pseudo-label term through the changed labelled crops those images hold
     assert changed[SEGMENTATION] != reference[SEGMENTATION] and changed[PSEUDO_LABEL] != reference[PSEUDO_LABEL]
 
 
-def test_without_mixing_the_segmentation_term_is_nnunets_loss(hippocampus):
-    plans = make_plans(hippocampus, "nnUNetPlans_selftrain_nomix", "nnunet_contrast.selftraining.mixing=none")
+@pytest.mark.parametrize("batch_dice", ["true", "false"])
+def test_without_mixing_the_segmentation_term_is_nnunets_loss(hippocampus, batch_dice):
+    plans = make_plans(hippocampus, f"nnUNetPlans_selftrain_nomix_{batch_dice}", "nnunet_contrast.selftraining.mixing=none",
+                       f"batch_dice={batch_dice}")
     trainer = ready_trainer("nnUNetTrainerSelfTraining", plans)
     trainer.self_training.start()
     seed_everything(1)
@@ -125,3 +128,20 @@ def test_pseudolabel_contrast_can_label_with_the_ema_teacher(hippocampus):
     trainer.run_training()
     assert trainer.pseudo_labeler is None and trainer.self_training.teacher is not None
     assert "EMA teacher (decay 0.99) starts" in Path(trainer.log_file).read_text()
+
+
+def test_a_checkpoint_without_teacher_resumes_into_a_stage_that_needs_one(hippocampus):
+    """``restore_extras`` allows changed settings: a joint stage that now reads the teacher gets one."""
+    plans = make_plans(hippocampus, "nnUNetPlans_pl_teacher_resume", "nnunet_contrast.pseudolabel.labeller=teacher")
+    trainer = ready_trainer("nnUNetTrainerPseudoLabelContrast", plans)
+    joint = trainer.schedule.index_of("joint")
+    trainer.restore_extras({"stage_index": joint, "optimizer_stage": "joint"}, trainer.schedule.starts[joint] + 1)
+    assert trainer.self_training.teacher is not None
+
+
+def test_the_compute_matched_twin_runs_and_reports_twice_the_iterations(hippocampus):
+    twin = make_trainer("nnUNetTrainerLabeledOnlyTwiceIterations", TEST_PLANS)
+    single = make_trainer("nnUNetTrainerLabeledOnly", TEST_PLANS)
+    assert twin.num_iterations_per_epoch == 2 * single.num_iterations_per_epoch
+    assert twin.settings.budget.num_iterations_per_epoch == twin.num_iterations_per_epoch  # what its settings file says
+    assert twin.num_epochs == single.num_epochs

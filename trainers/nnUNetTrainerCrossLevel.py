@@ -73,8 +73,9 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
     def grid(self) -> SubPatchGrid:
         """The sub-patch grid of the planned patch and the network's total stride (once the network exists)."""
         if self._grid is None:
-            self._grid = SubPatchGrid(self.configuration_manager.patch_size, self.method_settings.grid,
-                                      total_stride(self.network))
+            s = self.method_settings
+            self._grid = SubPatchGrid(self.configuration_manager.patch_size, s.grid, total_stride(self.network),
+                                      s.min_cell_strides)
         return self._grid
 
     def build_heads(self) -> nn.ModuleDict:

@@ -59,17 +59,27 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         heads = nn.ModuleDict({"global": self.global_head()})
         if "local" in self.schedule.names:  # a run without a local stage ignores its settings
             s = self.method_settings
-            blocks, available = s.decoder_blocks, decoder_stage_count(self.network)
-            if blocks > available:
-                raise UserInputError(f"nnunet_contrast.globallocal.decoder_blocks is {blocks} but this network has "
-                                     f"{available} decoder stages: set it to at most {available} in the plans")
-            heads["local"] = DenseProjectionHead(decoder_channels(self.network, blocks - 1), s.local_head_hidden,
-                                                 s.local_head_dim, normalize=False)
+            heads["local"] = DenseProjectionHead(decoder_channels(self.network, self.local_blocks - 1),
+                                                 s.local_head_hidden, s.local_head_dim, normalize=False)
         return heads
+
+    @property
+    def local_blocks(self) -> int:
+        """The decoder stages the local stage trains: ``decoder_blocks``, but none of the last
+        ``keep_output_blocks`` (a shallow decoder keeps stages that only the segmentation loss trains)."""
+        s, available = self.method_settings, decoder_stage_count(self.network)
+        if s.decoder_blocks > available:
+            raise UserInputError(f"nnunet_contrast.globallocal.decoder_blocks is {s.decoder_blocks} but this network "
+                                 f"has {available} decoder stages: set it to at most {available} in the plans")
+        blocks = min(s.decoder_blocks, available - s.keep_output_blocks)
+        if blocks < 1:
+            raise UserInputError(f"nnunet_contrast.globallocal.keep_output_blocks is {s.keep_output_blocks} but this "
+                                 f"network has {available} decoder stages: set it to at most {available - 1}")
+        return blocks
 
     def parameters_of(self, part: str):
         if part == DECODER_BLOCKS:
-            return decoder_block_parameters(self.network, self.method_settings.decoder_blocks)
+            return decoder_block_parameters(self.network, self.local_blocks)
         return super().parameters_of(part)
 
     # ------------------------------------------------------------ data
@@ -104,7 +114,7 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
 
     def local_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
         s = self.method_settings
-        features = decoder_block_features(self.network, torch.cat(inputs.views(inputs.images)), s.decoder_blocks,
+        features = decoder_block_features(self.network, torch.cat(inputs.views(inputs.images)), self.local_blocks,
                                           train_encoder=False)
         regions = region_vectors(self.heads["local"](features), s.region_size)
         return self.local_loss(*regions.chunk(2), self.partition_groups(inputs))

@@ -4,7 +4,8 @@ init" in the papers) every method is compared with.
 
 ``nnUNetTrainerLabeledOnlyTwiceIterations``: the same with twice the iterations per epoch, a baseline
 matched to the compute of a method that processes a labelled and an unlabelled batch per step."""
-from nnunet_contrast.settings import Budget
+import dataclasses
+
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
 
@@ -13,8 +14,11 @@ class nnUNetTrainerLabeledOnly(SemiSupervisedTrainer):
 
 
 class nnUNetTrainerLabeledOnlyTwiceIterations(nnUNetTrainerLabeledOnly):
-    """Twice ``budget.num_iterations_per_epoch``; the epochs (and so the poly schedule's length) as the budget."""
+    """Twice ``budget.num_iterations_per_epoch``; the epochs (and so the poly schedule's length) as the budget.
+    The saved settings say what it ran (the doubled budget)."""
 
-    def apply_budget(self, budget: Budget) -> None:
-        super().apply_budget(budget)
-        self.num_iterations_per_epoch = 2 * budget.num_iterations_per_epoch
+    @classmethod
+    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
+        settings = super().check_supported(plans_manager, configuration, dataset_json)
+        doubled = dataclasses.replace(settings.budget, num_iterations_per_epoch=2 * settings.budget.num_iterations_per_epoch)
+        return dataclasses.replace(settings, budget=doubled)

@@ -85,7 +85,8 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
 
     def enter_stage(self, index: int) -> None:
         super().enter_stage(index)
-        if self.current_stage.name == JOINT and self.method_settings.labeller == "snapshot":
+        stage = self.current_stage
+        if stage.name == JOINT and self.method_settings.labeller == "snapshot" and not stage.self_training:
             # a round starts: labels from a fresh frozen copy of the network
             self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.confidence_threshold)
             rounds = [i for i, stage in enumerate(self.schedule.stages) if stage.name == JOINT]

@@ -20,14 +20,16 @@ def valid_grids(patch_size: Sequence[int]) -> List[int]:
     return [n for n in range(2, min(patch_size) + 1) if all(side % n == 0 for side in patch_size)]
 
 
-def auto_grid(patch_size: Sequence[int], total_stride: Sequence[int] = (1, 1), preferred: int = PAPER_GRID) -> int:
-    """The largest valid ``n`` not above ``preferred`` whose cells are at least the network's total
-    stride (5 on the paper's 320 x 320 with a stride of 64; 4 on nnU-Net's 56 x 40 Hippocampus patch
-    with a stride of 8); without such an ``n``, the largest valid one not above ``preferred``, then the
-    smallest valid one. 0 when no ``n`` divides both sides."""
+def auto_grid(patch_size: Sequence[int], total_stride: Sequence[int] = (1, 1), preferred: int = PAPER_GRID,
+              min_strides: int = 1) -> int:
+    """The largest valid ``n`` not above ``preferred`` whose cells are at least ``min_strides`` times the
+    network's total stride per side (with 1: 5 on the paper's 320 x 320 with a stride of 64; 4 on nnU-Net's
+    56 x 40 Hippocampus patch with a stride of 8; with 2: 2 there, cells of 28 x 20); without such an
+    ``n``, the largest valid one not above ``preferred``, then the smallest valid one. 0 when no ``n``
+    divides both sides."""
     grids = valid_grids(patch_size)
     below = [n for n in grids if n <= preferred] or grids[:1]
-    roomy = [n for n in below if all(side // n >= s for side, s in zip(patch_size, total_stride))]
+    roomy = [n for n in below if all(side // n >= s * min_strides for side, s in zip(patch_size, total_stride))]
     return max(roomy or below) if below else 0
 
 
@@ -36,13 +38,14 @@ class SubPatchGrid:
         patch_size: (H, W), nnU-Net's planned patch.
         n: cells per side (0: ``auto_grid``).
         total_stride: (sH, sW), the product of the network's pooling strides.
+        min_strides: ``auto_grid``'s smallest cell, in total strides per side.
     """
 
-    def __init__(self, patch_size: Sequence[int], n: int, total_stride: Sequence[int]):
+    def __init__(self, patch_size: Sequence[int], n: int, total_stride: Sequence[int], min_strides: int = 1):
         patch_size, total_stride = tuple(int(s) for s in patch_size), tuple(int(s) for s in total_stride)
         if len(patch_size) != 2 or len(total_stride) != 2:
             raise ValueError(f"SubPatchGrid is 2D: got patch size {patch_size} and total stride {total_stride}")
-        n = auto_grid(patch_size, total_stride) if n == 0 else n
+        n = auto_grid(patch_size, total_stride, min_strides=min_strides) if n == 0 else n
         if n not in valid_grids(patch_size):
             raise ValueError(f"a grid of {n} x {n} sub-patches does not fit the patch size {list(patch_size)}: n must "
                              f"be at least 2 and divide both sides; valid here: {valid_grids(patch_size) or 'none'}")

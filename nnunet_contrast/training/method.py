@@ -353,3 +353,5 @@ class MethodTrainer(SemiSupervisedTrainer):
             index = self.schedule.index_at(max(current_epoch - 1, 0))
         self.stage_index = index
         self.optimizer, self.lr_scheduler = self.stage_optimizer(index)
+        if self.uses_teacher(self.current_stage):  # a checkpoint of settings without a teacher: start one now
+            self.self_training.start()

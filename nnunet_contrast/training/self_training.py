@@ -26,7 +26,7 @@ from nnunet_contrast.network.taps import unwrap_network
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
                                                SEGMENTATION, NnUNetSGD, Stage, Term, ramped)
-from nnunet_contrast.training.step import full_resolution
+from nnunet_contrast.training.step import batch_part, full_resolution
 
 WARMUP, SELF_TRAIN = "warmup", "selftrain"
 SELF_TRAINING_VARIANT = {"run": {"finetune": "selftraining"}}  # what every "...SelfTraining" trainer variant fixes
@@ -127,8 +127,11 @@ class SelfTraining:
         return self._loss_where(inputs, ~inputs.student.from_labeled)
 
     def _loss_where(self, inputs, pixels: torch.Tensor) -> torch.Tensor:
+        """Over the images with a kept pixel only: without batch Dice, nnU-Net averages Dice over images,
+        and an image without target would add a constant to that mean and shrink the others' weight."""
         labels = torch.where(pixels, inputs.student.labels, EXCLUDED)
-        return sum(self.loss(output, labels) for output in inputs.joint.outputs)
+        images = (labels != EXCLUDED).flatten(1).any(1)
+        return sum(self.loss(batch_part(output, images), labels[images]) for output in inputs.joint.outputs)
 
     # ------------------------------------------------------------ what the logs show
     @torch.no_grad()
@@ -166,6 +169,9 @@ def class_counts(predicted: torch.Tensor, target: torch.Tensor, classes) -> np.n
 
 
 def mean_dice(counts: np.ndarray) -> float:
-    """nnU-Net's pseudo Dice from summed counts: 2 tp / (2 tp + fp + fn) per class, mean over classes."""
+    """nnU-Net's pseudo Dice from summed counts: 2 tp / (2 tp + fp + fn) per class, mean over the classes
+    that occur in the target or the prediction (NaN when none does)."""
     tp, fp, fn = counts
-    return float(np.mean(2 * tp / np.maximum(2 * tp + fp + fn, 1)))
+    denominator = 2 * tp + fp + fn
+    scores = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")

@@ -9,8 +9,9 @@ from nnunet_contrast.data.views import two_views
 from nnunet_contrast.training.schedule import LABELED_AND_UNLABELED, SPATIAL, Stage
 
 
-def batch_part(output, part: slice):
-    """Images ``part`` of a network output (a tensor, or a list over deep-supervision resolutions)."""
+def batch_part(output, part):
+    """Images ``part`` (a slice or a boolean mask) of a network output (a tensor, or a list over
+    deep-supervision resolutions)."""
     return [o[part] for o in output] if isinstance(output, (list, tuple)) else output[part]
 
 

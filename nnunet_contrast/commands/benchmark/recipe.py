@@ -3,7 +3,8 @@ benchmark row: what a user would do instead of installing us.
 
 For each labelled fraction and fold, after the cell's ``nnUNetTrainerLabeledOnly`` run:
 1. ``nnUNetv2_predict`` with that model on the fold's unlabelled training cases (and, for an MSD task,
-   its unlabelled ``imagesTs`` scans);
+   its unlabelled ``imagesTs`` scans; with ``--dataset``, images added with ``nnunet-contrast add-unlabeled``
+   are left out: their raw files are not kept);
 2. a new nnU-Net dataset (in ``WORKDIR/recipe``, nnU-Net folders of its own): the fold's labelled cases
    with their labels, the unlabelled ones with the predictions as labels, and the fold's validation
    cases with their labels; its fold 0 trains on the first two and validates on the third;
@@ -163,12 +164,13 @@ class MaintainersRecipe:
             for image in sources:
                 shutil.copy(image, raw / "imagesTr" / image.name)
         dataset = json.loads((self.raw() / "dataset.json").read_text())
+        dataset.pop("dataset", None)  # explicit file lists would point at the original's labels
         dataset["numTraining"] = len(list((raw / "labelsTr").iterdir()))
-        write_json_atomic(raw / "dataset.json", dataset)
         preprocessed = self.root / "nnUNet_preprocessed" / name
         preprocessed.mkdir(parents=True, exist_ok=True)
-        for file in ("dataset.json", "dataset_fingerprint.json"):
-            shutil.copy(b.preprocessed / file, preprocessed / file)
+        for folder in (raw, preprocessed):  # nnUNetv2_preprocess reads the preprocessed folder's copy
+            write_json_atomic(folder / "dataset.json", dataset)
+        shutil.copy(b.preprocessed / "dataset_fingerprint.json", preprocessed / "dataset_fingerprint.json")
         write_json_atomic(preprocessed / "splits_final.json",
                           [{"train": sorted(cases["labeled"] + predicted), "val": sorted(cases["validation"])}])
         plans = json.loads((b.preprocessed / f"{b.plans(run)}.json").read_text())

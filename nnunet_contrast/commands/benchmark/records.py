@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "contrast_loss", "stage")
+CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "contrast_loss", "stage", "teacher_dice")
 CSV_COLUMNS = ("budget_digest", "split_seed", "device", "plans", "trainer", "fraction", "upper_bound", "fold",
                "labelled_cases", "unlabelled_cases", "labelled_digest", "foreground_dice", "dice_per_class",
                "wall_seconds", "stopped_calls", "training_seconds", "seconds_per_iteration", "epochs", "date")

@@ -226,7 +226,7 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
 
 def plot_curves(record: dict, path: Path) -> None:
     curves = {k: [float("nan") if v is None else v for v in values] for k, values in record["curves"].items()}
-    panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice"]),
+    panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice", "teacher_dice"]),
               ("contrastive loss", ["contrast_loss"])]
     panels = [(title, [k for k in keys if k in curves]) for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
