@@ -12,6 +12,7 @@ For each labelled fraction and fold, after the cell's ``nnUNetTrainerLabeledOnly
    ``nnUNetv2_train ... -tr nnUNetTrainerLabeledOnly`` on every training case (no split file: all count as
    labelled), scored by nnU-Net's validation of the same validation cases as every other run.
 """
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -117,11 +118,13 @@ class MaintainersRecipe:
     def raw(self) -> Path:
         return self.benchmark.nnunet_folder("nnUNet_raw") / self.benchmark.dataset
 
-    def file_ending(self) -> str:
+    @functools.cached_property
+    def ending(self) -> str:
+        """The dataset's file ending (dataset.json read once, not once per case)."""
         return json.loads((self.raw() / "dataset.json").read_text())["file_ending"]
 
     def images_of(self, case: str) -> List[Path]:
-        images = sorted((self.raw() / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{self.file_ending()}"))
+        images = sorted((self.raw() / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{self.ending}"))
         if not images:
             raise UserInputError(f"no image of case {case} in {self.raw() / 'imagesTr'}: the benchmark's dataset "
                                  f"must keep nnU-Net's raw images")
@@ -136,7 +139,7 @@ class MaintainersRecipe:
             for image in self.images_of(case):
                 shutil.copy(image, images / image.name)
         added = self.benchmark.workdir / "unlabeled"
-        for image in sorted(added.glob(f"*{self.file_ending()}")) if self.benchmark.msd is not None else []:
+        for image in sorted(added.glob(f"*{self.ending}")) if self.benchmark.msd is not None else []:
             shutil.copy(image, images / image.name)
         (self.folder(run) / "images.done").touch()
 
@@ -145,7 +148,7 @@ class MaintainersRecipe:
         which marks it done)."""
         from nnunet_contrast.nnunet_env import write_json_atomic
 
-        b, name, cases, ending = self.benchmark, self.dataset_name(run), self.fold_cases(run), self.file_ending()
+        b, name, cases, ending = self.benchmark, self.dataset_name(run), self.fold_cases(run), self.ending
         self.register(run)
         raw = self.root / "nnUNet_raw" / name
         shutil.rmtree(raw, ignore_errors=True)
