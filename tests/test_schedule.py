@@ -5,8 +5,9 @@ import math
 import pytest
 
 from nnunet_contrast.settings import SECTIONS, section_errors
-from nnunet_contrast.training.schedule import (LABELED, LABELED_AND_UNLABELED, NETWORK, SEGMENTATION, Adam,
-                                               NnUNetSGD, Schedule, Stage, Term, sigmoid_rampup)
+from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, SEGMENTATION,
+                                               Adam, NnUNetSGD, Schedule, Stage, Term, replace_finetuning,
+                                               sigmoid_rampup)
 
 
 def stage(name, epochs, optimizer=NnUNetSGD(), trains=(NETWORK,), terms=(Term(SEGMENTATION),), data=LABELED):
@@ -35,6 +36,14 @@ def test_optimizer_spans_split_where_optimizer_or_parameters_change():
                          stage("finetune", 3)])
     assert [schedule.span(i) for i in range(3)] == [(0, 1), (1, 2), (3, 3)]
     assert not schedule.shares_optimizer(1, 2)
+
+
+def test_replace_finetuning_keeps_the_pretraining_in_order():
+    finetune = Stage("finetune", 3, 2, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), role=FINETUNE_ROLE)
+    stages = [stage("global", 1, Adam(1e-4)), finetune, stage("local", 2, Adam(1e-4))]
+    replacement = [stage("warmup", 1), stage("selftrain", 4)]
+    assert [s.name for s in replace_finetuning(stages, replacement)] == ["global", "local", "warmup", "selftrain"]
+    assert replace_finetuning(stages, []) == [stages[0], stages[2]]
 
 
 def test_what_a_stage_is():

@@ -22,7 +22,8 @@ from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger
 from nnunet_contrast.training.schedule import (ENCODER, FINETUNE_ROLE, HEADS, LABELED, LABELED_AND_UNLABELED, NETWORK,
-                                               SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term)
+                                               SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term,
+                                               replace_finetuning)
 from nnunet_contrast.training.self_training import COVERAGE, SelfTraining, self_training_schedule
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
@@ -105,7 +106,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         if kind == "selftraining":
             return self_training_schedule(stages, self.settings.budget, self.settings.selftraining)
         if kind == "nnunet":
-            return [s for s in stages if s.role != FINETUNE_ROLE] + [self.nnunet_finetune_stage()]
+            return replace_finetuning(stages, [self.nnunet_finetune_stage()])
         return stages
 
     def pretrain_iterations(self, setting: int) -> int:

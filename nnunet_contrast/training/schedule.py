@@ -105,6 +105,11 @@ class Stage:
         return self.optimizer, self.trains
 
 
+def replace_finetuning(stages: Sequence[Stage], replacement: Sequence[Stage]) -> List[Stage]:
+    """A method's stages with its fine-tuning stages (``role`` FINETUNE_ROLE) swapped for ``replacement``,
+    after the pretraining stages (the ``run.finetune`` setting)."""
+    return [s for s in stages if s.role != FINETUNE_ROLE] + list(replacement)
+
 class Schedule:
     """The stages of a run (stages of zero epochs left out) and the epochs they cover."""
 

@@ -15,6 +15,7 @@
 A method whose fine-tuning already reads unlabelled batches (a joint method) keeps its stages and
 gains the ``pseudo_label`` term in them instead.
 """
+import dataclasses
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -25,7 +26,8 @@ from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentat
 from nnunet_contrast.network.taps import unwrap_network
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
-                                               SEGMENTATION, NnUNetSGD, Stage, Term, ramped)
+                                               SEGMENTATION, NnUNetSGD, Stage, Term, ramped,
+                                               replace_finetuning)
 from nnunet_contrast.training.step import batch_part, full_resolution
 
 WARMUP, SELF_TRAIN = "warmup", "selftrain"
@@ -49,8 +51,7 @@ def self_training_stages(budget, settings) -> List[Stage]:
 
 def with_pseudo_label_term(stage: Stage, settings) -> Stage:
     """A joint stage of a method, with the self-training term added."""
-    return Stage(stage.name, stage.epochs, stage.iterations, stage.trains, stage.optimizer,
-                 stage.terms + (pseudo_label_term(settings),), stage.data, stage.views, stage.role)
+    return dataclasses.replace(stage, terms=stage.terms + (pseudo_label_term(settings),))
 
 
 def self_training_schedule(stages: List[Stage], budget, settings) -> List[Stage]:
@@ -60,7 +61,7 @@ def self_training_schedule(stages: List[Stage], budget, settings) -> List[Stage]
     if any(s.data == LABELED_AND_UNLABELED for s in finetune):
         return [with_pseudo_label_term(s, settings) if s in finetune and s.data == LABELED_AND_UNLABELED else s
                 for s in stages]
-    return [s for s in stages if s.role != FINETUNE_ROLE] + self_training_stages(budget, settings)
+    return replace_finetuning(stages, self_training_stages(budget, settings))
 
 
 class SelfTraining:
