@@ -24,7 +24,8 @@ from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
                                                SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term)
 from nnunet_contrast.training.schedule import ramped
-from nnunet_contrast.training.self_training import class_counts, mean_dice, self_training_schedule, self_training_stages
+from nnunet_contrast.training.self_training import (SelfTraining, class_counts, mean_dice, self_training_schedule,
+                                                    self_training_stages)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 1e-5
@@ -139,6 +140,29 @@ def test_masked_loss_edge_cases(case):
         assert_matches(value, ref[0], grads, ref[1])
         if case == "one pixel of a class":
             assert torch.count_nonzero(grads[0].abs().sum(1)) == 1  # only that pixel has a gradient
+
+
+@pytest.mark.parametrize("kept", ["all but one image", "no image"])
+def test_self_training_terms_leave_out_images_without_a_kept_pixel(kept):
+    """Without batch Dice, nnU-Net's Dice is a mean over images: one with no kept pixel must not enter it."""
+    from types import SimpleNamespace
+
+    logits = randn(11, 3, 3, 4, 4)
+    labels = torch.randint(0, 3, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    from_labeled = torch.zeros(3, 4, 4, dtype=torch.bool)
+    from_labeled[0] = True                       # image 0 is labelled; 1 and 2 are unlabelled
+    if kept == "no image":
+        from_labeled[:] = True                   # nothing for the pseudo-label term
+    labels[2] = EXCLUDED if kept != "no image" else labels[2]  # image 2: every pseudo-label unconfident
+    self_training = SelfTraining.__new__(SelfTraining)
+    self_training._loss = MaskedSegmentationLoss(False)
+    inputs = SimpleNamespace(student=SimpleNamespace(labels=labels, from_labeled=from_labeled),
+                             joint=SimpleNamespace(outputs=[logits]))
+    value = self_training.pseudo_label_loss(inputs)
+    if kept == "no image":
+        assert value == 0
+    else:
+        assert torch.allclose(value, MaskedSegmentationLoss(False)(logits[1:2], labels[1:2]))
 
 
 def test_masked_loss_refuses_labels_of_another_shape():
