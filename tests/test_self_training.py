@@ -9,6 +9,7 @@ CE_k is the mean over kept pixels of -log softmax; SoftDice_k per foreground cla
 the batch (batch Dice) or per image, then averaged; the loss is sum_k w_k (CE_k - SoftDice_k).
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -145,15 +146,14 @@ def test_masked_loss_edge_cases(case):
 @pytest.mark.parametrize("kept", ["all but one image", "no image"])
 def test_self_training_terms_leave_out_images_without_a_kept_pixel(kept):
     """Without batch Dice, nnU-Net's Dice is a mean over images: one with no kept pixel must not enter it."""
-    from types import SimpleNamespace
-
     logits = randn(11, 3, 3, 4, 4)
     labels = torch.randint(0, 3, (3, 4, 4), generator=torch.Generator().manual_seed(0))
     from_labeled = torch.zeros(3, 4, 4, dtype=torch.bool)
     from_labeled[0] = True                       # image 0 is labelled; 1 and 2 are unlabelled
     if kept == "no image":
         from_labeled[:] = True                   # nothing for the pseudo-label term
-    labels[2] = EXCLUDED if kept != "no image" else labels[2]  # image 2: every pseudo-label unconfident
+    else:
+        labels[2] = EXCLUDED                     # image 2: every pseudo-label unconfident
     self_training = SelfTraining.__new__(SelfTraining)
     self_training._loss = MaskedSegmentationLoss(False)
     inputs = SimpleNamespace(student=SimpleNamespace(labels=labels, from_labeled=from_labeled),

@@ -110,6 +110,7 @@ def replace_finetuning(stages: Sequence[Stage], replacement: Sequence[Stage]) ->
     after the pretraining stages (the ``run.finetune`` setting)."""
     return [s for s in stages if s.role != FINETUNE_ROLE] + list(replacement)
 
+
 class Schedule:
     """The stages of a run (stages of zero epochs left out) and the epochs they cover."""
 
