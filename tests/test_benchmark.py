@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from nnunet_contrast.commands.benchmark.records import load_records, seconds_per_iteration
+from nnunet_contrast.commands.benchmark.records import environment, load_records, seconds_per_iteration
 from nnunet_contrast.commands.benchmark import runs
 from nnunet_contrast.commands.benchmark.report import (case_difference, case_rows, delta_table, dice_table, group_records,
                                               interval_text, write_report)
@@ -504,3 +504,8 @@ def test_a_planned_dataset_trains_in_the_users_nnunet_folders(tmp_path, monkeypa
     assert benchmark.environment()["nnUNet_results"] == str(tmp_path / "nnUNet_results")
     with pytest.raises(UserInputError, match="either --msd"):
         Benchmark(tmp_path / "work", tmp_path / "Task04_Hippocampus", [BASELINE], existing_dataset="27")
+
+
+def test_records_name_the_processor_kind_a_seeded_run_repeats_on():
+    cpu = environment()["cpu"]
+    assert cpu.endswith(f"torch kernels {torch.backends.cpu.get_cpu_capability()}") and not cpu.startswith(",")

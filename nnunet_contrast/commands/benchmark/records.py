@@ -93,8 +93,21 @@ def environment() -> dict:
 
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+            "cpu": cpu_description(torch),
             "torch": torch.__version__, "nnunetv2": version("nnunetv2"),
             "nnunet_contrast": version("nnunet-contrast"), "commit": source_commit()}
+
+
+def cpu_description(torch) -> str:
+    """The processor model and the instruction set torch's CPU kernels use (e.g. AVX512): a seeded run
+    repeats to the digit on one kind of processor, not across kinds (docs/BENCHMARKS.md)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:  # not Linux
+        model = platform.processor()
+    return f"{model or 'unknown processor'}, torch kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
 def source_commit() -> str:
