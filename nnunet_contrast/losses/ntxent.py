@@ -14,22 +14,10 @@ anchor's group, ``N(i)`` the views of images of other groups. With ``s_ij = z_i 
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process, keeping the gradient of the local part."""
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+from nnunet_contrast.distributed import gather, gather_with_grad, global_mean, is_distributed, rank_offset
 
 
 class NTXentLoss(nn.Module):
@@ -37,8 +25,9 @@ class NTXentLoss(nn.Module):
 
     Args:
         temperature: ``tau``; must be > 0 (Hu et al.'s code: 0.5; Chaitanya et al.: 0.1).
-        gather_distributed: when torch.distributed is initialised, use the views of every process
-            as negatives (anchors stay local), as in lightly's NTXentLoss.
+        gather_distributed: when torch.distributed is initialised, the views of every process are
+            candidates (anchors stay local, ``nnunet_contrast.distributed``), as in lightly's NTXentLoss;
+            the ranks' mean loss (and gradient) is then the loss of one process on the global batch.
 
     Shapes:
         z0, z1: (B, D) embeddings of the first and second view; row b of both comes from image b.
@@ -47,7 +36,7 @@ class NTXentLoss(nn.Module):
         Returns a float32 scalar; 0 (with a graph) when no anchor has a negative.
     """
 
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False):
+    def __init__(self, temperature: float = 0.5, gather_distributed: bool = True):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"NTXentLoss: temperature must be > 0, got {temperature}")
@@ -69,15 +58,14 @@ class NTXentLoss(nn.Module):
         z0 = F.normalize(z0.float(), dim=1)
         z1 = F.normalize(z1.float(), dim=1)
         batch = z0.shape[0]
-        distributed = self.gather_distributed and dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size() > 1
-        offset = dist.get_rank() * batch if distributed else 0
+        distributed = self.gather_distributed and is_distributed()
+        offset = rank_offset(batch, z0.device) if distributed else 0
         # default: one group per image, numbered across processes; given groups are global ids
         groups = torch.arange(batch, device=z0.device) + offset if groups is None else groups.to(z0.device)
         groups = groups.long()
         all0, all1, all_groups = z0, z1, groups
         if distributed:
-            all0, all1, all_groups = _gather_with_grad(z0), _gather_with_grad(z1), _gather(groups)
+            all0, all1, all_groups = gather_with_grad(z0), gather_with_grad(z1), gather(groups)
         total = all0.shape[0]
         anchors = torch.cat([z0, z1], dim=0)                            # (2B, D)
         candidates = torch.cat([all0, all1], dim=0)                     # (2BW, D)
@@ -91,6 +79,8 @@ class NTXentLoss(nn.Module):
         log_negatives = logits.masked_fill(same, float("-inf")).logsumexp(1, keepdim=True)   # (2B, 1)
         per_pair = torch.logaddexp(logits, log_negatives) - logits      # -log(e^s / (e^s + sum_neg))
         valid = positive & torch.isfinite(log_negatives)
+        if distributed:  # every rank takes part in the collectives, with or without a valid pair
+            return global_mean(per_pair.masked_fill(~valid, 0.0).sum(), valid.sum())
         if not valid.any():
             return logits.sum() * 0.0
         return per_pair[valid].mean()

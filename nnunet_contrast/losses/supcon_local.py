@@ -10,7 +10,9 @@ selected pixels with label ``y_i``; the denominator runs over every selected pix
   ``l_i = -1/|P(i)| log( sum_{p in P(i)} exp(s_ip) / sum_{a != i} exp(s_ia) )``
 
 The loss is the mean of ``l_i`` over anchors that have at least one positive. Which pixels are
-selected (stride, blocks, all) is decided in ``nnunet_contrast.data.pixel_selection``.
+selected (stride, blocks, all) is decided in ``nnunet_contrast.data.pixel_selection``. Under DDP the
+selected pixels of every rank are the pool (anchors stay local, ``nnunet_contrast.distributed``): the
+ranks' mean loss is the loss of one process on the global batch.
 """
 from typing import Optional, Tuple
 
@@ -20,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunet_contrast.data.pixel_selection import block_pixels, stride_pixels
+from nnunet_contrast.distributed import gather, gather_with_grad, global_mean, is_distributed, rank_offset, summed_over_ranks, world_size
 
 FORMS = ("supcon", "paper")
 MODES = ("block", "stride", "exact", "full")
@@ -45,7 +48,7 @@ def _anchor_chunk_loss(anchor_feats, anchor_labels, anchor_index, feats, labels,
 
 def supcon_pixel_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
                       form: str = "supcon", background: int = 0,
-                      chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+                      chunk_size: Optional[int] = None, anchors: Optional[slice] = None) -> Tuple[torch.Tensor, int]:
     """Sum of the per-anchor losses and the number of anchors that have a positive.
 
     Args:
@@ -54,6 +57,7 @@ def supcon_pixel_loss(features: torch.Tensor, labels: torch.Tensor, temperature:
         chunk_size: None computes the (anchors x N) similarity matrix at once; an int computes it
             ``chunk_size`` anchors at a time and recomputes each chunk in the backward pass, so
             peak memory grows linearly with N.
+        anchors: the rows that may be anchors (default: all); every row is a candidate.
     Returns:
         (loss_sum, n_anchors): a float32 scalar connected to ``features`` and an int.
     """
@@ -65,15 +69,17 @@ def supcon_pixel_loss(features: torch.Tensor, labels: torch.Tensor, temperature:
         raise ValueError(f"supervised local contrast: expected features (N, C) and labels (N,), got "
                          f"{tuple(features.shape)} and {tuple(labels.shape)}")
     with torch.autocast(device_type=features.device.type, enabled=False):  # float32 under AMP
-        return _summed_loss(features, labels, temperature, form, background, chunk_size)
+        return _summed_loss(features, labels, temperature, form, background, chunk_size, anchors)
 
 
-def _summed_loss(features, labels, temperature, form, background, chunk_size):
+def _summed_loss(features, labels, temperature, form, background, chunk_size, anchors):
     feats = F.normalize(features.float(), dim=1)
     anchor_index = torch.nonzero(labels != background).flatten()
     counts = torch.bincount(labels[anchor_index].long()) if len(anchor_index) else None
     if counts is not None:  # anchors whose class has a single pixel have no positive
         anchor_index = anchor_index[counts[labels[anchor_index].long()] > 1]
+    if anchors is not None:
+        anchor_index = anchor_index[(anchor_index >= anchors.start) & (anchor_index < anchors.stop)]
     if len(anchor_index) == 0:
         return feats.sum() * 0.0, 0
     step = len(anchor_index) if chunk_size is None else int(chunk_size)
@@ -104,6 +110,7 @@ class SupConLocalLoss(nn.Module):
         background: label of background pixels, never anchors but still negatives.
         ignore_label: pixels with this label (and negative labels, nnU-Net's padding) are dropped.
         chunk_size: anchors per chunk in ``"exact"`` mode.
+        gather_distributed: under DDP, every rank's selected pixels are candidates (module docstring).
 
     Shapes:
         features: (V, C, H, W) embeddings of V views; labels: (V, H, W) or (V, 1, H, W).
@@ -111,7 +118,7 @@ class SupConLocalLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, mode: str = "block", stride: int = 4,
                  block_size: int = 16, form: str = "supcon", background: int = 0,
-                 ignore_label: Optional[int] = None, chunk_size: int = 1024):
+                 ignore_label: Optional[int] = None, chunk_size: int = 1024, gather_distributed: bool = True):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"SupConLocalLoss: temperature must be > 0, got {temperature}")
@@ -125,6 +132,7 @@ class SupConLocalLoss(nn.Module):
         self.temperature, self.mode, self.form = float(temperature), mode, form
         self.stride, self.block_size, self.chunk_size = int(stride), int(block_size), int(chunk_size)
         self.background, self.ignore_label = background, ignore_label
+        self.gather_distributed = gather_distributed
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if labels.ndim == 4 and labels.shape[1] == 1:
@@ -136,18 +144,35 @@ class SupConLocalLoss(nn.Module):
             return self._mean_over_groups(block_pixels(features, labels, self.block_size, self.ignore_label))
         stride = self.stride if self.mode == "stride" else 1
         chunk = self.chunk_size if self.mode == "exact" else None
-        feats, labs = stride_pixels(features, labels, stride, self.ignore_label)
-        loss_sum, n = supcon_pixel_loss(feats, labs, self.temperature, self.form, self.background, chunk)
-        return loss_sum / max(n, 1)
+        feats, labs, anchors = self._pooled(*stride_pixels(features, labels, stride, self.ignore_label))
+        loss_sum, n = supcon_pixel_loss(feats, labs, self.temperature, self.form, self.background, chunk, anchors)
+        return global_mean(loss_sum, n) if self.distributed else loss_sum / max(n, 1)
+
+    @property
+    def distributed(self) -> bool:
+        return self.gather_distributed and is_distributed()
+
+    def _pooled(self, feats: torch.Tensor, labs: torch.Tensor):
+        """(candidates, their labels, the rows of this rank's anchors): every rank's pixels under DDP."""
+        if not self.distributed:
+            return feats, labs, None
+        start = rank_offset(len(feats), feats.device)
+        return gather_with_grad(feats), gather(labs), slice(start, start + len(feats))
 
     def _mean_over_groups(self, groups) -> torch.Tensor:
-        losses = []
-        zero = None
+        """The mean over block positions that hold an anchor (on any rank) of each position's loss."""
+        sums, counts = [], []
         for feats, labs in groups:
-            loss_sum, n = supcon_pixel_loss(feats, labs, self.temperature, self.form, self.background)
-            zero = loss_sum * 0.0 if zero is None else zero
-            if n:
-                losses.append(loss_sum / n)
-        if losses:
-            return torch.stack(losses).mean()
-        return zero
+            pool, pool_labels, anchors = self._pooled(feats, labs)
+            loss_sum, n = supcon_pixel_loss(pool, pool_labels, self.temperature, self.form, self.background,
+                                            anchors=anchors)
+            sums.append(loss_sum)
+            counts.append(n)
+        counts = torch.tensor(counts, dtype=torch.float32, device=sums[0].device)
+        ranks = world_size() if self.distributed else 1
+        counts = summed_over_ranks(counts) if ranks > 1 else counts
+        has_anchor = counts > 0
+        sums = torch.stack(sums)
+        if not has_anchor.any():
+            return sums.sum() * 0.0
+        return (sums * ranks / counts.clamp(min=1))[has_anchor].mean()
