@@ -13,6 +13,7 @@ helper is the identity of one process.
 """
 from typing import Iterable, List
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -127,3 +128,19 @@ def gather_objects(value) -> list:
     values = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def rank_share(global_size: int) -> int:
+    """This rank's part of a global batch size, split as nnU-Net splits its own (the first ranks take
+    one more when it does not divide); the whole size on one process."""
+    ranks = world_size()
+    if global_size < ranks:
+        raise ValueError(f"a batch of {global_size} cannot be split over {ranks} processes")
+    return global_size // ranks + (1 if rank() < global_size % ranks else 0)
+
+
+def rank_seed(seed: int) -> int:
+    """A seed of this rank's own, derived from the run's seed (``seed`` itself on one process)."""
+    if not is_distributed():
+        return seed
+    return int(np.random.SeedSequence([seed, rank()]).generate_state(1)[0])

@@ -20,6 +20,7 @@ from torch import nn
 from nnunet_contrast.data.pixel_selection import region_vectors
 from nnunet_contrast.data.slices import (PartitionDataLoader, SliceInfoDataLoader, check_partitionable, partition_of,
                                          slice_counts)
+from nnunet_contrast.distributed import rank_share
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.losses import NTXentLoss, RegionLocalLoss
 from nnunet_contrast.network.heads import DenseProjectionHead
@@ -87,7 +88,8 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         """Images of all training cases and the added unlabelled images, labels dropped: random
         slices (G^R, L^R) or partition batches (G^D, L^D)."""
         dataset = self.all_images_dataset()
-        batch_size, partitions = self.method_settings.pretrain_batch_size, self.method_settings.partitions
+        # this rank's part of the batch under DDP, split as nnU-Net splits its own
+        batch_size, partitions = rank_share(self.method_settings.pretrain_batch_size), self.method_settings.partitions
         if data == ALL_IMAGES:
             return self.build_image_loader(dataset, batch_size, SliceInfoDataLoader)
         where = "nnunet_contrast.globallocal in the plans"

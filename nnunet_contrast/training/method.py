@@ -15,9 +15,10 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
-from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from nnunet_contrast.distributed import average_gradients, broadcast_module
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger
@@ -68,10 +69,6 @@ class MethodTrainer(SemiSupervisedTrainer):
     @classmethod
     def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
         settings = super().check_supported(plans_manager, configuration, dataset_json)
-        if dist.is_available() and dist.is_initialized():
-            # contrastive steps call sub-modules and heads outside DDP: gradients would not sync
-            raise UserInputError(f"{cls.__name__} trains on one GPU or the CPU only: run nnUNetv2_train "
-                                 f"without -num_gpus")
         if plans_manager.get_label_manager(dataset_json).has_regions:
             raise UserInputError(f"{cls.__name__} needs class labels, not regions: train a dataset without "
                                  f"'regions_class_order' in its dataset.json")
@@ -129,8 +126,8 @@ class MethodTrainer(SemiSupervisedTrainer):
     # ------------------------------------------------------------ what trains, and how
     @property
     def heads(self) -> nn.ModuleDict:
-        if self._heads is None:
-            self._heads = self.build_heads().to(self.device)
+        if self._heads is None:  # under DDP, rank 0's initial weights on every rank (as DDP does for the network)
+            self._heads = broadcast_module(self.build_heads().to(self.device))
         return self._heads
 
     def parameters_of(self, part: str) -> List[nn.Parameter]:
@@ -274,11 +271,14 @@ class MethodTrainer(SemiSupervisedTrainer):
 
     def optimizer_step(self, compute_loss: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> dict:
         """One update of the current optimizer. ``compute_loss()`` runs under nnU-Net's autocast on
-        CUDA and returns the loss and further values to log; returns nnU-Net's step output."""
+        CUDA and returns the loss and further values to log; returns nnU-Net's step output. Under DDP
+        the network's own gradient hooks stay off and every trained parameter's gradient is averaged
+        over ranks (``nnunet_contrast.distributed``): heads and sub-modules run outside DDP's forward."""
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss, logged = compute_loss()
-        self.backward_and_step(loss)
+        with self.network.no_sync() if isinstance(self.network, DistributedDataParallel) else dummy_context():
+            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+                loss, logged = compute_loss()
+            self.backward_and_step(loss)
         return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in logged.items()}}
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
@@ -286,12 +286,14 @@ class MethodTrainer(SemiSupervisedTrainer):
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
+            average_gradients(params)
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
+            average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
 

@@ -6,6 +6,7 @@ seeds this process and runs its loaders in worker processes with seeds of their 
 come back in a fixed order (batchgenerators' ``MultiThreadedAugmenter``).
 """
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,10 +42,12 @@ class WorkerSeeded:
         return getattr(self.loader, name)
 
 
-def seeded_workers(loader, processes: int, seed: int, loader_index: int, pin_memory: bool) -> MultiThreadedAugmenter:
-    """``processes`` workers over ``loader``, each with its own seed derived from (seed, loader_index),
-    whose batches come back in a fixed order; as many batches cached as nnU-Net caches."""
-    seeds = [int(s) for s in np.random.SeedSequence([seed, loader_index]).generate_state(processes)]
+def seeded_workers(loader, processes: int, seed: int, loader_index: int, pin_memory: bool,
+                   rank: Optional[int] = None) -> MultiThreadedAugmenter:
+    """``processes`` workers over ``loader``, each with its own seed derived from (seed, loader_index) and,
+    under DDP, the rank; their batches come back in a fixed order; as many batches cached as nnU-Net caches."""
+    entropy = [seed, loader_index] + ([] if rank is None else [rank])
+    seeds = [int(s) for s in np.random.SeedSequence(entropy).generate_state(processes)]
     return MultiThreadedAugmenter(WorkerSeeded(loader, seeds), None, processes, max(2, 6 // processes), seeds,
                                   pin_memory=pin_memory)
 

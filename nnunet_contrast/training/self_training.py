@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nnunet_contrast.data.mixing import StudentBatch, student_batch
+from nnunet_contrast.distributed import gather_objects
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
 from nnunet_contrast.network.taps import unwrap_network
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
@@ -153,6 +154,8 @@ class SelfTraining:
         if not outputs or "teacher_counts" not in outputs[0]:
             self.trainer.logger.log("teacher_dice", float("nan"), self.trainer.current_epoch)
             return
+        ranks = gather_objects(outputs)  # under DDP every rank validates its own batches, as in nnU-Net
+        outputs = [o for rank_outputs in ranks for o in rank_outputs]
         dice_all = mean_dice(sum(o["teacher_counts"] for o in outputs))
         dice_confident = mean_dice(sum(o["teacher_confident_counts"] for o in outputs))
         coverage = float(np.mean([o["teacher_confident"] for o in outputs]))

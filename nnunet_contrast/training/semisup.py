@@ -12,6 +12,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_contrast.distributed import gather_objects, rank_seed, world_size
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.data.datasets import ImagesOnly, UnionDataset, folder_dataset
 from nnunet_contrast.data.split import fold_split, read_split
@@ -48,6 +49,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.settings: Settings = self.check_supported(PlansManager(plans), configuration, dataset_json)
         self.plan_run()
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net sets cuda:rank under DDP; a CPU process group (gloo, the tests) trains on the CPU
+            self.device, self.grad_scaler = device, None
         self.apply_budget(self.settings.budget)
         self.seed_run()
         self.labeled_keys: List[str] = []
@@ -55,6 +59,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
         self.image_loaders_built = 0  # each seeded loader's workers get seeds of their own
         self.resumed_random_state: Optional[dict] = None
+        self.rank_random_states: List[dict] = []  # every rank's, gathered for the checkpoint rank 0 writes
 
     @classmethod
     def check_supported(cls, plans_manager: "PlansManager", configuration: str, dataset_json: dict) -> Settings:
@@ -183,11 +188,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     # ----------------------------------------------------------------- seed
     def seed_run(self) -> None:
+        """Under DDP each rank draws its own augmentations and batches: a seed per rank, or, unseeded, torch's
+        own generator from the operating system (numpy's and Python's are already)."""
         if self.settings.run.seed >= 0:
-            seed_process(self.settings.run.seed)
+            seed_process(rank_seed(self.settings.run.seed))
+        elif self.is_ddp:
+            torch.seed()
 
     def seeded_workers(self, loader, processes: int, loader_index: int):
-        return seeded_workers(loader, processes, self.settings.run.seed, loader_index, self.device.type == "cuda")
+        return seeded_workers(loader, processes, self.settings.run.seed, loader_index, self.device.type == "cuda",
+                              self.local_rank if self.is_ddp else None)
 
     def seeded_augmenter(self, augmenter, loader_index: int):
         """nnU-Net's train (0) or validation (1) augmenter, replaced by seeded workers over the same
@@ -209,16 +219,20 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """What we add to nnU-Net's checkpoint under the key ``nnunet_contrast`` (subclasses add more):
         the random generators of this process, so that ``--c`` draws what the uninterrupted run would
         have drawn (exactly so with in-process data loading, nnUNet_n_proc_DA=0)."""
-        return {"random_state": random_state()}
+        states = self.rank_random_states or [random_state()]
+        return {"random_state": states[0], "rank_random_states": states}
 
     def restore_extras(self, extras: dict, current_epoch: int) -> None:
-        """Runs before nnU-Net restores weights and optimizer state from a checkpoint."""
-        self.resumed_random_state = extras.get("random_state")
+        """Runs before nnU-Net restores weights and optimizer state from a checkpoint; each rank takes
+        its own random state back (a checkpoint of another number of ranks: rank 0's, on one process)."""
+        states = extras.get("rank_random_states") or [extras.get("random_state")]
+        self.resumed_random_state = states[self.local_rank] if len(states) == world_size() else None
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint with our extras under ``EXTRAS_KEY``, written once and atomically.
         Heads stay outside ``network_weights``: nnUNetv2_predict and ``-pretrained_weights`` see a
         plain nnU-Net network."""
+        self.rank_random_states = gather_objects(random_state())  # every rank calls save_checkpoint, rank 0 writes
         with extras_added_on_save(self.checkpoint_extras, filename) as saved:
             super().save_checkpoint(filename)
         if not saved and self.local_rank == 0 and not self.disable_checkpointing:
@@ -239,7 +253,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         self.report_settings()
-        if self.resumed_random_state is not None and not self.is_ddp:  # one state saved, by rank 0
+        if self.resumed_random_state is not None:
             # after nnU-Net's start, whose loaders draw a first batch in the uninterrupted run too
             set_random_state(self.resumed_random_state)
             self.resumed_random_state = None

@@ -1,0 +1,108 @@
+"""Trainers under DDP, on 2 CPU processes joined by gloo and built as nnU-Net's ``-num_gpus`` path builds
+them (issue 15). nnU-Net wraps the network in ``DDP(network, device_ids=[rank])``, which is for CUDA only:
+the ranks wrap it without device ids, the one change to nnU-Net's path.
+
+One training step of each stage kind on half of a global batch per rank gives every trained parameter the
+gradient of one process on the whole batch; the ranks' network, heads and teacher stay identical over steps;
+the ranks draw different unlabelled batches."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from conftest import make_plans, make_trainer, ready_trainer
+from distributed_harness import run_ranks
+from nnunet_contrast.network.taps import unwrap_network
+
+TOLERANCE = 1e-5
+# deterministic steps: both views fixed (below), no mixing or intensity perturbation, every pixel kept, all
+# labelled images in the local stage (its default takes the last ones of each rank's batch)
+DETERMINISTIC = ["nnunet_contrast.supconlocal.local_images=0", "nnunet_contrast.selftraining.mixing=none",
+                 "nnunet_contrast.selftraining.strong_intensity=false",
+                 "nnunet_contrast.selftraining.confidence_threshold=0.0", "nnunet_contrast.run.seed=0"]
+STAGES = [("nnUNetTrainerSupConLocal", "global"),  # pretraining: NT-Xent gathered over ranks, encoder and head
+          ("nnUNetTrainerSupConLocal", "local"),   # supervised local contrast gathered, network and dense head
+          ("nnUNetTrainerSupConLocal", "finetune"),  # nnU-Net's own step: DDP's own hooks
+          ("nnUNetTrainerSelfTraining", "selftrain")]  # EMA teacher, pseudo-labels, masked nnU-Net loss
+
+
+def cpu_ddp(module, device_ids=None, **kwargs):
+    return DistributedDataParallel(module, **kwargs)
+
+
+def fixed_views(images, spatial):
+    return images.flip(-1), 0.8 * images + 0.1
+
+
+def patch_for_cpu_ranks():
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer
+    import nnunet_contrast.training.step as step
+
+    nnunet_trainer.DDP = cpu_ddp
+    step.two_views = fixed_views
+
+
+def split_batch(batch: dict, rank: int, world: int) -> dict:
+    def part(value):
+        if isinstance(value, (list, tuple)):
+            return [part(v) for v in value]
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            return value[rank * len(value) // world:(rank + 1) * len(value) // world]
+        return value
+    return {key: part(value) for key, value in batch.items()}
+
+
+def trained_parts(trainer):
+    parts = {f"network.{n}": p for n, p in unwrap_network(trainer.network).named_parameters()}
+    return {**parts, **{f"heads.{n}": p for n, p in trainer.heads.named_parameters()}}
+
+
+def one_step(trainer, stage_name: str, batch: dict, unlabeled, weights: dict) -> dict:
+    """The gradients of one ``train_step`` of stage ``stage_name`` from ``weights``."""
+    unwrap_network(trainer.network).load_state_dict(weights["network"])
+    trainer.heads.load_state_dict(weights["heads"])
+    index = trainer.schedule.index_of(stage_name)
+    trainer.current_epoch = trainer.schedule.starts[index]
+    trainer.start_stage_epoch(index)
+    trainer.next_unlabeled_images = lambda: unlabeled
+    trainer.train_step(batch)
+    # a parameter the step does not reach has no gradient on one process, zeros after averaging over ranks
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in trained_parts(trainer).items()}
+
+
+def rank_step(rank, world, env, trainer_name, plans, stage_name, batch, unlabeled, weights):
+    os.environ.update(env)
+    patch_for_cpu_ranks()
+    trainer = make_trainer(trainer_name, plans)
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    return one_step(trainer, stage_name, split_batch(batch, rank, world),
+                    None if unlabeled is None else split_batch({"u": unlabeled}, rank, world)["u"], weights)
+
+
+@pytest.fixture(scope="module")
+def ddp_plans(hippocampus):
+    return make_plans(hippocampus, "nnUNetPlans_ddp", *DETERMINISTIC)
+
+
+@pytest.mark.parametrize("trainer_name,stage_name", STAGES)
+def test_one_step_on_two_ranks_gives_the_gradients_of_one_process_on_the_whole_batch(
+        hippocampus, ddp_plans, tmp_path, monkeypatch, trainer_name, stage_name):
+    import nnunet_contrast.training.step as step
+
+    monkeypatch.setattr(step, "two_views", fixed_views)
+    reference = ready_trainer(trainer_name, ddp_plans)
+    stage = reference.schedule.stage(stage_name)
+    batch = next(reference.stage_loader(stage))
+    unlabeled = reference.next_unlabeled_images() if stage.data != "labeled" else None
+    weights = {"network": {k: v.clone() for k, v in unwrap_network(reference.network).state_dict().items()},
+               "heads": {k: v.clone() for k, v in reference.heads.state_dict().items()}}
+    expected = one_step(reference, stage_name, batch, unlabeled, weights)
+    ranks = run_ranks(rank_step, tmp_path, dict(hippocampus.env), trainer_name, ddp_plans, stage_name, batch,
+                      unlabeled, weights)
+    assert any(grad.abs().sum() > 0 for grad in expected.values())
+    for name, grad in expected.items():
+        for rank_grads in ranks:
+            assert torch.allclose(rank_grads[name], grad, atol=TOLERANCE), (name, (rank_grads[name] - grad).abs().max())
