@@ -6,13 +6,16 @@ One training step of each stage kind on half of a global batch per rank gives ev
 gradient of one process on the whole batch; the ranks' network, heads and teacher stay identical over steps;
 the ranks draw different unlabelled batches."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import make_plans, make_trainer, ready_trainer
+from nnunetv2.run.run_training import maybe_load_checkpoint
+
+from conftest import StopTraining, make_plans, make_trainer, ready_trainer, stop_after_epoch_end, trained_state
 from distributed_harness import run_ranks
 from nnunet_contrast.network.taps import unwrap_network
 
@@ -36,12 +39,13 @@ def fixed_views(images, spatial):
     return images.flip(-1), 0.8 * images + 0.1
 
 
-def patch_for_cpu_ranks():
+def patch_for_cpu_ranks(views=None):
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer
     import nnunet_contrast.training.step as step
 
     nnunet_trainer.DDP = cpu_ddp
-    step.two_views = fixed_views
+    if views is not None:
+        step.two_views = views
 
 
 def split_batch(batch: dict, rank: int, world: int) -> dict:
@@ -74,7 +78,7 @@ def one_step(trainer, stage_name: str, batch: dict, unlabeled, weights: dict) ->
 
 def rank_step(rank, world, env, trainer_name, plans, stage_name, batch, unlabeled, weights):
     os.environ.update(env)
-    patch_for_cpu_ranks()
+    patch_for_cpu_ranks(fixed_views)
     trainer = make_trainer(trainer_name, plans)
     trainer.initialize()
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
@@ -106,3 +110,80 @@ def test_one_step_on_two_ranks_gives_the_gradients_of_one_process_on_the_whole_b
     for name, grad in expected.items():
         for rank_grads in ranks:
             assert torch.allclose(rank_grads[name], grad, atol=TOLERANCE), (name, (rank_grads[name] - grad).abs().max())
+
+
+# ----------------------------------------------------------------------------- several steps, and --c
+RESUMED = ["nnunet_contrast.run.seed=0", "nnunet_contrast.budget.num_epochs=4",
+           "nnunet_contrast.selftraining.warmup_fraction=0.25"]  # global, local, warm-up, then 3 self-training epochs
+STOP_AFTER = 5  # in the second self-training epoch: the teacher and the ramp are in the checkpoint
+
+
+def recording_unlabeled_batches(trainer, drawn: list) -> None:
+    draw = trainer.next_unlabeled_images
+
+    def next_unlabeled_images():
+        images = draw()
+        drawn.append(images.clone())
+        return images
+    trainer.next_unlabeled_images = next_unlabeled_images
+
+
+def rank_train_stop_resume(rank, world, env, trainer_name, plans):
+    """The run uninterrupted, then stopped after ``STOP_AFTER`` epochs and continued as ``--c`` does."""
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    patch_for_cpu_ranks()
+    uninterrupted, drawn = make_trainer(trainer_name, plans), []
+    uninterrupted.on_train_start = with_recorder(uninterrupted, drawn)
+    uninterrupted.run_training()
+    expected = trained_state(uninterrupted)
+    dist.barrier()
+    if rank == 0:
+        Path(uninterrupted.output_folder, "checkpoint_final.pth").unlink()  # --c would take it first
+    dist.barrier()
+    stopped = make_trainer(trainer_name, plans)
+    stop_after_epoch_end(stopped, STOP_AFTER)
+    try:
+        stopped.run_training()
+    except StopTraining:
+        pass
+    resumed = make_trainer(trainer_name, plans)
+    maybe_load_checkpoint(resumed, True, False)
+    epoch_resumed = resumed.current_epoch
+    resumed.run_training()
+    return {"expected": expected, "resumed": trained_state(resumed), "epoch_resumed": epoch_resumed,
+            "first_unlabeled": drawn[0]}
+
+
+def with_recorder(trainer, drawn):
+    start = trainer.on_train_start
+
+    def on_train_start():
+        start()
+        recording_unlabeled_batches(trainer, drawn)
+    return on_train_start
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(hippocampus, tmp_path_factory):
+    plans = make_plans(hippocampus, "nnUNetPlans_ddp_resume", *RESUMED)
+    return run_ranks(rank_train_stop_resume, tmp_path_factory.mktemp("ranks"), dict(hippocampus.env),
+                     "nnUNetTrainerSupConLocalSelfTraining", plans)
+
+
+def test_ranks_keep_identical_network_heads_and_teacher_while_drawing_different_unlabelled_batches(two_rank_run):
+    first, second = two_rank_run
+    assert any(key.startswith("teacher.") for key in first["expected"]) and \
+        any(key.startswith("heads.") for key in first["expected"])
+    for key, value in first["expected"].items():
+        assert torch.equal(value, second["expected"][key]), key
+    assert first["first_unlabeled"].shape == second["first_unlabeled"].shape
+    assert not torch.equal(first["first_unlabeled"], second["first_unlabeled"])
+
+
+def test_a_run_resumed_on_two_ranks_ends_as_the_uninterrupted_one(two_rank_run):
+    for rank in two_rank_run:
+        assert rank["epoch_resumed"] == STOP_AFTER
+        for key, value in rank["expected"].items():
+            assert torch.equal(rank["resumed"][key], value), key
