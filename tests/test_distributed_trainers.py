@@ -28,6 +28,7 @@ DETERMINISTIC = ["nnunet_contrast.supconlocal.local_images=0", "nnunet_contrast.
 STAGES = [("nnUNetTrainerSupConLocal", "global"),  # pretraining: NT-Xent gathered over ranks, encoder and head
           ("nnUNetTrainerSupConLocal", "local"),   # supervised local contrast gathered, network and dense head
           ("nnUNetTrainerSupConLocal", "finetune"),  # nnU-Net's own step: DDP's own hooks
+          ("nnUNetTrainerIDEAL", "finetune"),  # joint: both decoders, cross pseudo-supervision on unlabelled images
           ("nnUNetTrainerSelfTraining", "selftrain")]  # EMA teacher, pseudo-labels, masked nnU-Net loss
 
 
@@ -64,10 +65,16 @@ def trained_parts(trainer):
 
 
 def one_step(trainer, stage_name: str, batch: dict, unlabeled, weights: dict) -> dict:
-    """The gradients of one ``train_step`` of stage ``stage_name`` from ``weights``."""
+    """The gradients of one ``train_step`` of stage ``stage_name`` from ``weights``. Our own steps run in
+    float64: an argmax (cross pseudo-supervision, pseudo-labels) of nearly tied logits of the untrained
+    network could otherwise flip between a batch of 8 and one of 4, by float32 rounding alone."""
+    index = trainer.schedule.index_of(stage_name)
+    if not trainer.schedule.stages[index].is_nnunet_step:  # nnU-Net's step: DDP's float32 gradient buckets
+        unwrap_network(trainer.network).double()
+        trainer.heads.double()
+        batch, unlabeled = {**batch, "data": batch["data"].double()}, None if unlabeled is None else unlabeled.double()
     unwrap_network(trainer.network).load_state_dict(weights["network"])
     trainer.heads.load_state_dict(weights["heads"])
-    index = trainer.schedule.index_of(stage_name)
     trainer.current_epoch = trainer.schedule.starts[index]
     trainer.start_stage_epoch(index)
     trainer.next_unlabeled_images = lambda: unlabeled
@@ -76,40 +83,49 @@ def one_step(trainer, stage_name: str, batch: dict, unlabeled, weights: dict) ->
     return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in trained_parts(trainer).items()}
 
 
-def rank_step(rank, world, env, trainer_name, plans, stage_name, batch, unlabeled, weights):
+def rank_steps(rank, world, env, plans, cases):
+    """``one_step`` of every case, on this rank's half of its batch, each in a trainer of its own."""
     os.environ.update(env)
     patch_for_cpu_ranks(fixed_views)
-    trainer = make_trainer(trainer_name, plans)
-    trainer.initialize()
-    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
-    return one_step(trainer, stage_name, split_batch(batch, rank, world),
-                    None if unlabeled is None else split_batch({"u": unlabeled}, rank, world)["u"], weights)
+    results = {}
+    for (trainer_name, stage_name), (batch, unlabeled, weights) in cases.items():
+        trainer = make_trainer(trainer_name, plans)
+        trainer.initialize()
+        trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+        half = None if unlabeled is None else split_batch({"u": unlabeled}, rank, world)["u"]
+        results[trainer_name, stage_name] = one_step(trainer, stage_name, split_batch(batch, rank, world), half, weights)
+    return results
 
 
 @pytest.fixture(scope="module")
-def ddp_plans(hippocampus):
-    return make_plans(hippocampus, "nnUNetPlans_ddp", *DETERMINISTIC)
-
-
-@pytest.mark.parametrize("trainer_name,stage_name", STAGES)
-def test_one_step_on_two_ranks_gives_the_gradients_of_one_process_on_the_whole_batch(
-        hippocampus, ddp_plans, tmp_path, monkeypatch, trainer_name, stage_name):
+def stage_steps(hippocampus, tmp_path_factory):
+    """Per case of ``STAGES``: one process's gradients on the whole batch, and each rank's."""
     import nnunet_contrast.training.step as step
 
-    monkeypatch.setattr(step, "two_views", fixed_views)
-    reference = ready_trainer(trainer_name, ddp_plans)
-    stage = reference.schedule.stage(stage_name)
-    batch = next(reference.stage_loader(stage))
-    unlabeled = reference.next_unlabeled_images() if stage.data != "labeled" else None
-    weights = {"network": {k: v.clone() for k, v in unwrap_network(reference.network).state_dict().items()},
-               "heads": {k: v.clone() for k, v in reference.heads.state_dict().items()}}
-    expected = one_step(reference, stage_name, batch, unlabeled, weights)
-    ranks = run_ranks(rank_step, tmp_path, dict(hippocampus.env), trainer_name, ddp_plans, stage_name, batch,
-                      unlabeled, weights)
-    assert any(grad.abs().sum() > 0 for grad in expected.values())
-    for name, grad in expected.items():
-        for rank_grads in ranks:
-            assert torch.allclose(rank_grads[name], grad, atol=TOLERANCE), (name, (rank_grads[name] - grad).abs().max())
+    plans = make_plans(hippocampus, "nnUNetPlans_ddp", *DETERMINISTIC)
+    inputs, expected = {}, {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "two_views", fixed_views)
+        for trainer_name, stage_name in STAGES:
+            reference = ready_trainer(trainer_name, plans)
+            stage = reference.schedule.stage(stage_name)
+            batch = next(reference.stage_loader(stage))
+            unlabeled = reference.next_unlabeled_images() if stage.data != "labeled" else None
+            weights = {"network": {k: v.clone() for k, v in unwrap_network(reference.network).state_dict().items()},
+                       "heads": {k: v.clone() for k, v in reference.heads.state_dict().items()}}
+            inputs[trainer_name, stage_name] = (batch, unlabeled, weights)
+            expected[trainer_name, stage_name] = one_step(reference, stage_name, batch, unlabeled, weights)
+    ranks = run_ranks(rank_steps, tmp_path_factory.mktemp("ranks"), dict(hippocampus.env), plans, inputs)
+    return expected, ranks
+
+
+@pytest.mark.parametrize("case", STAGES, ids=lambda case: "-".join(case))
+def test_one_step_on_two_ranks_gives_the_gradients_of_one_process_on_the_whole_batch(stage_steps, case):
+    expected, ranks = stage_steps
+    assert any(grad.abs().sum() > 0 for grad in expected[case].values())
+    for name, grad in expected[case].items():
+        for rank in ranks:
+            assert torch.allclose(rank[case][name], grad, atol=TOLERANCE), (name, (rank[case][name] - grad).abs().max())
 
 
 # ----------------------------------------------------------------------------- several steps, and --c
