@@ -268,7 +268,9 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
     plot_dice(records, plot)
     for r in records:
         plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}.png")
-    machines = sorted({r["environment"]["machine"] for r in records})
+    # the processor kind matters: a seeded run repeats on one kind, not across kinds (docs/BENCHMARKS.md)
+    machines = sorted({", ".join(filter(None, (r["environment"]["machine"], r["environment"].get("cpu"))))
+                       for r in records})
     commits = sorted({r["environment"]["commit"] or r["environment"]["nnunet_contrast"] for r in records})
     validation = sorted({(r["fold"], r["validation_cases"]) for r in records})
     return [f"## Budget `{first['budget_preset']}` (digest {first['budget_digest']}), split seed "
