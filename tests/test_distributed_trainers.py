@@ -169,7 +169,8 @@ def rank_train_stop_resume(rank, world, env, trainer_name, plans):
     epoch_resumed = resumed.current_epoch
     resumed.run_training()
     return {"expected": expected, "resumed": trained_state(resumed), "epoch_resumed": epoch_resumed,
-            "first_unlabeled": drawn[0]}
+            "first_unlabeled": drawn[0], "batch_size": resumed.batch_size,
+            "unlabeled_batch_ratio": resumed.settings.semisup.unlabeled_batch_ratio}
 
 
 def with_recorder(trainer, drawn):
@@ -194,8 +195,10 @@ def test_ranks_keep_identical_network_heads_and_teacher_while_drawing_different_
         any(key.startswith("heads.") for key in first["expected"])
     for key, value in first["expected"].items():
         assert torch.equal(value, second["expected"][key]), key
-    # nnU-Net splits the plans' batch of 4 into 2 per rank; the unlabelled batch (ratio 1) follows it
-    assert first["first_unlabeled"].shape[0] == second["first_unlabeled"].shape[0] == 2
+    # nnU-Net splits the plans' batch of 4 into 2 per rank; the unlabelled batch (ratio x 2) follows it
+    ratio = first["unlabeled_batch_ratio"]
+    assert first["batch_size"] == second["batch_size"] == 2
+    assert first["first_unlabeled"].shape[0] == second["first_unlabeled"].shape[0] == max(1, round(2 * ratio))
     assert not torch.equal(first["first_unlabeled"], second["first_unlabeled"])
 
 
