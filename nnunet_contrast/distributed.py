@@ -43,7 +43,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # autograd may own the incoming buffer (a slice of cat's)
         dist.all_reduce(grad)  # every rank's loss reads every rank's rows
         return grad[ctx.start:ctx.start + ctx.size]
 
@@ -98,19 +98,24 @@ def global_mean(local_sum: torch.Tensor, local_count) -> torch.Tensor:
 
 
 def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
-    """Every rank's gradients replaced by their mean over ranks, in one all-reduce; a parameter without
-    a gradient on this rank counts as zero there, so that all ranks reduce the same tensors."""
+    """Every rank's gradients replaced by their mean over ranks, in one all-reduce. A parameter without
+    a gradient on this rank counts as zero there, so that all ranks reduce the same tensors; one without
+    a gradient on every rank keeps none, as on one process (weight decay then leaves it alone)."""
     if not is_distributed():
         return
     parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        return
+    reached = summed_over_ranks(torch.tensor([float(p.grad is not None) for p in parameters],
+                                             device=parameters[0].device))
     for p in parameters:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in parameters])
     dist.all_reduce(flat)
     flat /= world_size()
-    for p, part in zip(parameters, flat.split([p.numel() for p in parameters])):
-        p.grad.copy_(part.view_as(p.grad))
+    for p, part, anywhere in zip(parameters, flat.split([p.numel() for p in parameters]), reached):
+        p.grad = part.view_as(p).clone() if anywhere > 0 else None
 
 
 def broadcast_module(module: nn.Module) -> nn.Module:

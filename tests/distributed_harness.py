@@ -1,5 +1,6 @@
 """Run a function on N CPU processes joined by a gloo process group, as nnU-Net's DDP path joins its GPUs
 (``nnunetv2.run.run_training.run_ddp``; nnU-Net itself asks for NCCL and CUDA, which this machine lacks)."""
+import datetime
 import os
 import traceback
 from pathlib import Path
@@ -11,7 +12,9 @@ import torch.multiprocessing as mp
 
 
 def _rank_main(rank: int, world: int, folder: str, fn: Callable, args: tuple) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{folder}/process_group", rank=rank, world_size=world)
+    # a collective one rank misses fails the test within a minute instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{folder}/process_group", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(folder, f"result{rank}.pt"))

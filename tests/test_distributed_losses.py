@@ -7,6 +7,7 @@ from torch import nn
 from distributed_harness import rows_of_rank, run_ranks
 from nnunet_contrast.distributed import average_gradients, gather, gather_with_grad, global_mean
 from nnunet_contrast.losses import NTXentLoss, SupConLocalLoss
+from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
 
 TOLERANCE = 1e-5
 
@@ -77,3 +78,35 @@ def test_gather_concatenates_uneven_rows_in_rank_order_and_returns_every_ranks_g
     # rows are weighted 1, 2, 3 on both ranks: each row's gradient is the sum over the 2 ranks' losses
     assert grad0.tolist() == [[2.0] * 3] and grad1.tolist() == [[4.0] * 3, [6.0] * 3]
     assert zero0 == 0.0  # no term anywhere: an exact 0, not NaN
+
+
+def sparse_gradients(rank: int, world: int):
+    both, one, none = (nn.Parameter(torch.ones(2)) for _ in range(3))
+    loss = both.sum() * (rank + 1) + (one.sum() if rank == 0 else 0.0)
+    loss.backward()
+    average_gradients([both, one, none])
+    return both.grad, one.grad, none.grad
+
+
+def test_averaged_gradients_keep_none_where_no_rank_reached_a_parameter(tmp_path):
+    for both, one, none in run_ranks(sparse_gradients, tmp_path):
+        assert both.tolist() == [1.5, 1.5] and one.tolist() == [0.5, 0.5]
+        assert none is None  # as on one process: no weight decay, no optimizer state for it
+
+
+def masked_loss_without_kept_pixels_on_rank_1(rank: int, world: int):
+    generator = torch.Generator().manual_seed(rank)
+    logits = torch.randn(2, 3, 8, 8, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 8, 8), generator=generator)
+    if rank == 1:
+        labels[:] = EXCLUDED  # the teacher kept no pixel of this rank's images
+    loss = MaskedSegmentationLoss(batch_dice=True, ddp=True)(logits, labels)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+def test_a_rank_without_any_kept_pixel_still_takes_part_in_the_gathered_dice(tmp_path):
+    (loss0, grad0), (loss1, grad1) = run_ranks(masked_loss_without_kept_pixels_on_rank_1, tmp_path)
+    assert torch.isfinite(loss0) and torch.isfinite(loss1) and grad0.abs().sum() > 0
+    # rank 1's pixels carry no target: its images get no gradient, and its loss is the gathered Dice alone
+    assert torch.all(grad1 == 0)

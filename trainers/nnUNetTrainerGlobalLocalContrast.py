@@ -88,16 +88,19 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         """Images of all training cases and the added unlabelled images, labels dropped: random
         slices (G^R, L^R) or partition batches (G^D, L^D)."""
         dataset = self.all_images_dataset()
-        # this rank's part of the batch under DDP, split as nnU-Net splits its own
-        batch_size, partitions = rank_share(self.method_settings.pretrain_batch_size), self.method_settings.partitions
-        if data == ALL_IMAGES:
-            return self.build_image_loader(dataset, batch_size, SliceInfoDataLoader)
+        batch_size, partitions = self.method_settings.pretrain_batch_size, self.method_settings.partitions
+        if data == ALL_IMAGES:  # under DDP each rank its part of the batch, split as nnU-Net splits its own
+            return self.build_image_loader(dataset, rank_share(batch_size), SliceInfoDataLoader)
         where = "nnunet_contrast.globallocal in the plans"
         if batch_size < 2 * partitions:  # a single volume per batch would leave G^D / L^D without negatives
             raise UserInputError(f"partition batches need at least 2 volumes: set pretrain_batch_size "
                                  f"({batch_size}) to at least {2 * partitions}, 2 x partitions ({where})")
         try:
             check_partitionable(slice_counts(dataset), partitions)
+            # under DDP the volumes of a batch are split over the ranks, each keeping its partitions whole
+            # (a batch that is no multiple of partitions goes to the loader as it is, which says so)
+            if batch_size % partitions == 0:
+                batch_size = rank_share(batch_size // partitions) * partitions
             return self.build_image_loader(dataset, batch_size, PartitionDataLoader, partitions=partitions)
         except ValueError as error:  # too few slices per volume, too few volumes, not a multiple of partitions
             raise UserInputError(f"{error} ({where})") from None

@@ -11,6 +11,8 @@ One nnU-Net run in three stages (lengths in ``nnunet_contrast.supconlocal`` of t
 import torch
 from torch import nn
 
+from nnunet_contrast.distributed import rank_share, world_size
+from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.losses import NTXentLoss, SupConLocalLoss
 from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.network.taps import check_unet, decoder_channels, forward_with_decoder_features
@@ -24,6 +26,15 @@ from nnunet_contrast.training.step import StepInputs
 class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
     presets = ("base", "supconlocal_hu2021")
     method_key = "supconlocal"
+
+    @classmethod
+    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
+        settings = super().check_supported(plans_manager, configuration, dataset_json)
+        images = settings.method.local_images
+        if 0 < images < world_size():
+            raise UserInputError(f"supconlocal.local_images ({images}) is split over the {world_size()} GPUs: "
+                                 f"set it to 0 (all images) or to at least {world_size()} in the plans")
+        return settings
 
     def build_schedule(self):
         s, adam = self.method_settings, self.pretrain_optimizer()
@@ -57,8 +68,9 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
 
     def local_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
         """Eq. 2-3 on labelled images: both views keep the labels (intensity-only changes)."""
-        # the last images of nnU-Net's batch are its foreground-oversampled crops: take those
-        first = -self.method_settings.local_images if self.method_settings.local_images else 0
+        # the last images of nnU-Net's batch are its foreground-oversampled crops: take those (under DDP
+        # each rank its share of them, from its own batch)
+        first = -rank_share(self.method_settings.local_images) if self.method_settings.local_images else 0
         images = inputs.batch["data"][first:].to(self.device, non_blocking=True)
         target = inputs.batch["target"][0] if isinstance(inputs.batch["target"], list) else inputs.batch["target"]
         target = target[first:].to(self.device, non_blocking=True)

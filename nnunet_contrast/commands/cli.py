@@ -1,7 +1,6 @@
 """The ``nnunet-contrast`` command: split, add-unlabeled, plans, demo, benchmark, report, embed."""
 import argparse
 import functools
-import json
 import os
 import sys
 from pathlib import Path

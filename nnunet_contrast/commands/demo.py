@@ -5,7 +5,6 @@ sample, plan and preprocess 2d, split, add the unlabelled scan, write a CPU-budg
 train fold 0, predict the 6 held-out scans and evaluate them with nnU-Net's evaluation.
 """
 import json
-import os
 import shutil
 import subprocess
 import sys

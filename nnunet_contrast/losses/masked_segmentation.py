@@ -41,7 +41,9 @@ class MaskedSegmentationLoss(nn.Module):
     Shapes:
         outputs: (B, K, H, W) logits, or a list over deep-supervision resolutions of (B, K, h, w).
         labels: (B, H, W) long class indices at full resolution, ``EXCLUDED`` where no target exists.
-        Returns a float32 scalar; an exact 0 (with gradient) when no pixel has a target.
+        Returns a float32 scalar; an exact 0 (with gradient) when no pixel has a target (under DDP with
+        batch Dice: nnU-Net's Dice of an empty mask, the constant -1 with zero gradient, since every rank
+        must take part in the gathering).
     """
 
     def __init__(self, batch_dice: bool, deep_supervision_weights: Optional[Sequence[float]] = None,
@@ -50,6 +52,7 @@ class MaskedSegmentationLoss(nn.Module):
         dice = {"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": ddp}
         loss = DC_and_CE_loss(dice, {}, weight_ce=1, weight_dice=1, ignore_label=EXCLUDED,
                               dice_class=MemoryEfficientSoftDiceLoss)
+        self.gathers = ddp and batch_dice  # nnU-Net's batch Dice all-gathers its sums across ranks
         self.deep_supervision = deep_supervision_weights is not None
         self.loss = DeepSupervisionWrapper(loss, deep_supervision_weights) if self.deep_supervision else loss
 
@@ -60,7 +63,7 @@ class MaskedSegmentationLoss(nn.Module):
                              f"{tuple(outputs[0].shape)}, got {tuple(labels.shape)}")
         with torch.autocast(device_type=labels.device.type, enabled=False):  # float32 under AMP
             outputs = [o.float() for o in outputs]
-            if not (labels != EXCLUDED).any():
+            if not (labels != EXCLUDED).any() and not self.gathers:  # under DDP every rank gathers its sums
                 return sum(o.sum() for o in outputs) * 0.0
             targets = deep_supervision_targets(labels, outputs)
             if self.deep_supervision:

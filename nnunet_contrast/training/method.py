@@ -18,7 +18,7 @@ from torch import autocast
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nnunet_contrast.distributed import average_gradients, broadcast_module
+from nnunet_contrast.distributed import average_gradients, broadcast_module, gather_objects
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger
@@ -298,7 +298,8 @@ class MethodTrainer(SemiSupervisedTrainer):
             self.optimizer.step()
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
-        super().on_train_epoch_end(train_outputs)
+        super().on_train_epoch_end(train_outputs)  # nnU-Net's loss line: the mean over ranks under DDP
+        train_outputs = [o for rank in gather_objects(train_outputs) for o in rank]  # ours too
         stage = self.current_stage
         for term in stage.terms:
             values = [float(o[term.name]) for o in train_outputs if term.name in o]

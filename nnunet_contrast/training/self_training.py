@@ -129,9 +129,13 @@ class SelfTraining:
         return self._loss_where(inputs, ~inputs.student.from_labeled)
 
     def _loss_where(self, inputs, pixels: torch.Tensor) -> torch.Tensor:
-        """Over the images with a kept pixel only: without batch Dice, nnU-Net averages Dice over images,
-        and an image without target would add a constant to that mean and shrink the others' weight."""
+        """Without batch Dice, over the images with a kept pixel only: nnU-Net then averages Dice over
+        images, and an image without target would add a constant to that mean and shrink the others'
+        weight. Batch Dice sums over the batch, where such an image adds nothing, and under DDP gathers
+        its sums from every rank: all images stay, so that every rank gathers the same shapes."""
         labels = torch.where(pixels, inputs.student.labels, EXCLUDED)
+        if self.trainer.configuration_manager.batch_dice:
+            return sum(self.loss(output, labels) for output in inputs.joint.outputs)
         images = (labels != EXCLUDED).flatten(1).any(1)
         return sum(self.loss(batch_part(output, images), labels[images]) for output in inputs.joint.outputs)
 
