@@ -80,6 +80,10 @@ class SelfTraining:
             self.teacher = EmaTeacher(self.trainer.network, self.settings.ema_decay, self.settings.confidence_threshold)
             self.trainer.print_to_log_file(f"EMA teacher (decay {self.settings.ema_decay}) starts from the network "
                                            f"as of epoch {self.trainer.current_epoch}")
+            if self.settings.mixing == "cutmix" and self.trainer.unlabeled_batch_size < 2:
+                self.trainer.print_to_log_file("WARNING: CutMix pairs the unlabelled images of a batch (of each GPU "
+                                               "under -num_gpus); with one per batch it pastes an image into itself: "
+                                               "raise semisup.unlabeled_batch_ratio or the batch size")
 
     def update(self) -> None:
         self.teacher.update(self.trainer.network)
