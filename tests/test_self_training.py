@@ -348,3 +348,16 @@ def test_teacher_dice_counts_leave_out_excluded_pixels_and_absent_classes():
     # class 1: 2 / 3; class 2: only a false positive, 0; class 3 in neither: left out of the mean
     assert mean_dice(counts) == pytest.approx((2 / 3 + 0) / 2)
     assert math.isnan(mean_dice(class_counts(predicted * 0, target * 0, [1])))
+
+
+def test_with_batch_dice_the_self_training_terms_keep_every_image_at_the_same_value():
+    """Batch Dice sums over the batch, where an image without a kept pixel adds nothing: keeping it changes
+    no value, and under DDP every rank then gathers sums of the same shape."""
+    logits = randn(12, 3, 3, 4, 4)
+    labels = torch.randint(0, 3, (3, 4, 4), generator=torch.Generator().manual_seed(1))
+    labels[2] = EXCLUDED
+    self_training = SelfTraining.__new__(SelfTraining)
+    self_training._loss = MaskedSegmentationLoss(True)
+    inputs = SimpleNamespace(student=SimpleNamespace(labels=labels, from_labeled=torch.zeros(3, 4, 4, dtype=torch.bool)),
+                             joint=SimpleNamespace(outputs=[logits]))
+    assert torch.allclose(self_training.pseudo_label_loss(inputs), MaskedSegmentationLoss(True)(logits[:2], labels[:2]))

@@ -52,6 +52,7 @@ class MaskedSegmentationLoss(nn.Module):
         dice = {"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": ddp}
         loss = DC_and_CE_loss(dice, {}, weight_ce=1, weight_dice=1, ignore_label=EXCLUDED,
                               dice_class=MemoryEfficientSoftDiceLoss)
+        self.batch_dice = batch_dice
         self.gathers = ddp and batch_dice  # nnU-Net's batch Dice all-gathers its sums across ranks
         self.deep_supervision = deep_supervision_weights is not None
         self.loss = DeepSupervisionWrapper(loss, deep_supervision_weights) if self.deep_supervision else loss

@@ -138,7 +138,7 @@ class SelfTraining:
         weight. Batch Dice sums over the batch, where such an image adds nothing, and under DDP gathers
         its sums from every rank: all images stay, so that every rank gathers the same shapes."""
         labels = torch.where(pixels, inputs.student.labels, EXCLUDED)
-        if self.trainer.configuration_manager.batch_dice:
+        if self.loss.batch_dice:
             return sum(self.loss(output, labels) for output in inputs.joint.outputs)
         images = (labels != EXCLUDED).flatten(1).any(1)
         return sum(self.loss(batch_part(output, images), labels[images]) for output in inputs.joint.outputs)
