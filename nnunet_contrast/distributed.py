@@ -11,7 +11,7 @@ local, gradients flow back to the rank that computed each candidate, as lightly'
 ``gather_distributed``), and normalise with ``global_mean``. Without an initialised process group every
 helper is the identity of one process.
 """
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -36,22 +36,31 @@ class _GatherWithGrad(torch.autograd.Function):
     receives the sum over ranks of the gradient of its own rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        sizes = gather_sizes(x.shape[0], x.device)
-        ctx.start, ctx.size = sum(sizes[:rank()]), x.shape[0]
+    def forward(ctx, x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        ctx.rows = own_rows(sizes)
         return _gather_padded(x, sizes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()  # autograd may own the incoming buffer (a slice of cat's)
         dist.all_reduce(grad)  # every rank's loss reads every rank's rows
-        return grad[ctx.start:ctx.start + ctx.size]
+        return grad[ctx.rows], None
 
 
 def gather_sizes(size: int, device: torch.device) -> List[int]:
+    """Every rank's number of rows, in rank order (``[size]`` on one process): gather them once for the
+    tensors of one batch, and pass them to ``gather_with_grad``, ``gather`` and ``own_rows``."""
+    if not is_distributed():
+        return [size]
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device))
     return [int(s) for s in sizes]
+
+
+def own_rows(sizes: List[int]) -> slice:
+    """This rank's rows in a tensor gathered with ``sizes``."""
+    start = sum(sizes[:rank()])
+    return slice(start, start + sizes[rank()])
 
 
 def _gather_padded(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
@@ -63,21 +72,19 @@ def _gather_padded(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(n, ...) -> (sum of every rank's n, ...), in rank order, differentiable; ``x`` itself on one process."""
-    return _GatherWithGrad.apply(x) if is_distributed() else x
+def gather_with_grad(x: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
+    """(n, ...) -> (sum of every rank's n, ...), in rank order, differentiable; ``x`` itself on one process.
+    ``sizes``: every rank's n (``gather_sizes``), gathered here when not given."""
+    if not is_distributed():
+        return x
+    return _GatherWithGrad.apply(x, sizes or gather_sizes(x.shape[0], x.device))
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
+def gather(x: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
     """As ``gather_with_grad``, without gradient (labels, indices)."""
     if not is_distributed():
         return x
-    return _gather_padded(x.detach(), gather_sizes(x.shape[0], x.device))
-
-
-def rank_offset(size: int, device: torch.device) -> int:
-    """Where this rank's rows start in the gathered tensor."""
-    return sum(gather_sizes(size, device)[:rank()]) if is_distributed() else 0
+    return _gather_padded(x.detach(), sizes or gather_sizes(x.shape[0], x.device))
 
 
 def summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

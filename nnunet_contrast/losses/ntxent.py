@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_contrast.distributed import gather, gather_with_grad, global_mean, is_distributed, rank_offset
+from nnunet_contrast.distributed import gather, gather_sizes, gather_with_grad, global_mean, is_distributed, own_rows
 
 
 class NTXentLoss(nn.Module):
@@ -59,13 +59,14 @@ class NTXentLoss(nn.Module):
         z1 = F.normalize(z1.float(), dim=1)
         batch = z0.shape[0]
         distributed = self.gather_distributed and is_distributed()
-        offset = rank_offset(batch, z0.device) if distributed else 0
+        sizes = gather_sizes(batch, z0.device) if distributed else [batch]
+        offset = own_rows(sizes).start if distributed else 0
         # default: one group per image, numbered across processes; given groups are global ids
         groups = torch.arange(batch, device=z0.device) + offset if groups is None else groups.to(z0.device)
         groups = groups.long()
         all0, all1, all_groups = z0, z1, groups
         if distributed:
-            all0, all1, all_groups = gather_with_grad(z0), gather_with_grad(z1), gather(groups)
+            all0, all1, all_groups = gather_with_grad(z0, sizes), gather_with_grad(z1, sizes), gather(groups, sizes)
         total = all0.shape[0]
         anchors = torch.cat([z0, z1], dim=0)                            # (2B, D)
         candidates = torch.cat([all0, all1], dim=0)                     # (2BW, D)

@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunet_contrast.data.pixel_selection import block_pixels, stride_pixels
-from nnunet_contrast.distributed import gather, gather_with_grad, global_mean, is_distributed, rank_offset, summed_over_ranks, world_size
+from nnunet_contrast.distributed import (gather, gather_sizes, gather_with_grad, global_mean, is_distributed, own_rows,
+                                         summed_over_ranks, world_size)
 
 FORMS = ("supcon", "paper")
 MODES = ("block", "stride", "exact", "full")
@@ -156,8 +157,8 @@ class SupConLocalLoss(nn.Module):
         """(candidates, their labels, the rows of this rank's anchors): every rank's pixels under DDP."""
         if not self.distributed:
             return feats, labs, None
-        start = rank_offset(len(feats), feats.device)
-        return gather_with_grad(feats), gather(labs), slice(start, start + len(feats))
+        sizes = gather_sizes(len(feats), feats.device)
+        return gather_with_grad(feats, sizes), gather(labs, sizes), own_rows(sizes)
 
     def _mean_over_groups(self, groups) -> torch.Tensor:
         """The mean over block positions that hold an anchor (on any rank) of each position's loss."""

@@ -217,15 +217,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extras(self) -> dict:
         """What we add to nnU-Net's checkpoint under the key ``nnunet_contrast`` (subclasses add more):
-        the random generators of this process, so that ``--c`` draws what the uninterrupted run would
-        have drawn (exactly so with in-process data loading, nnUNet_n_proc_DA=0)."""
-        states = self.rank_random_states or [random_state()]
-        return {"random_state": states[0], "rank_random_states": states}
+        the random generators of every rank (gathered by ``save_checkpoint``), so that ``--c`` draws what
+        the uninterrupted run would have drawn (exactly so with in-process data loading, nnUNet_n_proc_DA=0)."""
+        return {"rank_random_states": self.rank_random_states}
 
     def restore_extras(self, extras: dict, current_epoch: int) -> None:
         """Runs before nnU-Net restores weights and optimizer state from a checkpoint; each rank takes
         its own random state back (none from a checkpoint of another number of ranks)."""
-        states = extras.get("rank_random_states") or [extras.get("random_state")]
+        states = extras.get("rank_random_states") or [extras.get("random_state")]  # or a checkpoint of before DDP
         self.resumed_random_state = states[self.local_rank] if len(states) == world_size() else None
 
     def save_checkpoint(self, filename: str) -> None:
