@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+from typing import Optional
 
 import pytest
 import torch
@@ -396,6 +397,62 @@ def test_msd_folder_must_exist_and_be_a_task(tmp_path, capsys):
 def test_report_without_results_says_what_to_run(tmp_path, capsys):
     assert main(["report", "--workdir", str(tmp_path)]) == 2
     assert "run 'nnunet-contrast benchmark'" in capsys.readouterr().err
+
+
+def benchmark_on_another_kind(tmp_path, msd, name: str, cpu: Optional[str], baseline_shift: float):
+    """The same benchmark in work folder ``name``, its records rewritten as if trained on processor ``cpu``
+    (None: a record of a version that did not name it), a day later, with the baseline ``baseline_shift``
+    better: the floating-point difference of another kind."""
+    benchmark = Benchmark(tmp_path / name, msd, trainers=TRAINERS, fractions=["0.05"], folds=[0, 1])
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    for path in (benchmark.workdir / "results").glob("*/*.json"):
+        record = json.loads(path.read_text())
+        record["environment"].update(cpu=cpu, date="2999-01-01T00:00:00")
+        if cpu is None:
+            del record["environment"]["cpu"]
+        if record["trainer"] == BASELINE and not record["upper_bound"]:
+            record["foreground_dice"] += baseline_shift
+        path.write_text(json.dumps(record))
+    return benchmark
+
+
+def test_a_report_over_processor_kinds_pairs_each_run_within_its_kind(tmp_path, msd, capsys):
+    here = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0])
+    execute(here.steps(), {}, runner=FakeRunner(here), out=lambda line: None)
+    benchmark_on_another_kind(tmp_path, msd, "other", "Other CPU, torch kernels AVX2", baseline_shift=0.01)
+    assert main(["report", "--workdir", str(here.workdir), "--also", str(tmp_path / "other")]) == 0
+    report = (here.workdir / "report" / "report.md").read_text()
+    assert f"K1 = {environment()['cpu']}; K2 = Other CPU, torch kernels AVX2" in report
+    cross = next(line for line in report.split("Difference to")[1].splitlines() if "CrossLevel" in line)
+    # fold 0 gains 0.02 on K1; on K2 the baseline is 0.01 better: 0.01; fold 1 (0.04) ran on K2 only
+    assert "+0.020 ± 0.010 (n=3): f0/K1 +0.020, f0/K2 +0.010, f1/K2 +0.030" in cross
+    by_fold = next(line for line in report.split("By fold")[1].splitlines() if "CrossLevel" in line)
+    assert "(n=2): f0 +0.015, f1 +0.030; gap closed" in by_fold  # f0: (0.02 + 0.01) / 2
+    spread = next(line for line in report.split("several processor kinds (floating")[1].splitlines()
+                  if line.startswith(f"| {BASELINE} at 0.05"))
+    assert "f0 0.0100 (2 kinds)" in spread and spread.endswith(f"| {0.01 / 2 ** 0.5:.4f} |")
+    assert "(2 folds, 3 runs)" in report and "| f0/K2 |" in report
+    assert list((here.workdir / "report" / "curves").glob(f"*/{BASELINE}_fold0_K2.png"))
+    assert "K1" not in write_report(tmp_path / "other").read_text()  # one kind alone: no kind names
+
+
+def test_records_that_name_no_processor_are_one_kind_per_work_folder(tmp_path, msd):
+    first = benchmark_on_another_kind(tmp_path, msd, "first", None, baseline_shift=0.0)
+    benchmark_on_another_kind(tmp_path, msd, "second", None, baseline_shift=0.01)
+    report = write_report(first.workdir, [tmp_path / "second"]).read_text()
+    assert "K1 = processor not recorded (first); K2 = processor not recorded (second)" in report
+
+
+def test_a_report_refuses_an_empty_also_folder_and_the_same_kind_twice(tmp_path, msd, capsys):
+    here = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0])
+    execute(here.steps(), {}, runner=FakeRunner(here), out=lambda line: None)
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--workdir", str(here.workdir), "--also", str(tmp_path / "empty")]) == 2
+    assert "--also" in capsys.readouterr().err and not (here.workdir / "report").exists()
+    twin = make_benchmark(tmp_path / "twin", msd, fractions=["0.05"], folds=[0])
+    execute(twin.steps(), {}, runner=FakeRunner(twin), out=lambda line: None)
+    with pytest.raises(UserInputError, match="report each work folder of one processor kind once"):
+        write_report(here.workdir, [twin.workdir])
 
 
 # ----------------------------------------------------------------------------- the maintainers' recipe

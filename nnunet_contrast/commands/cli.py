@@ -122,8 +122,10 @@ def cmd_report(args) -> None:
     from nnunet_contrast.commands.benchmark.records import write_csv
     from nnunet_contrast.commands.benchmark.report import write_report
 
-    path = write_report(Path(args.workdir))
-    print(f"wrote {path} and {write_csv(Path(args.workdir))}")
+    workdir = Path(args.workdir)
+    path = write_report(workdir, [Path(a) for a in args.also or []])
+    own = f" and {write_csv(workdir)}" if (workdir / "results").is_dir() else ""
+    print(f"wrote {path}{own}")
 
 
 def cmd_embed(args) -> None:
@@ -227,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("report", help="tables, plots and training curves of a benchmark from its result files")
-    p.add_argument("--workdir", required=True, help="the benchmark's work folder")
+    p.add_argument("--workdir", required=True, help="the benchmark's work folder (the report goes to its report/)")
+    p.add_argument("--also", nargs="+", metavar="WORKDIR",
+                   help="work folders of the same benchmark on other processor kinds, reported beside this one's "
+                        "runs (paired only within a kind: a seeded run repeats on one kind, not across kinds)")
     p.set_defaults(func=cmd_report)
     return parser
 

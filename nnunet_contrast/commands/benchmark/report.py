@@ -5,11 +5,16 @@ share a table: the Dice table (method x labelled fraction, mean and standard dev
 difference to ``nnUNetTrainerLabeledOnly`` on the same fraction and fold, the same per validation case
 with a bootstrap interval, the training cost, a PNG of Dice against the labelled fraction and each
 run's training curves.
+
+A seeded run repeats to the digit on one kind of processor but not across kinds (docs/BENCHMARKS.md),
+so a run is a *repeat*: its fold and its processor kind. Records of several kinds (``--also`` work
+folders) share one section; a method is paired with the baseline only on the same fold and kind, and
+with several kinds each repeat is named ``f0/K2`` and a by-fold table averages each fold's kinds first.
 """
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from nnunet_contrast.commands.benchmark.records import load_records
 from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE
@@ -18,6 +23,46 @@ from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure
 
 UPPER_BOUND_NAME = "nnU-Net, all labels (LabeledOnly at 1.0)"
+Repeat = Tuple[int, str]  # (fold, short name of the processor kind; "" when the records share one kind)
+
+
+def report_records(workdir: Path, also: Iterable[Path] = ()) -> List[dict]:
+    """The records of ``workdir`` and of each work folder in ``also``. Records written before they named
+    the processor take their folder's name as their kind: one work folder was trained on one machine."""
+    records = []
+    for folder in [Path(workdir), *map(Path, also)]:
+        if folder != Path(workdir) and not load_records(folder):
+            raise UserInputError(f"--also {folder} holds no finished runs (no results/*/*.json): pass the work "
+                                 "folder of a benchmark")
+        records += [r if r["environment"].get("cpu") else dict(r, kind=f"processor not recorded ({folder.name})")
+                    for r in load_records(folder)]
+    return records
+
+
+def kind(record: dict) -> str:
+    return record.get("kind") or record["environment"].get("cpu") or "processor not recorded"
+
+
+def kind_names(records: Sequence[dict]) -> Dict[str, str]:
+    """Processor kind -> K1, K2, ... in the order of their first run; {} when all records share one kind."""
+    names: Dict[str, str] = {}
+    for r in sorted(records, key=lambda r: r["environment"]["date"]):
+        names.setdefault(kind(r), f"K{len(names) + 1}")
+    return names if len(names) > 1 else {}
+
+
+def repeat_label(key) -> str:
+    """``f0`` for a fold (or a repeat on the only kind), ``f0/K2`` for a repeat on one of several kinds."""
+    fold, short = key if isinstance(key, tuple) else (key, "")
+    return f"f{fold}/{short}" if short else f"f{fold}"
+
+
+def repeats_text(keys: Iterable) -> str:
+    """``2 folds``, or ``2 folds, 3 runs`` where a fold ran on several processor kinds."""
+    keys = list(keys)
+    folds = len({key[0] if isinstance(key, tuple) else key for key in keys})
+    text = f"{folds} fold{'s' * (folds != 1)}"
+    return text if folds == len(keys) else f"{text}, {len(keys)} runs"
 
 
 def group_records(records: Sequence[dict]) -> Dict[tuple, List[dict]]:
@@ -50,11 +95,16 @@ def mean_labelled_cases(records: Sequence[dict], fraction: str) -> float:
     return statistics.mean(r["labelled_cases"] for r in records if r["fraction"] == fraction)
 
 
-def by_cell(records: Sequence[dict]) -> Dict[tuple, Dict[int, dict]]:
-    """(trainer, fraction) -> fold -> record."""
-    cells: Dict[tuple, Dict[int, dict]] = defaultdict(dict)
+def by_cell(records: Sequence[dict]) -> Dict[tuple, Dict[Repeat, dict]]:
+    """(trainer, fraction) -> repeat (fold, kind) -> record."""
+    names = kind_names(records)
+    cells: Dict[tuple, Dict[Repeat, dict]] = defaultdict(dict)
     for r in records:
-        cells[(r["trainer"], r["fraction"])][r["fold"]] = r
+        repeat = (r["fold"], names.get(kind(r), ""))
+        if repeat in cells[(r["trainer"], r["fraction"])]:
+            raise UserInputError(f"two records of {r['trainer']} at {r['fraction']}, {repeat_label(repeat)} on "
+                                 f"{kind(r)}: report each work folder of one processor kind once")
+        cells[(r["trainer"], r["fraction"])][repeat] = r
     return cells
 
 
@@ -82,54 +132,100 @@ def labelled_counts(cells: Dict[tuple, Dict[int, dict]], fraction: str) -> str:
     return "/".join(str(c) for c in counts)
 
 
-def paired(cells: Dict[tuple, Dict[int, dict]], trainer: str, fraction: str, reference: tuple) -> Dict[int, tuple]:
-    """Fold -> (the trainer's Dice, the reference cell's Dice) on the folds both have."""
+def paired(cells: Dict[tuple, Dict[Repeat, dict]], trainer: str, fraction: str, reference: tuple) -> Dict[Repeat, tuple]:
+    """Repeat -> (the trainer's Dice, the reference cell's Dice) on the repeats (fold and kind) both have."""
     ours, theirs = cells.get((trainer, fraction), {}), cells.get(reference, {})
     return {k: (ours[k]["foreground_dice"], theirs[k]["foreground_dice"]) for k in sorted(set(ours) & set(theirs))}
 
 
-def with_folds(values: Dict[int, float], signed: bool = True) -> str:
-    """``mean ± sd (n=3): fold 0 +0.010, fold 1 ...`` (folds listed from two on)."""
+def with_folds(values: Dict, signed: bool = True) -> str:
+    """``mean ± sd (n=3): f0 +0.010, f1 ...`` (repeats or folds listed from two on)."""
     text = mean_spread(list(values.values()), signed=signed)
     if len(values) > 1:
-        text += ": " + ", ".join(f"f{k} {v:{'+' if signed else ''}.3f}" for k, v in values.items())
+        text += ": " + ", ".join(f"{repeat_label(k)} {v:{'+' if signed else ''}.3f}" for k, v in values.items())
     return text
 
 
-def delta_table(records: Sequence[dict]) -> List[str]:
-    """Per-fold paired difference to the baseline at the same fraction: its mean, spread and each fold's."""
+def fold_means(values: Dict[Repeat, float]) -> Dict[int, float]:
+    """Fold -> the mean over that fold's processor kinds."""
+    folds = defaultdict(list)
+    for (fold, _), value in sorted(values.items()):
+        folds[fold].append(value)
+    return {fold: statistics.mean(v) for fold, v in folds.items()}
+
+
+def gains(cells: Dict[tuple, Dict[Repeat, dict]], trainer: str, fraction: str) -> Dict[Repeat, float]:
+    """Repeat -> the trainer's Dice minus the baseline's at the same fraction, fold and kind."""
+    return {k: a - b for k, (a, b) in paired(cells, trainer, fraction, (BASELINE, fraction)).items()}
+
+
+def gap_shares(cells: Dict[tuple, Dict[Repeat, dict]], trainer: str, fraction: str) -> Dict[Repeat, float]:
+    """Repeat -> (method - baseline) / (upper - baseline), the share of the gap to all labels closed, on the
+    repeats that have an upper bound above the baseline."""
+    upper = {k: r["foreground_dice"] for k, r in cells.get((BASELINE, ALL_LABELS), {}).items()}
+    return {k: (a - b) / (upper[k] - b) for k, (a, b) in paired(cells, trainer, fraction, (BASELINE, fraction)).items()
+            if k in upper and upper[k] > b}
+
+
+def method_table(records: Sequence[dict], cell_text) -> List[str]:
+    """Methods (not the baseline) x fractions, each cell ``cell_text(cells, trainer, fraction)``."""
     fractions, cells = fraction_order(records), by_cell(records)
-    if not fractions:
-        return ["(no method runs yet)"]
     lines = [table_row("method", fractions), "|---" * (len(fractions) + 1) + "|"]
-    for trainer in method_order(records):
-        if trainer == BASELINE:
-            continue
-        values = [with_folds({k: a - b for k, (a, b) in paired(cells, trainer, f, (BASELINE, f)).items()})
-                  for f in fractions]
-        lines.append(table_row(trainer, values))
-    return lines
+    return lines + [table_row(trainer, [cell_text(cells, trainer, f) for f in fractions])
+                    for trainer in method_order(records) if trainer != BASELINE]
+
+
+def delta_table(records: Sequence[dict]) -> List[str]:
+    """Paired difference to the baseline at the same fraction: its mean, spread and each repeat's."""
+    if not fraction_order(records):
+        return ["(no method runs yet)"]
+    return method_table(records, lambda cells, trainer, f: with_folds(gains(cells, trainer, f)))
 
 
 def gap_table(records: Sequence[dict]) -> List[str]:
     """Share of the gap between the baseline and the upper bound (all labels) that a method closes,
-    (method - baseline) / (upper - baseline) per fold, then its mean over folds."""
-    fractions, cells = fraction_order(records), by_cell(records)
-    upper = {k: r["foreground_dice"] for k, r in cells.get((BASELINE, ALL_LABELS), {}).items()}
-    if not upper or not fractions:
+    per repeat, then its mean."""
+    if not by_cell(records).get((BASELINE, ALL_LABELS)) or not fraction_order(records):
         return []
-    lines = [table_row("method", fractions), "|---" * (len(fractions) + 1) + "|"]
-    for trainer in method_order(records):
-        if trainer == BASELINE:
-            continue
-        values = []
-        for f in fractions:
-            shares = {k: (a - b) / (upper[k] - b) for k, (a, b) in paired(cells, trainer, f, (BASELINE, f)).items()
-                      if k in upper and upper[k] > b}
-            values.append(with_folds(shares))
-        lines.append(table_row(trainer, values))
-    return [f"Share of the gap between {BASELINE} and all labels that the method closes, per fold "
-            "(1: as good as all labels; negative: worse than the baseline):", "", *lines, ""]
+    return [f"Share of the gap between {BASELINE} and all labels that the method closes, per "
+            f"{'fold and processor kind' if kind_names(records) else 'fold'} "
+            "(1: as good as all labels; negative: worse than the baseline):", "",
+            *method_table(records, lambda cells, trainer, f: with_folds(gap_shares(cells, trainer, f))), ""]
+
+
+def kind_spread_table(records: Sequence[dict]) -> List[str]:
+    """The same seeded run (trainer, fraction, fold) on several processor kinds: its range over the kinds per
+    fold, and the standard deviation pooled over folds, a measurement of run-to-run noise."""
+    cells, rows = by_cell(records), []
+    for (trainer, fraction), repeats in sorted(cells.items(), key=lambda item: (item[0][0] != BASELINE, item[0])):
+        folds = defaultdict(list)
+        for (fold, _), r in sorted(repeats.items()):
+            folds[fold].append(r["foreground_dice"])
+        folds = {fold: values for fold, values in folds.items() if len(values) > 1}
+        if folds:
+            pooled = statistics.mean(statistics.variance(v) for v in folds.values()) ** 0.5
+            ranges = ", ".join(f"f{fold} {max(v) - min(v):.4f} ({len(v)} kinds)" for fold, v in folds.items())
+            rows.append(table_row(f"{trainer} at {fraction}", [ranges, f"{pooled:.4f}"]))
+    if not rows:
+        return []
+    return ["The same seeded run on several processor kinds (floating-point differences alone): Dice range per "
+            "fold, and the standard deviation pooled over folds:", "",
+            table_row("run", ["max - min over kinds", "pooled sd"]), "|---|---|---|", *rows, ""]
+
+
+def fold_table(records: Sequence[dict]) -> List[str]:
+    """With several processor kinds: each fold's paired difference and gap share averaged over its kinds,
+    then over folds, so a fold counts once however many kinds ran it."""
+    if not kind_names(records) or not fraction_order(records):
+        return []
+
+    def cell_text(cells, trainer, f):
+        text = with_folds(fold_means(gains(cells, trainer, f)))
+        shares = fold_means(gap_shares(cells, trainer, f))
+        return text + (f"; gap closed {with_folds(shares)}" if shares else "")
+
+    return ["By fold (each fold's repeats on several processor kinds averaged first): the difference to "
+            f"{BASELINE}, then the share of the gap to all labels closed:", "", *method_table(records, cell_text), ""]
 
 
 MIN_CASES_FOR_INTERVAL = 10  # a percentile bootstrap of fewer cases gives too narrow an interval
@@ -143,9 +239,9 @@ def case_rows(records: Sequence[dict]) -> List[tuple]:
             for trainer in method_order(records) if trainer != BASELINE]
 
 
-def case_differences(baseline: Dict[int, dict], method: Dict[int, dict]) -> Dict[int, List[float]]:
-    """Fold -> the method's minus the baseline's Dice of each validation case both records score, paired
-    by case name (folds whose records hold no per-case Dice are left out)."""
+def case_differences(baseline: Dict[Repeat, dict], method: Dict[Repeat, dict]) -> Dict[Repeat, List[float]]:
+    """Repeat -> the method's minus the baseline's Dice of each validation case both records score, paired
+    by case name (repeats whose records hold no per-case Dice are left out)."""
     diffs = {}
     for fold in sorted(set(baseline) & set(method)):
         base, ours = baseline[fold].get("case_dice"), method[fold].get("case_dice")
@@ -164,7 +260,7 @@ def case_difference(ours: Dict[str, float], base: Dict[str, float]) -> Optional[
     return sum(diffs) / len(diffs) if diffs else None
 
 
-def interval_text(diffs_by_fold: Dict[int, List[float]], resamples: int = 10000) -> str:
+def interval_text(diffs_by_fold: Dict, resamples: int = 10000) -> str:
     """``+0.003 [-0.002, +0.008], better 29 / worse 23 of 52 cases (1 fold)``: the mean, a seeded
     bootstrap 95 % interval that resamples cases within each fold, and the cases won and lost."""
     import numpy as np
@@ -182,16 +278,18 @@ def interval_text(diffs_by_fold: Dict[int, List[float]], resamples: int = 10000)
         low, high = np.percentile(sums / values.size, [2.5, 97.5])
         text += f" [{low:+.3f}, {high:+.3f}]"
     return (text + f", better {int((values > 0).sum())} / worse {int((values < 0).sum())} of {values.size} cases "
-            f"({len(diffs_by_fold)} fold{'s' * (len(diffs_by_fold) != 1)})")
+            f"({repeats_text(diffs_by_fold)})")
 
 
 def cost_table(records: Sequence[dict]) -> List[str]:
     lines = ["| method | fraction | fold | epochs | wall time (s) | sum of epoch times (s) | s per iteration "
              "(last stage) |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], r["fold"])):
+    names = kind_names(records)
+    for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], r["fold"], names.get(kind(r), ""))):
         wall = "" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"
         wall += f" + {r['stopped_calls']} killed call(s)" if r.get("stopped_calls") else ""
-        lines.append(f"| {r['trainer']} | {r['fraction']} | {r['fold']} | {r['epochs']} | {wall} | "
+        repeat = repeat_label((r["fold"], names.get(kind(r), "")))
+        lines.append(f"| {r['trainer']} | {r['fraction']} | {repeat} | {r['epochs']} | {wall} | "
                      f"{r['training_seconds']:.0f} | {r['seconds_per_iteration']:.3f} |")
     return lines
 
@@ -266,11 +364,15 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
     env = first["environment"]
     plot = folder / f"dice_vs_labels_{first['budget_digest']}_seed{first['split_seed']}_{first['device']}.png"
     plot_dice(records, plot)
+    names = kind_names(records)
     for r in records:
-        plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}.png")
+        suffix = f"_{names[kind(r)]}" if names else ""
+        plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}{suffix}.png")
     # the processor kind matters: a seeded run repeats on one kind, not across kinds (docs/BENCHMARKS.md)
     machines = sorted({", ".join(filter(None, (r["environment"]["machine"], r["environment"].get("cpu"))))
                        for r in records})
+    kinds = (["Processor kinds (a method is paired with the baseline only on the same fold and kind): "
+              + "; ".join(f"{short} = {name}" for name, short in names.items()) + ".", ""] if names else [])
     commits = sorted({r["environment"]["commit"] or r["environment"]["nnunet_contrast"] for r in records})
     validation = sorted({(r["fold"], r["validation_cases"]) for r in records})
     return [f"## Budget `{first['budget_preset']}` (digest {first['budget_digest']}), split seed "
@@ -279,23 +381,25 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
             f"torch {env['torch']}, nnunetv2 {env['nnunetv2']}, nnunet-contrast {', '.join(commits)}. Runs "
             f"finished between {min(r['environment']['date'] for r in records)} and "
             f"{max(r['environment']['date'] for r in records)}. Scores: nnU-Net's validation of each fold ("
-            + ", ".join(f"fold {fold}: {n} cases" for fold, n in validation) + ").", "",
-            "Mean foreground Dice:", "", *dice_table(records), "",
-            f"Difference to {BASELINE} on the same fraction and fold (mean ± standard deviation over folds: "
-            "each fold's):", "", *delta_table(records), "",
-            *gap_table(records), *case_section(records),
+            + ", ".join(f"fold {fold}: {n} cases" for fold, n in validation) + ").", "", *kinds,
+            f"Mean foreground Dice (over {'repeats: rows with other repeats do not compare, the paired tables do' if names else 'folds'}):", "", *dice_table(records), "",
+            f"Difference to {BASELINE} on the same fraction and {'fold and kind' if names else 'fold'} (mean ± "
+            f"standard deviation over {'repeats' if names else 'folds'}: each one's):", "", *delta_table(records), "",
+            *gap_table(records), *fold_table(records), *kind_spread_table(records), *case_section(records),
             f"![Dice against labelled fraction]({plot.name})", "",
             "Cost:", "", *cost_table(records), ""]
 
 
-def write_report(workdir: Path) -> Path:
-    records = load_records(workdir)
+def write_report(workdir: Path, also: Iterable[Path] = ()) -> Path:
+    """``workdir``/report/report.md from the records of ``workdir`` and of the work folders ``also``."""
+    records = report_records(workdir, also)
     if not records:
         raise UserInputError(f"no finished runs in {Path(workdir) / 'results'}: run 'nnunet-contrast benchmark' "
                              f"with this --workdir first")
     folder = Path(workdir) / "report"
     lines = ["# nnunet-contrast benchmark report", "",
-             "Generated by `nnunet-contrast report` from the result files of this work folder.", ""]
+             "Generated by `nnunet-contrast report` from the result files of this work folder"
+             + "".join(f", of {Path(a).name}" for a in also) + ".", ""]
     for _, group in sorted(group_records(records).items()):
         lines += section(group, folder)
     path = folder / "report.md"
