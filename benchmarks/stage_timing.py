@@ -172,8 +172,10 @@ def main():
             times[name].append(seconds_per_iteration(setup(), args.iterations))
     reference = statistics.median(times["LabeledOnly (nnU-Net step)"])
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"CPU; date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    from nnunet_contrast.commands.benchmark.records import cpu_description, source_commit
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, {cpu_description(torch)}, "
+          f"torch {torch.__version__}, CPU; commit: {source_commit() or 'not a git checkout'}; "
+          f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"batch {args.batch} labelled patches; SupConLocal global adds {baseline.unlabeled_batch_size} "
           f"unlabelled images and its local stage uses {supcon['local_images']} labelled images x 2 views; "
           f"PseudoLabelContrast joint adds {baseline.unlabeled_batch_size} unlabelled images; GlobalLocalContrast "
