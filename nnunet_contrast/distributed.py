@@ -142,13 +142,26 @@ def gather_objects(value) -> list:
     return values
 
 
-def rank_share(global_size: int) -> int:
-    """This rank's part of a global batch size, split as nnU-Net splits its own (the first ranks take
-    one more when it does not divide); the whole size on one process."""
+def rank_sizes(global_size: int) -> List[int]:
+    """Every rank's part of a global batch size, split as nnU-Net splits its own (the first ranks take one
+    more when it does not divide); ``[global_size]`` on one process."""
     ranks = world_size()
     if global_size < ranks:
         raise ValueError(f"a batch of {global_size} cannot be split over {ranks} processes")
-    return global_size // ranks + (1 if rank() < global_size % ranks else 0)
+    return [global_size // ranks + (1 if r < global_size % ranks else 0) for r in range(ranks)]
+
+
+def rank_share(global_size: int) -> int:
+    """This rank's part of a global batch size (``rank_sizes``)."""
+    return rank_sizes(global_size)[rank()]
+
+
+def rank_tail(global_size: int, count: int) -> int:
+    """How many of the last ``count`` items of a global batch (the ranks' parts in rank order, as nnU-Net
+    lays out its foreground-oversampled crops) are this rank's: the last ones of its part, maybe none."""
+    sizes = rank_sizes(global_size)
+    end = sum(sizes[:rank() + 1])
+    return max(0, min(sizes[rank()], end - (global_size - count)))
 
 
 def rank_seed(seed: int) -> int:

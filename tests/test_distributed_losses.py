@@ -110,3 +110,23 @@ def test_a_rank_without_any_kept_pixel_still_takes_part_in_the_gathered_dice(tmp
     assert torch.isfinite(loss0) and torch.isfinite(loss1) and grad0.abs().sum() > 0
     # rank 1's pixels carry no target: its images get no gradient, and its loss is the gathered Dice alone
     assert torch.all(grad1 == 0)
+
+
+def test_rank_tail_gives_each_rank_its_part_of_the_global_batchs_last_items(monkeypatch):
+    import nnunet_contrast.distributed as distributed
+
+    def on_ranks(world, function):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        results = []
+        for r in range(world):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            results.append(function())
+        return results
+
+    assert on_ranks(1, lambda: distributed.rank_tail(16, 8)) == [8]
+    assert on_ranks(2, lambda: distributed.rank_tail(16, 8)) == [0, 8]  # the oversampled crops are rank 1's
+    assert on_ranks(2, lambda: distributed.rank_tail(16, 12)) == [4, 8]
+    assert on_ranks(3, lambda: distributed.rank_sizes(5)) == [[2, 2, 1]] * 3  # nnU-Net's split: first ranks + 1
+    assert on_ranks(3, lambda: distributed.rank_tail(5, 2)) == [0, 1, 1]
+    assert on_ranks(2, lambda: distributed.rank_tail(4, 9)) == [2, 2]  # more than the batch: all of it
+    assert on_ranks(2, lambda: distributed.rank_share(5)) == [3, 2]

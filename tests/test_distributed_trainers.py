@@ -5,6 +5,7 @@ the ranks wrap it without device ids, the one change to nnU-Net's path.
 One training step of each stage kind on half of a global batch per rank gives every trained parameter the
 gradient of one process on the whole batch; the ranks' network, heads and teacher stay identical over steps;
 the ranks draw different unlabelled batches."""
+import dataclasses
 import os
 from pathlib import Path
 
@@ -27,9 +28,20 @@ DETERMINISTIC = ["nnunet_contrast.supconlocal.local_images=0", "nnunet_contrast.
                  "nnunet_contrast.selftraining.confidence_threshold=0.0", "nnunet_contrast.run.seed=0"]
 STAGES = [("nnUNetTrainerSupConLocal", "global"),  # pretraining: NT-Xent gathered over ranks, encoder and head
           ("nnUNetTrainerSupConLocal", "local"),   # supervised local contrast gathered, network and dense head
+          # the last local_images of the global batch of 4: both on rank 1 (rank 0 joins with none), then 2 + 1
+          ("nnUNetTrainerSupConLocal", "local", "local_images=2"),
+          ("nnUNetTrainerSupConLocal", "local", "local_images=3"),
           ("nnUNetTrainerSupConLocal", "finetune"),  # nnU-Net's own step: DDP's own hooks
           ("nnUNetTrainerIDEAL", "finetune"),  # joint: both decoders, cross pseudo-supervision on unlabelled images
           ("nnUNetTrainerSelfTraining", "selftrain")]  # EMA teacher, pseudo-labels, masked nnU-Net loss
+
+
+def with_method_setting(trainer, case: tuple):
+    """The trainer with the case's method setting (``name=value``, an int), if it names one."""
+    if len(case) > 2:
+        name, value = case[2].split("=")
+        trainer.method_settings = dataclasses.replace(trainer.method_settings, **{name: int(value)})
+    return trainer
 
 
 def cpu_ddp(module, device_ids=None, **kwargs):
@@ -88,12 +100,13 @@ def rank_steps(rank, world, env, plans, cases):
     os.environ.update(env)
     patch_for_cpu_ranks(fixed_views)
     results = {}
-    for (trainer_name, stage_name), (batch, unlabeled, weights) in cases.items():
-        trainer = make_trainer(trainer_name, plans)
+    for case, (batch, unlabeled, weights) in cases.items():
+        trainer = make_trainer(case[0], plans)
         trainer.initialize()
         trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
         half = None if unlabeled is None else split_batch({"u": unlabeled}, rank, world)["u"]
-        results[trainer_name, stage_name] = one_step(trainer, stage_name, split_batch(batch, rank, world), half, weights)
+        results[case] = one_step(with_method_setting(trainer, case), case[1], split_batch(batch, rank, world), half,
+                                 weights)
     return results
 
 
@@ -106,15 +119,16 @@ def stage_steps(hippocampus, tmp_path_factory):
     inputs, expected = {}, {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(step, "two_views", fixed_views)
-        for trainer_name, stage_name in STAGES:
-            reference = ready_trainer(trainer_name, plans)
+        for case in STAGES:
+            trainer_name, stage_name = case[:2]
+            reference = with_method_setting(ready_trainer(trainer_name, plans), case)
             stage = reference.schedule.stage(stage_name)
             batch = next(reference.stage_loader(stage))
             unlabeled = reference.next_unlabeled_images() if stage.data != "labeled" else None
             weights = {"network": {k: v.clone() for k, v in unwrap_network(reference.network).state_dict().items()},
                        "heads": {k: v.clone() for k, v in reference.heads.state_dict().items()}}
-            inputs[trainer_name, stage_name] = (batch, unlabeled, weights)
-            expected[trainer_name, stage_name] = one_step(reference, stage_name, batch, unlabeled, weights)
+            inputs[case] = (batch, unlabeled, weights)
+            expected[case] = one_step(reference, stage_name, batch, unlabeled, weights)
     ranks = run_ranks(rank_steps, tmp_path_factory.mktemp("ranks"), dict(hippocampus.env), plans, inputs)
     return expected, ranks
 

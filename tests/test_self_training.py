@@ -17,7 +17,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from loss_checks import F64, assert_finite, assert_matches, grad_of, randn
+from loss_checks import assert_finite, assert_matches, grad_of, randn
 from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, student_batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss, deep_supervision_targets
 from nnunet_contrast.settings import resolve_settings

@@ -20,7 +20,7 @@ from torch import nn
 from nnunet_contrast.data.pixel_selection import region_vectors
 from nnunet_contrast.data.slices import (PartitionDataLoader, SliceInfoDataLoader, check_partitionable, partition_of,
                                          slice_counts)
-from nnunet_contrast.distributed import rank_share
+from nnunet_contrast.distributed import rank_share, world_size
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.losses import NTXentLoss, RegionLocalLoss
 from nnunet_contrast.network.heads import DenseProjectionHead
@@ -89,9 +89,12 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         slices (G^R, L^R) or partition batches (G^D, L^D)."""
         dataset = self.all_images_dataset()
         batch_size, partitions = self.method_settings.pretrain_batch_size, self.method_settings.partitions
-        if data == ALL_IMAGES:  # under DDP each rank its part of the batch, split as nnU-Net splits its own
-            return self.build_image_loader(dataset, rank_share(batch_size), SliceInfoDataLoader)
         where = "nnunet_contrast.globallocal in the plans"
+        if data == ALL_IMAGES:  # under DDP each rank its part of the batch, split as nnU-Net splits its own
+            if batch_size < world_size():
+                raise UserInputError(f"pretrain_batch_size ({batch_size}) is split over {world_size()} GPUs: set it "
+                                     f"to at least {world_size()} ({where})")
+            return self.build_image_loader(dataset, rank_share(batch_size), SliceInfoDataLoader)
         if batch_size < 2 * partitions:  # a single volume per batch would leave G^D / L^D without negatives
             raise UserInputError(f"partition batches need at least 2 volumes: set pretrain_batch_size "
                                  f"({batch_size}) to at least {2 * partitions}, 2 x partitions ({where})")

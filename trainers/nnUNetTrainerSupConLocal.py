@@ -11,8 +11,7 @@ One nnU-Net run in three stages (lengths in ``nnunet_contrast.supconlocal`` of t
 import torch
 from torch import nn
 
-from nnunet_contrast.distributed import rank_share, world_size
-from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.distributed import rank_tail
 from nnunet_contrast.losses import NTXentLoss, SupConLocalLoss
 from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.network.taps import check_unet, decoder_channels, forward_with_decoder_features
@@ -26,15 +25,6 @@ from nnunet_contrast.training.step import StepInputs
 class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
     presets = ("base", "supconlocal_hu2021")
     method_key = "supconlocal"
-
-    @classmethod
-    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
-        settings = super().check_supported(plans_manager, configuration, dataset_json)
-        images = settings.method.local_images
-        if 0 < images < world_size():
-            raise UserInputError(f"supconlocal.local_images ({images}) is split over the {world_size()} GPUs: "
-                                 f"set it to 0 (all images) or to at least {world_size()} in the plans")
-        return settings
 
     def build_schedule(self):
         s, adam = self.method_settings, self.pretrain_optimizer()
@@ -68,15 +58,24 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
 
     def local_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
         """Eq. 2-3 on labelled images: both views keep the labels (intensity-only changes)."""
-        # the last images of nnU-Net's batch are its foreground-oversampled crops: take those (under DDP
-        # each rank its share of them, from its own batch)
-        first = -rank_share(self.method_settings.local_images) if self.method_settings.local_images else 0
-        images = inputs.batch["data"][first:].to(self.device, non_blocking=True)
-        target = inputs.batch["target"][0] if isinstance(inputs.batch["target"], list) else inputs.batch["target"]
-        target = target[first:].to(self.device, non_blocking=True)
-        view0, view1 = inputs.views(images)
+        images, target = inputs.batch["data"], inputs.batch["target"]
+        target = target[0] if isinstance(target, list) else target
+        count = self.local_image_count(len(images))
+        # a rank that holds none of them still runs one image, kept out of the loss, so that it joins the
+        # loss's gathers with features of the right shape
+        taken = max(count, 1)
+        view0, view1 = inputs.views(images[-taken:].to(self.device, non_blocking=True))
         _, features = forward_with_decoder_features(self.network, torch.cat([view0, view1]))
-        return self.local_loss(self.heads["local"](features), torch.cat([target, target]))
+        kept = torch.cat([features[taken - count:taken], features[2 * taken - count:]])
+        labels = target[len(target) - count:].to(self.device, non_blocking=True)
+        return self.local_loss(self.heads["local"](kept), torch.cat([labels, labels]))
+
+    def local_image_count(self, batch_size: int) -> int:
+        """The last ``local_images`` images of nnU-Net's batch are its foreground-oversampled crops; under
+        DDP those of the global batch, which nnU-Net lays out over the ranks in rank order: each rank takes
+        the ones that are in its part (the last ranks hold them, rank 0 maybe none)."""
+        local = self.method_settings.local_images
+        return min(rank_tail(self.configuration_manager.batch_size, local), batch_size) if local else batch_size
 
 
 class nnUNetTrainerSupConLocalSelfTraining(nnUNetTrainerSupConLocal):
