@@ -27,20 +27,22 @@ Repeat = Tuple[int, str]  # (fold, short name of the processor kind; "" when the
 
 
 def report_records(workdir: Path, also: Iterable[Path] = ()) -> List[dict]:
-    """The records of ``workdir`` and of each work folder in ``also``. Records written before they named
-    the processor take their folder's name as their kind: one work folder was trained on one machine."""
+    """The records of ``workdir`` and of each work folder in ``also``, each with the folder it came from
+    (``source``)."""
     records = []
     for folder in [Path(workdir), *map(Path, also)]:
         if folder != Path(workdir) and not load_records(folder):
             raise UserInputError(f"--also {folder} holds no finished runs (no results/*/*.json): pass the work "
                                  "folder of a benchmark")
-        records += [r if r["environment"].get("cpu") else dict(r, kind=f"processor not recorded ({folder.name})")
-                    for r in load_records(folder)]
+        records += [dict(r, source=folder) for r in load_records(folder)]
     return records
 
 
 def kind(record: dict) -> str:
-    return record.get("kind") or record["environment"].get("cpu") or "processor not recorded"
+    """The processor the run trained on. Records written before they named it take their folder's name:
+    one work folder was trained on one machine."""
+    folder = getattr(record.get("source"), "name", "this folder")
+    return record["environment"].get("cpu") or f"processor not recorded ({folder})"
 
 
 def kind_names(records: Sequence[dict]) -> Dict[str, str]:
@@ -365,9 +367,10 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
     plot = folder / f"dice_vs_labels_{first['budget_digest']}_seed{first['split_seed']}_{first['device']}.png"
     plot_dice(records, plot)
     names = kind_names(records)
-    for r in records:
-        suffix = f"_{names[kind(r)]}" if names else ""
-        plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}{suffix}.png")
+    for r in records:  # each work folder's own report draws its runs' curves
+        if r["source"] == folder.parent:
+            suffix = f"_{names[kind(r)]}" if names else ""
+            plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}{suffix}.png")
     # the processor kind matters: a seeded run repeats on one kind, not across kinds (docs/BENCHMARKS.md)
     machines = sorted({", ".join(filter(None, (r["environment"]["machine"], r["environment"].get("cpu"))))
                        for r in records})
