@@ -123,7 +123,7 @@ def cmd_report(args) -> None:
     from nnunet_contrast.commands.benchmark.report import write_report
 
     workdir = Path(args.workdir)
-    path = write_report(workdir, [Path(a) for a in args.also or []])
+    path = write_report(workdir, args.also or ())
     own = f" and {write_csv(workdir)}" if (workdir / "results").is_dir() else ""
     print(f"wrote {path}{own}")
 

@@ -31,10 +31,11 @@ def report_records(workdir: Path, also: Iterable[Path] = ()) -> List[dict]:
     (``source``)."""
     records = []
     for folder in [Path(workdir), *map(Path, also)]:
-        if folder != Path(workdir) and not load_records(folder):
+        found = load_records(folder)
+        if folder != Path(workdir) and not found:
             raise UserInputError(f"--also {folder} holds no finished runs (no results/*/*.json): pass the work "
                                  "folder of a benchmark")
-        records += [dict(r, source=folder) for r in load_records(folder)]
+        records += [dict(r, source=folder) for r in found]
     return records
 
 
