@@ -567,3 +567,8 @@ def test_a_planned_dataset_trains_in_the_users_nnunet_folders(tmp_path, monkeypa
 def test_records_name_the_processor_kind_a_seeded_run_repeats_on():
     cpu = environment()["cpu"]
     assert cpu.endswith(f"torch kernels {torch.backends.cpu.get_cpu_capability()}") and not cpu.startswith(",")
+
+
+def test_records_name_the_commit_of_the_code_that_ran():
+    """A checkout's HEAD, or the commit a regular install recorded (CI installs the clone with pip)."""
+    assert re.fullmatch(r"[0-9a-f]{7,}(-dirty)?", environment()["commit"])

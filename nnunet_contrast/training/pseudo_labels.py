@@ -9,7 +9,8 @@
   out the pixels whose softmax confidence is below a threshold.
 """
 import copy
-from typing import List, Tuple
+import itertools
+from typing import Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -46,6 +47,11 @@ def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, backgrou
     scores, present = torch.stack(scores, 1), torch.stack(present, 1)
     mean = (scores * present).sum(1) / present.sum(1).clamp(min=1)
     return torch.where(present.any(1), mean, torch.ones_like(mean))
+
+
+def tensors_of(network: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of each distinct parameter and buffer of ``network``, under its first name."""
+    return itertools.chain(network.named_parameters(), network.named_buffers())
 
 
 class FrozenNetwork:
@@ -114,8 +120,11 @@ class EmaTeacher(FrozenNetwork):
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        current = unwrap_network(student).state_dict()
-        for name, value in self.network.state_dict().items():
+        """One step of the average, over each parameter and buffer once. nnU-Net's U-Nets list one tensor
+        under several ``state_dict`` names (``.conv`` and ``.all_modules.N``, the encoder again as
+        ``decoder.encoder``); ``named_parameters`` and ``named_buffers`` name each tensor once."""
+        current = dict(tensors_of(unwrap_network(student)))
+        for name, value in tensors_of(self.network):
             if value.is_floating_point():
                 value.mul_(self.decay).add_(current[name].detach().to(value.dtype), alpha=1 - self.decay)
             else:

@@ -111,13 +111,18 @@ def cpu_description(torch) -> str:
 
 
 def source_commit() -> str:
-    """The git commit of this package's source when it is a checkout (editable installs), else ''."""
+    """The git commit of this package's source: the checkout's (source tree, editable install), else the
+    one a regular install recorded (``hatch_build.py``), else ''."""
+    package = Path(__file__).resolve().parents[2]
     try:
-        result = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty", "--abbrev=7"],
+        result = subprocess.run(["git", "-C", str(package), "describe", "--always", "--dirty", "--abbrev=7"],
                                 capture_output=True, text=True)
+        if result.returncode == 0 and (package.parent / ".git").exists():
+            return result.stdout.strip()
     except OSError:  # no git on this machine
-        return ""
-    return result.stdout.strip() if result.returncode == 0 else ""
+        pass
+    recorded = package / "COMMIT"
+    return recorded.read_text().strip() if recorded.exists() else ""
 
 
 def load_records(workdir: Path) -> List[dict]:

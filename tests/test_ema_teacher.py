@@ -1,0 +1,52 @@
+"""The EMA teacher on the networks nnU-Net builds from the embedded sample's plans (default and ResEnc M
+planner, 2d and 3d_fullres, with deep supervision). Those networks list one tensor under several
+``state_dict`` names; a toy network has no such aliases and cannot show an update applied once per name.
+
+The plans in ``tests/data`` are nnU-Net 2.8.1's own, made from the embedded sample with
+``nnUNetv2_extract_fingerprint -d 4`` and ``nnUNetv2_plan_experiment -d 4 [-pl nnUNetPlannerResEncM]``."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_contrast.training.pseudo_labels import EmaTeacher
+
+DATA = Path(__file__).parent / "data"
+PLANS = {"PlainConvUNet": "sample_nnUNetPlans.json", "ResidualEncoderUNet": "sample_nnUNetResEncUNetMPlans.json"}
+
+
+def planned_network(architecture: str, configuration: str) -> torch.nn.Module:
+    """The network nnU-Net's trainer builds for ``configuration`` of the sample's plans (deep supervision on)."""
+    plans = PlansManager(json.loads((DATA / PLANS[architecture]).read_text()))
+    dataset_json = json.loads((DATA / "sample_dataset.json").read_text())
+    config = plans.get_configuration(configuration)
+    network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
+                                     config.network_arch_init_kwargs_req_import, 1,
+                                     plans.get_label_manager(dataset_json).num_segmentation_heads,
+                                     allow_init=True, deep_supervision=True)
+    assert type(network).__name__ == architecture
+    return network
+
+
+@pytest.mark.parametrize("architecture", sorted(PLANS))
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_one_update_averages_every_tensor_once(architecture, configuration):
+    torch.manual_seed(0)
+    student = planned_network(architecture, configuration)
+    state = student.state_dict()
+    distinct = {value.data_ptr() for value in state.values()}
+    assert len(state) > len(distinct)  # the aliases this test is about
+    decay = 0.9
+    teacher = EmaTeacher(student, decay=decay, confidence_threshold=0.9)
+    with torch.no_grad():  # the student moves away from the teacher, every tensor differently
+        for value in list(student.parameters()) + [b for b in student.buffers() if b.is_floating_point()]:
+            value.add_(torch.randn_like(value))
+    before = {name: value.clone() for name, value in teacher.state_dict().items()}
+    teacher.update(student)
+    after = teacher.state_dict()
+    for name, value in student.state_dict().items():
+        expected = decay * before[name] + (1 - decay) * value if value.is_floating_point() else value
+        torch.testing.assert_close(after[name], expected, rtol=1e-6, atol=1e-6, msg=name)
