@@ -92,10 +92,14 @@ def nnunet_splits(name: str, plans: dict) -> Tuple[list, Path]:
     """nnU-Net's ``splits_final.json`` of a dataset, created exactly as nnU-Net's trainer would if absent."""
     path = preprocessed_base(name) / "splits_final.json"
     if not path.is_file():
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
-        keys = case_identifiers(configuration_data_folder(name, plans))
-        write_json_atomic(path, generate_crossval_split(keys, seed=12345, n_splits=5))
+        write_json_atomic(path, default_folds(case_identifiers(configuration_data_folder(name, plans))))
     return json.loads(path.read_text()), path
+
+
+def default_folds(case_identifiers: list) -> list:
+    """nnU-Net's 5-fold split of the cases, as its trainer creates it when ``splits_final.json`` is absent."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    return generate_crossval_split(sorted(case_identifiers), seed=12345, n_splits=5)
 
 
 def command_path(name: str) -> str:

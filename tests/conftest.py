@@ -277,3 +277,29 @@ def assert_same_optimizer_moments(first, resumed):
     assert first_state.keys() == resumed_state.keys() and len(first_state) > 0
     for index in first_state:
         torch.testing.assert_close(resumed_state[index]["exp_avg"], first_state[index]["exp_avg"])
+
+
+def assert_summary_is_the_dice_of_the_files(summary: dict, read) -> None:
+    """nnU-Net's evaluation summary holds, for each case and foreground label, the Dice that the
+    prediction and reference files give when counted here (``read(path)``: the label array); NaN where
+    neither has the label, as nnU-Net writes it. Checks that predictions are written, geometry-matched
+    label maps of the reference's classes, and that the summary is theirs."""
+    for case in summary["metric_per_case"]:
+        prediction, reference = read(case["prediction_file"]), read(case["reference_file"])
+        assert prediction.shape == reference.shape
+        assert set(np.unique(prediction)) <= {int(label) for label in case["metrics"]} | {0}
+        for label, metrics in case["metrics"].items():
+            p, r = prediction == int(label), reference == int(label)
+            denominator = p.sum() + r.sum()
+            expected = 2 * (p & r).sum() / denominator if denominator else float("nan")
+            np.testing.assert_allclose(metrics["Dice"], expected, rtol=1e-6, err_msg=f"{case['prediction_file']} {label}")
+
+
+# ----------------------------------------------------------------------------------------- tiers
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end tier (``-m e2e``): every test on the real sample dataset (the ``hippocampus``
+    fixture: nnU-Net's convert, plan and preprocess, then training) is marked ``e2e``; the fast tier is
+    ``-m "not e2e"``."""
+    for item in items:
+        if "hippocampus" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)

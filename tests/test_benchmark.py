@@ -107,8 +107,12 @@ def refuse(*args):
 
 @pytest.fixture()
 def msd(tmp_path):
-    """An MSD task folder: one test scan has a label (held out), one has none (unlabelled)."""
+    """An MSD task folder of 40 training cases (nnU-Net's 5 folds then train on 32 each): one test scan
+    has a label (held out), one has none (unlabelled)."""
     folder = tmp_path / "Task04_Hippocampus"
+    (folder / "imagesTr").mkdir(parents=True)
+    for i in range(40):
+        (folder / "imagesTr" / f"case_{i:03d}.nii.gz").write_bytes(b"")
     for sub, name in [("imagesTs", "hippocampus_118.nii.gz"), ("imagesTs", "hippocampus_200.nii.gz"),
                       ("labelsTs", "hippocampus_200.nii.gz")]:
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -378,6 +382,11 @@ def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):
     (["--budget", "nope"], "not a preset of plans/"),
     (["--set", "nope"], "is not KEY=VALUE"),
     (["--fractions", "0.05", "1.0"], "is the upper bound"),
+    (["--fractions", "500"], "--fractions 500: fold 0 of Dataset004_Hippocampus has 32 training cases"),
+    (["--fractions", "2", "32", "--folds", "1"], "--fractions 32: fold 1 of Dataset004_Hippocampus has 32"),
+    (["--folds", "0", "7"], "--folds 7: Dataset004_Hippocampus has folds 0 to 4 in nnU-Net's splits_final.json"),
+    (["--folds", "-1"], "--folds -1: Dataset004_Hippocampus has folds 0 to 4"),
+    (["--dry-run", "--folds", "7"], "--folds 7: "),
 ])
 def test_bad_arguments_give_one_line_errors_and_write_nothing(tmp_path, msd, capsys, arguments, message):
     work = tmp_path / "work"
@@ -553,6 +562,7 @@ def test_a_planned_dataset_trains_in_the_users_nnunet_folders(tmp_path, monkeypa
         Benchmark(tmp_path / "work", None, [BASELINE], existing_dataset="27")
     (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"data_identifier": "d2"}}}))
     (preprocessed / "d2").mkdir()
+    (preprocessed / "splits_final.json").write_text(json.dumps(NNUNET_FOLDS))
     benchmark = Benchmark(tmp_path / "work", None, [BASELINE], fractions=["2"], existing_dataset="27")
     assert (benchmark.dataset, benchmark.dataset_id) == ("Dataset027_Prostate", "27")
     commands = [s.command[0] for s in benchmark.steps() if s.command]

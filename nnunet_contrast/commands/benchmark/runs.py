@@ -143,8 +143,39 @@ class Benchmark:
             self.dataset_id = str(int(self.dataset[len("Dataset"):].split("_")[0]))
         self.fractions = list(dict.fromkeys(normalised_fraction(f) for f in self.fractions))
         self.trainers = list(dict.fromkeys([BASELINE, *self.trainers, *[RECIPE] * self.with_recipe]))  # baseline first
-        if any(fold < 0 for fold in self.folds):
-            raise UserInputError(f"--folds {' '.join(map(str, self.folds))}: folds are nnU-Net's, 0 to 4 by default")
+        self.check_folds_and_counts()
+
+    def check_folds_and_counts(self) -> None:
+        """Every fold exists in nnU-Net's split, and every count of labelled volumes leaves unlabelled
+        training cases in every fold: checked before anything is written."""
+        from nnunet_contrast.data.split import parse_labeled
+
+        folds = self.nnunet_folds()
+        missing = [fold for fold in self.folds if not 0 <= fold < len(folds)]
+        if missing:
+            raise UserInputError(f"--folds {' '.join(map(str, missing))}: {self.dataset} has folds 0 to {len(folds) - 1} "
+                                 f"in nnU-Net's splits_final.json: pass folds among them")
+        fold = min(self.folds, key=lambda f: len(folds[f]["train"]))
+        cases = len(folds[fold]["train"])
+        too_many = [f for f in self.fractions if isinstance(parse_labeled(f), int) and int(f) >= cases]
+        if too_many:
+            raise UserInputError(f"--fractions {too_many[0]}: fold {fold} of {self.dataset} has {cases} training cases; "
+                                 f"a count of labelled volumes must be below that (all labels is the upper bound, "
+                                 f"which runs by itself)")
+
+    def nnunet_folds(self) -> list:
+        """nnU-Net's folds of the dataset, as its trainer will use them, read or computed without writing."""
+        from nnunet_contrast.nnunet_env import case_identifiers, configuration_data_folder, default_folds, load_plans
+
+        existing = self.preprocessed / "splits_final.json"
+        if existing.is_file():
+            return json.loads(existing.read_text())
+        if self.msd is None:
+            return default_folds(case_identifiers(configuration_data_folder(self.dataset, load_plans(self.dataset))))
+        cases = [p.name[:-len(".nii.gz")] for p in (self.msd / "imagesTr").glob("*.nii.gz") if not p.name.startswith(".")]
+        if not cases:
+            raise UserInputError(f"--msd {self.msd} has no training images (imagesTr/*.nii.gz): pass an MSD task folder")
+        return default_folds(cases)
 
     @staticmethod
     def planned_dataset(dataset: str) -> str:
