@@ -109,9 +109,6 @@ def cmd_benchmark(args) -> None:
         print(f"{todo} step(s) to do; {len(benchmark.runs())} run(s) in this benchmark")
         return
     with benchmark.lock() as lock:
-        completed = benchmark.complete_records()
-        if completed:
-            print(f"added per-case Dice to {completed} record(s) of an older version")
         runner = functools.partial(runs.subprocess_runner, keep_fds=(lock,))
         runs.execute(benchmark.steps(), benchmark.environment(), runner=runner)
     if (benchmark.workdir / "results").is_dir():

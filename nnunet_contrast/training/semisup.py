@@ -224,7 +224,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def restore_extras(self, extras: dict, current_epoch: int) -> None:
         """Runs before nnU-Net restores weights and optimizer state from a checkpoint; each rank takes
         its own random state back (none from a checkpoint of another number of ranks)."""
-        states = extras.get("rank_random_states") or [extras.get("random_state")]  # or a checkpoint of before DDP
+        states = extras["rank_random_states"]
         self.resumed_random_state = states[self.local_rank] if len(states) == world_size() else None
 
     def save_checkpoint(self, filename: str) -> None:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List
 
+from nnunet_contrast.commands.benchmark.steps import BASELINE, RECIPE, Run, Step
 from nnunet_contrast.errors import UserInputError
 
 FIRST_DATASET_ID = 901
@@ -66,15 +67,11 @@ class MaintainersRecipe:
         return f"Dataset{self.dataset_id(run):03d}_{self.benchmark.dataset.split('_', 1)[1]}Recipe"
 
     def fold_folder(self, run) -> Path:
-        from nnunet_contrast.commands.benchmark.runs import BASELINE
-
         return (self.root / "nnUNet_results" / self.dataset_name(run) / f"{BASELINE}__{self.benchmark.plans(run)}__2d"
                 / "fold_0")
 
     # -- what to do -------------------------------------------------------------------------------
     def steps(self, run) -> list:
-        from nnunet_contrast.commands.benchmark.runs import BASELINE, RECIPE, Run, Step
-
         b, work, plans = self.benchmark, self.folder(run), self.benchmark.plans(run)
         model = b.fold_folder(Run(BASELINE, run.fraction, run.fold))
         new_id = str(self.dataset_id(run))

@@ -54,7 +54,7 @@ def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, de
         "trainer": run.trainer, "fraction": run.fraction, "fold": run.fold, "upper_bound": run.is_upper_bound,
         "plans": fold_folder.parent.name.split("__")[1], "budget_preset": budget.preset,  # TRAINER__PLANS__2d
         "budget_set": list(budget.assignments), "budget_digest": budget.digest, "split_seed": seed,
-        "train_seed": settings.get("run", {}).get("seed", -1),  # -1: unseeded (also every run before the setting)
+        "train_seed": settings["run"]["seed"],  # -1: unseeded
         "split_file": settings["semisup"]["split_file"], "device": device,
         "labelled_cases": len(fold_split["labeled"]), "unlabelled_cases": len(fold_split["unlabeled"]),
         "labelled_digest": hashlib.sha256(json.dumps(sorted(fold_split["labeled"])).encode()).hexdigest()[:8],

@@ -40,10 +40,8 @@ def report_records(workdir: Path, also: Iterable[Path] = ()) -> List[dict]:
 
 
 def kind(record: dict) -> str:
-    """The processor the run trained on. Records written before they named it take their folder's name:
-    one work folder was trained on one machine."""
-    folder = getattr(record.get("source"), "name", "this folder")
-    return record["environment"].get("cpu") or f"processor not recorded ({folder})"
+    """The processor the run trained on."""
+    return record["environment"]["cpu"]
 
 
 def kind_names(records: Sequence[dict]) -> Dict[str, str]:
@@ -244,13 +242,12 @@ def case_rows(records: Sequence[dict]) -> List[tuple]:
 
 def case_differences(baseline: Dict[Repeat, dict], method: Dict[Repeat, dict]) -> Dict[Repeat, List[float]]:
     """Repeat -> the method's minus the baseline's Dice of each validation case both records score, paired
-    by case name (repeats whose records hold no per-case Dice are left out)."""
+    by case name."""
     diffs = {}
     for fold in sorted(set(baseline) & set(method)):
-        base, ours = baseline[fold].get("case_dice"), method[fold].get("case_dice")
-        if base is not None and ours is not None:
-            values = [case_difference(ours[c], base[c]) for c in sorted(set(base) & set(ours))]
-            diffs[fold] = [v for v in values if v is not None]
+        base, ours = baseline[fold]["case_dice"], method[fold]["case_dice"]
+        values = [case_difference(ours[c], base[c]) for c in sorted(set(base) & set(ours))]
+        diffs[fold] = [v for v in values if v is not None]
     return diffs
 
 
@@ -350,14 +347,11 @@ def case_section(records: Sequence[dict]) -> List[str]:
     if not any(any(cell_text) for _, cell_text in rows):
         return []
     fractions = fraction_order(records)
-    missing = sum("case_dice" not in r for r in records)
     return [f"Per validation case, the method's Dice (mean over the classes of the case) minus {BASELINE}'s, on "
             "the same fraction and folds: mean, bootstrap 95 % interval (cases resampled within each fold; shown "
             f"from {MIN_CASES_FOR_INTERVAL} cases), cases improved and worsened. The interval covers which cases "
             "are validated on, not the run-to-run noise of training. Classes absent from a case weigh as much as "
-            "present ones here, so this mean can differ from the difference of nnU-Net's means above."
-            + (f" {missing} record(s) hold no per-case Dice (written by an older version): running the same "
-               "`nnunet-contrast benchmark` command again adds it." if missing else ""), "",
+            "present ones here, so this mean can differ from the difference of nnU-Net's means above.", "",
             table_row("method", fractions), "|---" * (len(fractions) + 1) + "|",
             *(table_row(trainer, cell_text) for trainer, cell_text in rows), ""]
 

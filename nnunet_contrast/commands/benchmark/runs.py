@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from nnunet_contrast.commands.benchmark.recipe import MaintainersRecipe
+from nnunet_contrast.commands.benchmark.steps import ALL_LABELS, BASELINE, RECIPE, Run, Step
 from nnunet_contrast.errors import UserInputError
 
 try:
@@ -44,9 +46,6 @@ try:
 except ImportError:  # Windows: no work-folder lock
     fcntl = None
 
-BASELINE = "nnUNetTrainerLabeledOnly"
-RECIPE = "RetrainOnPredictions"  # the maintainers' recipe (recipe.py): a row of the tables, not a trainer
-ALL_LABELS = "1.0"   # the upper bound: the baseline trained on every training case of the fold
 DEFAULT_FRACTIONS = ("0.01", "0.05", "0.1", "0.2")
 DEFAULT_BUDGET = "benchmark_cpu"
 
@@ -80,34 +79,6 @@ class Budget:
     def plans_identifier(self, fraction: str, seed: int, train_seed: int = -1) -> str:
         trained = f"_t{train_seed}" if train_seed >= 0 else ""
         return f"nnUNetPlans_bench-{self.preset}-{self.digest}_s{seed}{trained}_l{fraction}"
-
-
-@dataclass(frozen=True)
-class Run:
-    trainer: str
-    fraction: str
-    fold: int
-
-    @property
-    def is_upper_bound(self) -> bool:
-        return self.fraction == ALL_LABELS and self.trainer == BASELINE
-
-
-@dataclass
-class Step:
-    """One thing to do; ``done`` exists once it has been done. Either a command or a Python action."""
-    describe: str
-    done: Path
-    command: Optional[List[str]] = None
-    action: Optional[Callable[[], None]] = None
-    before: Optional[Callable[[], None]] = None
-    resume_if: Sequence[Path] = ()       # add nnU-Net's --c when one of these files exists
-    log: Optional[Path] = None
-    stamp: bool = False                  # ``done`` is a stamp written after success, not the command's output
-    env: Optional[dict] = None           # the command's environment, when not the benchmark's
-
-    def command_now(self) -> List[str]:
-        return self.command + (["--c"] if any(p.exists() for p in self.resume_if) else [])
 
 
 @dataclass
@@ -216,8 +187,6 @@ class Benchmark:
 
     @functools.cached_property
     def recipe(self):
-        from nnunet_contrast.commands.benchmark.recipe import MaintainersRecipe
-
         return MaintainersRecipe(self)
 
     def fold_folder(self, run: Run) -> Path:
@@ -326,24 +295,6 @@ class Benchmark:
         self.record_path(run).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.record_path(run), record)
         write_csv(self.workdir)
-
-    def complete_records(self) -> int:
-        """Adds the per-case Dice, read from the run's own validation summary, to records written before
-        records held it; returns how many records were completed."""
-        from nnunet_contrast.commands.benchmark.records import case_dice
-        from nnunet_contrast.nnunet_env import write_json_atomic
-
-        completed = 0
-        for run in self.runs():
-            path, summary = self.record_path(run), self.fold_folder(run) / "validation" / "summary.json"
-            if not path.is_file() or not summary.is_file():
-                continue
-            record = json.loads(path.read_text())
-            if "case_dice" not in record:
-                record["case_dice"] = case_dice(json.loads(summary.read_text()))
-                write_json_atomic(path, record)
-                completed += 1
-        return completed
 
     @contextlib.contextmanager
     def lock(self):
