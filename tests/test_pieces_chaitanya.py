@@ -18,7 +18,8 @@ from torch import nn
 from nnunet_contrast.commands.cli import project_trainers
 from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.losses import ClassMeanContrastLoss, NTXentLoss, RegionLocalLoss
-from nnunet_contrast.training.pseudo_labels import EXCLUDED, PseudoLabeler, foreground_dice, round_start_epochs
+from nnunet_contrast.training.dice import foreground_dice
+from nnunet_contrast.training.pseudo_labels import EXCLUDED, PseudoLabeler, round_start_epochs
 from nnunet_contrast.resources import bundled_dir
 from nnunet_contrast.settings import resolve_settings
 from nnunet_contrast.network.taps import (decoder_block_features, decoder_block_parameters, decoder_stage_count,

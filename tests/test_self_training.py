@@ -25,8 +25,8 @@ from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
                                                SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term)
 from nnunet_contrast.training.schedule import ramped
-from nnunet_contrast.training.self_training import (SelfTraining, class_counts, mean_dice, self_training_schedule,
-                                                    self_training_stages)
+from nnunet_contrast.training.dice import class_counts, mean_dice
+from nnunet_contrast.training.self_training import SelfTraining, self_training_schedule, self_training_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 1e-5
@@ -343,11 +343,11 @@ def test_self_training_settings_are_checked():
 def test_teacher_dice_counts_leave_out_excluded_pixels_and_absent_classes():
     predicted = torch.tensor([[1, 1, 0, EXCLUDED], [2, 0, 0, 0]])
     target = torch.tensor([[1, 0, 0, EXCLUDED], [0, 0, 0, 0]])
-    counts = class_counts(predicted, target, [1, 2, 3])
+    counts = class_counts(predicted, target, [1, 2, 3], EXCLUDED)
     assert counts.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]  # tp, fp, fn of classes 1, 2, 3
     # class 1: 2 / 3; class 2: only a false positive, 0; class 3 in neither: left out of the mean
     assert mean_dice(counts) == pytest.approx((2 / 3 + 0) / 2)
-    assert math.isnan(mean_dice(class_counts(predicted * 0, target * 0, [1])))
+    assert math.isnan(mean_dice(class_counts(predicted * 0, target * 0, [1], EXCLUDED)))
 
 
 def test_with_batch_dice_the_self_training_terms_keep_every_image_at_the_same_value():

@@ -21,7 +21,7 @@ from nnunet_contrast.network.subpatches import SubPatchGrid
 from nnunet_contrast.network.taps import check_unet, decoder_channels, forward_with_decoder_features, total_stride
 from nnunet_contrast.training.method import MethodTrainer
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, HEADS, LABELED_AND_UNLABELED, NETWORK, SEGMENTATION,
-                                               NnUNetSGD, Stage, Term)
+                                               NnUNetSGD, Stage, Term, epochs_of)
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs, full_resolution
 
@@ -37,7 +37,7 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
         """Both phases read labelled and unlabelled batches and share nnU-Net's SGD and poly schedule
         (the head joins it)."""
         s, epochs = self.method_settings, self.settings.budget.num_epochs
-        contrast_epochs = int(s.contrast_fraction * epochs + 0.5)  # rounded half up
+        contrast_epochs = epochs_of(s.contrast_fraction, epochs)
         iterations, trains = self.settings.budget.num_iterations_per_epoch, (NETWORK, HEADS)
         return [Stage(CONTRAST, contrast_epochs, iterations, trains, NnUNetSGD(),
                       (Term(SEGMENTATION), Term("cross_level_contrast", s.alpha, features=True)), LABELED_AND_UNLABELED,

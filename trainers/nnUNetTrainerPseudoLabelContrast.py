@@ -22,7 +22,7 @@ from nnunet_contrast.network.taps import check_unet, decoder_channels
 from nnunet_contrast.training.method import MethodTrainer
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler, round_start_epochs
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, HEADS, LABELED, LABELED_AND_UNLABELED, NETWORK,
-                                               SEGMENTATION, NnUNetSGD, Stage, Term)
+                                               SEGMENTATION, NnUNetSGD, Stage, Term, epochs_of)
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs, full_resolution
 
@@ -32,7 +32,7 @@ WARMUP, JOINT = "warmup", "joint"
 def warmup_and_rounds(settings):
     """(warm-up epochs, (first epoch, epochs) of each pseudo-labelling round) from the settings."""
     epochs, s = settings.budget.num_epochs, settings.method
-    warmup = int(s.warmup_fraction * epochs + 0.5)  # rounded half up
+    warmup = epochs_of(s.warmup_fraction, epochs)
     starts = round_start_epochs(warmup, epochs, s.pseudo_label_rounds)
     return warmup, [(start, end - start) for start, end in zip(starts, starts[1:] + [epochs])]
 

@@ -48,14 +48,23 @@ def cmd_plans(args) -> None:
 
 
 def project_trainers() -> List[str]:
-    """Names of the trainer classes in our trainers/ folder (a family per file, variants included)."""
-    import re
+    """Names of the nnU-Net trainer classes that our trainers/ folder defines (variants included), found
+    by importing its modules, as nnU-Net's ``recursive_find_python_class`` finds a trainer there."""
+    import importlib.util
+    import inspect
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_contrast.resources import bundled_dir
 
-    found = (re.findall(r"^class (nnUNetTrainer\w+)\(", p.read_text(), re.M)
-             for p in bundled_dir("trainers").glob("nnUNetTrainer*.py"))
-    return sorted(name for names in found for name in names)
+    names = []
+    for path in sorted(bundled_dir("trainers").glob("nnUNetTrainer*.py")):
+        spec = importlib.util.spec_from_file_location(f"nnunet_contrast_trainers_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        names += [name for name, value in vars(module).items() if inspect.isclass(value) and
+                  issubclass(value, nnUNetTrainer) and value.__module__ == module.__name__]
+    return sorted(names)
 
 
 def check_trainers(names: List[str], option: str) -> None:

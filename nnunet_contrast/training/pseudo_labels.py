@@ -17,6 +17,8 @@ from torch import nn
 
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.network.taps import unwrap_network
+from nnunet_contrast.training.dice import foreground_dice
+from nnunet_contrast.training.step import full_resolution
 
 
 def round_start_epochs(warmup_epochs: int, total_epochs: int, rounds: int) -> List[int]:
@@ -27,26 +29,6 @@ def round_start_epochs(warmup_epochs: int, total_epochs: int, rounds: int) -> Li
     joint = total_epochs - warmup_epochs
     starts = [warmup_epochs + (r * joint) // rounds for r in range(rounds)]
     return sorted(set(starts)) if joint > 0 else []
-
-
-def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, background: int = 0) -> torch.Tensor:
-    """Per-image Dice of two label maps (B, H, W), averaged over the foreground classes present in
-    either; 1 where neither has foreground."""
-    dims = tuple(range(1, a.ndim))
-    scores, present = [], []
-    for c in range(num_classes):
-        if c == background:
-            continue
-        in_a, in_b = a == c, b == c
-        both = (in_a & in_b).sum(dims).float()
-        total = (in_a.sum(dims) + in_b.sum(dims)).float()
-        scores.append(torch.where(total > 0, 2 * both / total.clamp(min=1), torch.zeros_like(total)))
-        present.append(total > 0)
-    if not scores:
-        return torch.ones(a.shape[0], device=a.device)
-    scores, present = torch.stack(scores, 1), torch.stack(present, 1)
-    mean = (scores * present).sum(1) / present.sum(1).clamp(min=1)
-    return torch.where(present.any(1), mean, torch.ones_like(mean))
 
 
 def tensors_of(network: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -70,8 +52,7 @@ class FrozenNetwork:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.network(images)
-        return out[0] if isinstance(out, (list, tuple)) else out  # full resolution under deep supervision
+        return full_resolution(self.network(images))
 
 
 class PseudoLabeler(FrozenNetwork):

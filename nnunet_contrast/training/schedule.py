@@ -54,6 +54,11 @@ class Term:
         return self.weight(progress) if callable(self.weight) else self.weight
 
 
+def epochs_of(fraction: float, epochs: int) -> int:
+    """``fraction`` of ``epochs``, rounded half up: the length of a stage set as a share of the budget."""
+    return int(fraction * epochs + 0.5)
+
+
 def sigmoid_rampup(length: float) -> Callable[[float], float]:
     """exp(-5 (1 - t / length)^2) for t < length, then 1 (Laine & Aila 2017); ``length`` in [0, 1]
     is a fraction of the stage."""

@@ -25,9 +25,10 @@ from nnunet_contrast.data.mixing import StudentBatch, student_batch
 from nnunet_contrast.distributed import gather_objects
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
 from nnunet_contrast.network.taps import unwrap_network
+from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
-                                               SEGMENTATION, NnUNetSGD, Stage, Term, ramped,
+                                               SEGMENTATION, NnUNetSGD, Stage, Term, epochs_of, ramped,
                                                replace_finetuning)
 from nnunet_contrast.training.step import batch_part, full_resolution
 
@@ -42,7 +43,7 @@ def pseudo_label_term(settings) -> Term:
 
 def self_training_stages(budget, settings) -> List[Stage]:
     """nnU-Net's supervised warm-up, then self-training; one SGD and poly schedule over both."""
-    warmup = int(settings.warmup_fraction * budget.num_epochs + 0.5)  # rounded half up
+    warmup = epochs_of(settings.warmup_fraction, budget.num_epochs)
     iterations = budget.num_iterations_per_epoch
     return [Stage(WARMUP, warmup, iterations, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), LABELED,
                   role=FINETUNE_ROLE),
@@ -153,9 +154,9 @@ class SelfTraining:
         labels, confidence = self.teacher.predict(images)
         confident = confidence >= self.settings.confidence_threshold
         classes = self.trainer.label_manager.foreground_labels
-        return {"teacher_counts": class_counts(labels, target, classes),
+        return {"teacher_counts": class_counts(labels, target, classes, EXCLUDED),
                 "teacher_confident_counts": class_counts(torch.where(confident, labels, EXCLUDED),
-                                                         torch.where(confident, target, EXCLUDED), classes),
+                                                         torch.where(confident, target, EXCLUDED), classes, EXCLUDED),
                 "teacher_confident": np.array([float(confident.float().mean())])}
 
     def log_validation(self, outputs: List[dict]) -> None:
@@ -171,19 +172,3 @@ class SelfTraining:
         self.trainer.print_to_log_file(f"EMA teacher on the validation batches: Dice {round(dice_all, 4)}; "
                                        f"confident pixels {round(100 * coverage, 1)}%, their Dice "
                                        f"{round(dice_confident, 4)}")
-
-
-def class_counts(predicted: torch.Tensor, target: torch.Tensor, classes) -> np.ndarray:
-    """(3, K): true positives, false positives, false negatives per class in ``classes``."""
-    rows = [[((predicted == c) & (target == c)).sum(), ((predicted == c) & (target != c) & (target != EXCLUDED)).sum(),
-             ((predicted != c) & (predicted != EXCLUDED) & (target == c)).sum()] for c in classes]
-    return np.array([[float(v) for v in row] for row in rows]).T
-
-
-def mean_dice(counts: np.ndarray) -> float:
-    """nnU-Net's pseudo Dice from summed counts: 2 tp / (2 tp + fp + fn) per class, mean over the classes
-    that occur in the target or the prediction (NaN when none does)."""
-    tp, fp, fn = counts
-    denominator = 2 * tp + fp + fn
-    scores = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
-    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")

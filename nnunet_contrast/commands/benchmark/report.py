@@ -270,12 +270,14 @@ def interval_text(diffs_by_fold: Dict, resamples: int = 10000) -> str:
         return ""
     text = f"{values.mean():+.3f}"
     if values.size >= MIN_CASES_FOR_INTERVAL:
-        rng, sums = np.random.default_rng(0), np.zeros(resamples)
-        for fold in diffs_by_fold.values():
-            fold = np.asarray(fold, dtype=float)
-            if fold.size:
-                sums += fold[rng.integers(0, fold.size, (resamples, fold.size))].sum(axis=1)
-        low, high = np.percentile(sums / values.size, [2.5, 97.5])
+        from scipy.stats import bootstrap
+
+        folds = [np.asarray(fold, dtype=float) for fold in diffs_by_fold.values() if len(fold)]
+        # scipy resamples each sample (fold) on its own: the pooled mean of a stratified bootstrap
+        pooled_mean = lambda *samples, axis: sum(f.sum(axis=axis) for f in samples) / values.size  # noqa: E731
+        result = bootstrap(folds, pooled_mean, n_resamples=resamples, method="percentile", vectorized=True,
+                           random_state=np.random.default_rng(0))
+        low, high = result.confidence_interval
         text += f" [{low:+.3f}, {high:+.3f}]"
     return (text + f", better {int((values > 0).sum())} / worse {int((values < 0).sum())} of {values.size} cases "
             f"({repeats_text(diffs_by_fold)})")
