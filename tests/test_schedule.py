@@ -4,13 +4,14 @@ import math
 
 import pytest
 
+from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.settings import SECTIONS, section_errors
-from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, SEGMENTATION,
-                                               Adam, NnUNetSGD, Schedule, Stage, Term, replace_finetuning,
-                                               sigmoid_rampup)
+from nnunet_contrast.training.method import MethodTrainer
+from nnunet_contrast.training.schedule import (ENCODER, NETWORK, SEGMENTATION, Adam, Data, Head, NnUNetSGD, Part,
+                                               Schedule, Stage, Term, replace_finetuning, sigmoid_rampup)
 
 
-def stage(name, epochs, optimizer=NnUNetSGD(), trains=(NETWORK,), terms=(Term(SEGMENTATION),), data=LABELED):
+def stage(name, epochs, optimizer=NnUNetSGD(), trains=(NETWORK,), terms=(Term(SEGMENTATION),), data=Data.LABELED):
     return Stage(name, epochs, 2, trains, optimizer, terms, data)
 
 
@@ -24,23 +25,25 @@ def test_stage_boundaries_and_lookup():
 
 def test_rounds_of_one_name_share_a_shade_and_an_optimizer():
     joint = (Term(SEGMENTATION), Term("contrast", 0.1))
-    schedule = Schedule([stage("warmup", 1), stage("joint", 2, terms=joint, data=LABELED_AND_UNLABELED),
-                         stage("joint", 2, terms=joint, data=LABELED_AND_UNLABELED)])
+    schedule = Schedule([stage("warmup", 1), stage("joint", 2, terms=joint, data=Data.LABELED_AND_UNLABELED),
+                         stage("joint", 2, terms=joint, data=Data.LABELED_AND_UNLABELED)])
     assert schedule.names == ["warmup", "joint"]
     assert schedule.span(0) == schedule.span(2) == (0, 5)  # one SGD and poly schedule over all epochs
     assert schedule.shares_optimizer(0, 2)
 
 
 def test_optimizer_spans_split_where_optimizer_or_parameters_change():
-    schedule = Schedule([stage("global", 1, Adam(1e-4), ("encoder",)), stage("local", 2, Adam(1e-4)),
+    schedule = Schedule([stage("global", 1, Adam(1e-4), (ENCODER,)), stage("local", 2, Adam(1e-4)),
                          stage("finetune", 3)])
     assert [schedule.span(i) for i in range(3)] == [(0, 1), (1, 2), (3, 3)]
     assert not schedule.shares_optimizer(1, 2)
 
 
 def test_replace_finetuning_keeps_the_pretraining_in_order():
-    finetune = Stage("finetune", 3, 2, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), role=FINETUNE_ROLE)
-    stages = [stage("global", 1, Adam(1e-4)), finetune, stage("local", 2, Adam(1e-4))]
+    """Fine-tuning stages are those that train nnU-Net's segmentation loss; the others are pretraining."""
+    contrast = (Term("global_contrast"),)
+    finetune = Stage("finetune", 3, 2, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),))
+    stages = [stage("global", 1, Adam(1e-4), terms=contrast), finetune, stage("local", 2, Adam(1e-4), terms=contrast)]
     replacement = [stage("warmup", 1), stage("selftrain", 4)]
     assert [s.name for s in replace_finetuning(stages, replacement)] == ["global", "local", "warmup", "selftrain"]
     assert replace_finetuning(stages, []) == [stages[0], stages[2]]
@@ -50,7 +53,7 @@ def test_what_a_stage_is():
     assert stage("finetune", 1).is_nnunet_step and stage("finetune", 1).supervised
     weighted = stage("x", 1, terms=(Term(SEGMENTATION, 0.5),))
     assert not weighted.is_nnunet_step and weighted.supervised
-    pretrain = stage("dense", 1, Adam(1e-3), terms=(Term("dense_contrast"),), data=LABELED_AND_UNLABELED)
+    pretrain = stage("dense", 1, Adam(1e-3), terms=(Term("dense_contrast"),), data=Data.LABELED_AND_UNLABELED)
     assert not pretrain.is_nnunet_step and not pretrain.supervised
     with pytest.raises(ValueError, match="no stage has any epochs"):
         Schedule([stage("a", 0)])
@@ -73,3 +76,29 @@ def test_every_preset_value_fits_its_section():
         assert section_errors(name, values) == [], name
     assert set(preset_settings(["base"])) == {"budget", "semisup", "run", "selftraining"}
     assert set(SECTIONS) >= set(preset_settings(all_preset_names()))
+
+
+class Checked(MethodTrainer):
+    """A method with one head and one loss of its own, checked without building nnU-Net's trainer."""
+    head_names = ("global",)
+
+    def global_contrast_loss(self, inputs):
+        raise AssertionError("not called by the check")
+
+
+def check(*stages):
+    trainer = Checked.__new__(Checked)
+    trainer.schedule = Schedule(stages)
+    trainer.check_schedule()
+
+
+def test_a_misnamed_term_or_part_fails_when_the_trainer_is_built_in_one_line():
+    pretrain = dict(optimizer=Adam(1e-4), terms=(Term("global_contrast"),))
+    check(stage("global", 1, trains=(ENCODER, Head("global")), **pretrain), stage("finetune", 1))
+    cases = [(stage("global", 1, trains=(ENCODER, Head("globl")), **pretrain), "no trainable part head globl"),
+             (stage("global", 1, trains=(Part("decoder"),), **pretrain), "no trainable part decoder"),
+             (stage("joint", 1, terms=(Term(SEGMENTATION), Term("global_contrst"))), "no loss method global_contrst_loss")]
+    for wrong, message in cases:
+        with pytest.raises(UserInputError) as error:
+            check(stage("finetune", 1), wrong)
+        assert f"Checked, stage '{wrong.name}': {message}" == str(error.value)

@@ -22,8 +22,8 @@ from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, student_batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss, deep_supervision_targets
 from nnunet_contrast.settings import resolve_settings
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
-from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
-                                               SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term)
+from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, NnUNetSGD,
+                                               Schedule, Stage, Term)
 from nnunet_contrast.training.schedule import ramped
 from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.self_training import SelfTraining, self_training_schedule, self_training_stages
@@ -300,7 +300,7 @@ def test_ramp_rises_over_the_terms_stages():
     assert ramped(0.3, 0) == 0.3  # no ramp: a constant weight
     term = Term(PSEUDO_LABEL, weight)
     stage = lambda name, epochs: Stage(name, epochs, 10, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION), term),
-                                       LABELED_AND_UNLABELED)
+                                       Data.LABELED_AND_UNLABELED)
     schedule = Schedule([Stage("warm", 2, 10, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),)), stage("a", 1),
                          stage("b", 3)])
     assert schedule.term_progress(PSEUDO_LABEL, 1, 0) == 0.0
@@ -316,18 +316,18 @@ def test_self_training_stages_warm_up_then_self_train():
     s = settings(warmup_fraction=0.25)
     warmup, selftrain = self_training_stages(s.budget, s.selftraining)
     assert (warmup.epochs, selftrain.epochs) == (3, 7) and warmup.is_nnunet_step
-    assert selftrain.self_training and selftrain.supervised and selftrain.data == LABELED_AND_UNLABELED
+    assert selftrain.self_training and selftrain.supervised and selftrain.data == Data.LABELED_AND_UNLABELED
     assert warmup.optimizer_key() == selftrain.optimizer_key()  # one poly schedule over both
 
 
 def test_finetune_selftraining_replaces_or_joins_the_methods_fine_tuning():
     s = settings()
-    pretrain = Stage("global", 1, 5, ("encoder",), Adam(1e-3), (Term("global_contrast"),), LABELED_AND_UNLABELED)
-    finetune = Stage("finetune", 10, 5, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), LABELED, role=FINETUNE_ROLE)
+    pretrain = Stage("global", 1, 5, ("encoder",), Adam(1e-3), (Term("global_contrast"),), Data.LABELED_AND_UNLABELED)
+    finetune = Stage("finetune", 10, 5, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), Data.LABELED)
     replaced = self_training_schedule([pretrain, finetune], s.budget, s.selftraining)
     assert [st.name for st in replaced] == ["global", "warmup", "selftrain"]
     joint = Stage("joint", 10, 5, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION), Term("contrast", 0.1)),
-                  LABELED_AND_UNLABELED, role=FINETUNE_ROLE)
+                  Data.LABELED_AND_UNLABELED)
     joined = self_training_schedule([finetune, joint], s.budget, s.selftraining)
     assert [st.name for st in joined] == ["finetune", "joint"] and not joined[0].self_training
     assert [t.name for t in joined[1].terms] == [SEGMENTATION, "contrast", PSEUDO_LABEL]

@@ -11,7 +11,7 @@ from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images,
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler
-from nnunet_contrast.training.schedule import ALL_IMAGES
+from nnunet_contrast.training.schedule import Data
 from nnunet_contrast.data.slices import PartitionDataLoader, SliceInfoDataLoader, partition_of, slice_counts
 
 PSEUDO = "nnUNetTrainerPseudoLabelContrast"
@@ -206,7 +206,7 @@ def test_random_slice_batches_report_their_slices(hippocampus):
                                  transforms=None)
     np.random.seed(0)
     assert sum(check_samples_are_their_slices(loader.generate_train_batch(), dataset, patch) for _ in range(3)) >= 30
-    batch = next(trainer.build_stage_loader(ALL_IMAGES))  # the trainer's own G^R loader: augmented, images only
+    batch = next(trainer.build_stage_loader(Data.ALL_IMAGES))  # the trainer's own G^R loader: augmented, images only
     assert set(batch) == {"data", "keys", "slice_index", "slice_count"}
     assert len(batch["keys"]) == trainer.method_settings.pretrain_batch_size
 

@@ -83,10 +83,10 @@ def test_without_mixing_the_segmentation_term_is_nnunets_loss(hippocampus, batch
 def test_each_methods_variant_fine_tunes_with_self_training(hippocampus, trainer):
     schedule = make_trainer(trainer, TEST_PLANS).schedule
     assert [s.name for s in schedule.stages] == VARIANTS[trainer]
-    finetune = [s for s in schedule.stages if s.role == "fine-tuning"]
+    finetune = [s for s in schedule.stages if s.supervised]
     published = make_trainer(trainer[:-len("SelfTraining")], TEST_PLANS).schedule
-    assert [s for s in schedule.stages if s.role != "fine-tuning"] == \
-        [s for s in published.stages if s.role != "fine-tuning"]  # its pretraining as published
+    assert [s for s in schedule.stages if not s.supervised] == \
+        [s for s in published.stages if not s.supervised]  # its pretraining as published
     learning_from_teacher = [s for s in finetune if s.self_training]
     assert learning_from_teacher and all(s.supervised for s in learning_from_teacher)
 

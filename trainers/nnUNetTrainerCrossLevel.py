@@ -20,8 +20,8 @@ from nnunet_contrast.network.heads import CellProjectionHead
 from nnunet_contrast.network.subpatches import SubPatchGrid
 from nnunet_contrast.network.taps import check_unet, decoder_channels, forward_with_decoder_features, total_stride
 from nnunet_contrast.training.method import MethodTrainer
-from nnunet_contrast.training.schedule import (FINETUNE_ROLE, HEADS, LABELED_AND_UNLABELED, NETWORK, SEGMENTATION,
-                                               NnUNetSGD, Stage, Term, epochs_of)
+from nnunet_contrast.training.schedule import (HEADS, NETWORK, SEGMENTATION, Data, NnUNetSGD, Stage, Term,
+                                               epochs_of)
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs, full_resolution
 
@@ -31,6 +31,7 @@ CONTRAST, CONSISTENCY = "contrast", "consistency"
 class nnUNetTrainerCrossLevel(MethodTrainer):
     presets = ("base", "crosslevel_zhao2022")
     method_key = "crosslevel"
+    head_names = ("cell",)
     requires_unlabeled = True
 
     def build_schedule(self):
@@ -40,11 +41,9 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
         contrast_epochs = epochs_of(s.contrast_fraction, epochs)
         iterations, trains = self.settings.budget.num_iterations_per_epoch, (NETWORK, HEADS)
         return [Stage(CONTRAST, contrast_epochs, iterations, trains, NnUNetSGD(),
-                      (Term(SEGMENTATION), Term("cross_level_contrast", s.alpha, features=True)), LABELED_AND_UNLABELED,
-                      role=FINETUNE_ROLE),
+                      (Term(SEGMENTATION), Term("cross_level_contrast", s.alpha, features=True)), Data.LABELED_AND_UNLABELED),
                 Stage(CONSISTENCY, epochs - contrast_epochs, iterations, trains, NnUNetSGD(),
-                      (Term(SEGMENTATION), Term("patch_consistency", s.beta)), LABELED_AND_UNLABELED,
-                      role=FINETUNE_ROLE)]
+                      (Term(SEGMENTATION), Term("patch_consistency", s.beta)), Data.LABELED_AND_UNLABELED)]
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

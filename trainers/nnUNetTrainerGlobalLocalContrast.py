@@ -27,26 +27,28 @@ from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.network.taps import (check_unet, decoder_block_features, decoder_block_parameters,
                                           decoder_channels, decoder_stage_count)
 from nnunet_contrast.training.global_local import GlobalLocalPretraining
-from nnunet_contrast.training.schedule import ALL_IMAGES, ENCODER, INTENSITY, PARTITIONS, SPATIAL, Stage, Term
+from nnunet_contrast.training.schedule import ENCODER, Data, Head, Part, Stage, Term, Views
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs
 
-DECODER_BLOCKS = "decoder_blocks"  # the first decoder_blocks stages of nnU-Net's decoder
+DECODER_BLOCKS = Part("decoder_blocks")  # the first decoder_blocks stages of nnU-Net's decoder
 
 
 class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
     presets = ("base", "globallocal_chaitanya2020")
     method_key = "globallocal"
+    head_names = ("global", "local")
+    own_parts = (DECODER_BLOCKS,)
 
     def build_schedule(self):
         s, adam = self.method_settings, self.pretrain_optimizer()
         iterations = self.pretrain_iterations(s.pretrain_iterations_per_epoch)
         return [
-            Stage("global", s.global_epochs, iterations, (ENCODER, "head:global"), adam, (Term("global_contrast"),),
-                  PARTITIONS if s.global_strategy == "GD" else ALL_IMAGES, SPATIAL),
+            Stage("global", s.global_epochs, iterations, (ENCODER, Head("global")), adam, (Term("global_contrast"),),
+                  Data.PARTITIONS if s.global_strategy == "GD" else Data.ALL_IMAGES, Views.SPATIAL),
             # the encoder stays frozen while the decoder blocks learn the local loss
-            Stage("local", s.local_epochs, iterations, (DECODER_BLOCKS, "head:local"), adam,
-                  (Term("local_contrast"),), PARTITIONS if s.local_strategy == "LD" else ALL_IMAGES, INTENSITY),
+            Stage("local", s.local_epochs, iterations, (DECODER_BLOCKS, Head("local")), adam,
+                  (Term("local_contrast"),), Data.PARTITIONS if s.local_strategy == "LD" else Data.ALL_IMAGES, Views.INTENSITY),
             self.nnunet_finetune_stage(),
         ]
 
@@ -78,19 +80,19 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
                                  f"network has {available} decoder stages: set it to at most {available - 1}")
         return blocks
 
-    def parameters_of(self, part: str):
+    def parameters_of(self, part: Part):
         if part == DECODER_BLOCKS:
             return decoder_block_parameters(self.network, self.local_blocks)
         return super().parameters_of(part)
 
     # ------------------------------------------------------------ data
-    def build_stage_loader(self, data: str):
+    def build_stage_loader(self, data: Data):
         """Images of all training cases and the added unlabelled images, labels dropped: random
         slices (G^R, L^R) or partition batches (G^D, L^D)."""
         dataset = self.all_images_dataset()
         batch_size, partitions = self.method_settings.pretrain_batch_size, self.method_settings.partitions
         where = "nnunet_contrast.globallocal in the plans"
-        if data == ALL_IMAGES:  # under DDP each rank its part of the batch, split as nnU-Net splits its own
+        if data == Data.ALL_IMAGES:  # under DDP each rank its part of the batch, split as nnU-Net splits its own
             if batch_size < world_size():
                 raise UserInputError(f"pretrain_batch_size ({batch_size}) is split over {world_size()} GPUs: set it "
                                      f"to at least {world_size()} ({where})")
@@ -110,7 +112,7 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
 
     def partition_groups(self, inputs: StepInputs):
         """The slice partition of each image of a partition batch (the positives of G^D / L^D), else None."""
-        if inputs.stage.data != PARTITIONS:
+        if inputs.stage.data != Data.PARTITIONS:
             return None
         batch = inputs.batch
         parts = partition_of(batch["slice_index"], batch["slice_count"], self.method_settings.partitions)

@@ -25,29 +25,30 @@ from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.network.taps import (check_unet, decoder_block_features, decoder_block_parameters,
                                           decoder_channels, decoder_stage_count, unwrap_network)
 from nnunet_contrast.training.method import FINETUNE, MethodTrainer
-from nnunet_contrast.training.schedule import (ENCODER, FINETUNE_ROLE, INTENSITY, LABELED_AND_UNLABELED, NETWORK,
-                                               SEGMENTATION, Adam, NnUNetSGD, Stage, Term, ramped)
+from nnunet_contrast.training.schedule import (ENCODER, NETWORK, SEGMENTATION, Adam, Data, Head, NnUNetSGD,
+                                               Part, Stage, Term, Views, ramped)
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
 
-DECODER = "decoder"  # nnU-Net's decoder without its segmentation layers
+DECODER = Part("decoder")  # nnU-Net's decoder without its segmentation layers
 
 
 class nnUNetTrainerIDEAL(MethodTrainer):
     presets = ("base", "ideal_basak2023")
     method_key = "ideal"
+    head_names = ("dense",)
+    own_parts = (DECODER,)
     requires_unlabeled = True
 
     def build_schedule(self):
         s, budget = self.method_settings, self.settings.budget
         return [
             Stage("dense", s.pretrain_epochs, self.pretrain_iterations(s.pretrain_iterations_per_epoch),
-                  (ENCODER, DECODER, "head:dense"), Adam(s.pretrain_lr, s.pretrain_weight_decay),
-                  (Term("dense_contrast"),), LABELED_AND_UNLABELED, INTENSITY),
+                  (ENCODER, DECODER, Head("dense")), Adam(s.pretrain_lr, s.pretrain_weight_decay),
+                  (Term("dense_contrast"),), Data.LABELED_AND_UNLABELED, Views.INTENSITY),
             Stage(FINETUNE, budget.num_epochs, budget.num_iterations_per_epoch, (NETWORK,), NnUNetSGD(),
                   (Term(SEGMENTATION), Term("cross_pseudo_supervision", ramped(s.lambda_cps, s.cps_rampup_fraction))),
-                  LABELED_AND_UNLABELED,
-                  role=FINETUNE_ROLE),
+                  Data.LABELED_AND_UNLABELED),
         ]
 
     @staticmethod
@@ -71,7 +72,7 @@ class nnUNetTrainerIDEAL(MethodTrainer):
         return nn.ModuleDict({"dense": DenseProjectionHead(decoder_channels(self.network), s.head_hidden,
                                                            s.embedding_dim)})
 
-    def parameters_of(self, part: str):
+    def parameters_of(self, part: Part):
         if part == DECODER:
             return decoder_block_parameters(self.network, decoder_stage_count(self.network))
         return super().parameters_of(part)

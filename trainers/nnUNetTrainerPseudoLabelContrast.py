@@ -21,8 +21,8 @@ from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.network.taps import check_unet, decoder_channels
 from nnunet_contrast.training.method import MethodTrainer
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler, round_start_epochs
-from nnunet_contrast.training.schedule import (FINETUNE_ROLE, HEADS, LABELED, LABELED_AND_UNLABELED, NETWORK,
-                                               SEGMENTATION, NnUNetSGD, Stage, Term, epochs_of)
+from nnunet_contrast.training.schedule import (HEADS, NETWORK, SEGMENTATION, Data, NnUNetSGD, Stage, Term,
+                                               epochs_of)
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs, full_resolution
 
@@ -40,6 +40,7 @@ def warmup_and_rounds(settings):
 class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
     presets = ("base", "pseudolabel_chaitanya2023")
     method_key = "pseudolabel"
+    head_names = ("local",)
     requires_unlabeled = True
 
     @classmethod
@@ -58,9 +59,8 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
         warmup, rounds = warmup_and_rounds(self.settings)
         iterations, trains = self.settings.budget.num_iterations_per_epoch, (NETWORK, HEADS)
         joint = (Term(SEGMENTATION), Term("contrast", self.method_settings.lambda_cont, features=True))
-        return [Stage(WARMUP, warmup, iterations, trains, NnUNetSGD(), (Term(SEGMENTATION),), LABELED,
-                      role=FINETUNE_ROLE)] + \
-            [Stage(JOINT, epochs, iterations, trains, NnUNetSGD(), joint, LABELED_AND_UNLABELED, role=FINETUNE_ROLE)
+        return [Stage(WARMUP, warmup, iterations, trains, NnUNetSGD(), (Term(SEGMENTATION),), Data.LABELED)] + \
+            [Stage(JOINT, epochs, iterations, trains, NnUNetSGD(), joint, Data.LABELED_AND_UNLABELED)
              for _, epochs in rounds]
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

@@ -16,8 +16,7 @@ from nnunet_contrast.losses import NTXentLoss, SupConLocalLoss
 from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.network.taps import check_unet, decoder_channels, forward_with_decoder_features
 from nnunet_contrast.training.global_local import GlobalLocalPretraining
-from nnunet_contrast.training.schedule import (ENCODER, INTENSITY, LABELED, LABELED_AND_UNLABELED, NETWORK, SPATIAL,
-                                               Stage, Term)
+from nnunet_contrast.training.schedule import ENCODER, NETWORK, Data, Head, Stage, Term, Views
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs
 
@@ -25,15 +24,16 @@ from nnunet_contrast.training.step import StepInputs
 class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
     presets = ("base", "supconlocal_hu2021")
     method_key = "supconlocal"
+    head_names = ("global", "local")
 
     def build_schedule(self):
         s, adam = self.method_settings, self.pretrain_optimizer()
         iterations = self.pretrain_iterations(s.pretrain_iterations_per_epoch)
         return [
-            Stage("global", s.global_epochs, iterations, (ENCODER, "head:global"), adam, (Term("global_contrast"),),
-                  LABELED_AND_UNLABELED, SPATIAL),
-            Stage("local", s.local_epochs, iterations, (NETWORK, "head:local"), adam, (Term("local_contrast"),),
-                  LABELED, INTENSITY),
+            Stage("global", s.global_epochs, iterations, (ENCODER, Head("global")), adam, (Term("global_contrast"),),
+                  Data.LABELED_AND_UNLABELED, Views.SPATIAL),
+            Stage("local", s.local_epochs, iterations, (NETWORK, Head("local")), adam, (Term("local_contrast"),),
+                  Data.LABELED, Views.INTENSITY),
             self.nnunet_finetune_stage(),
         ]
 

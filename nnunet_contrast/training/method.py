@@ -22,9 +22,8 @@ from nnunet_contrast.distributed import average_gradients, broadcast_module, gat
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger
-from nnunet_contrast.training.schedule import (ENCODER, FINETUNE_ROLE, HEADS, LABELED, LABELED_AND_UNLABELED, NETWORK,
-                                               SEGMENTATION, Adam, NnUNetSGD, Schedule, Stage, Term,
-                                               replace_finetuning)
+from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, NnUNetSGD, Part,
+                                               Schedule, Stage, Term, replace_finetuning)
 from nnunet_contrast.training.self_training import COVERAGE, SelfTraining, self_training_schedule
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
@@ -50,10 +49,13 @@ class ShiftedSchedule:
 
 
 class MethodTrainer(SemiSupervisedTrainer):
-    """Subclasses set ``method_key`` (their settings section, e.g. ``"supconlocal"``) and define
+    """Subclasses set ``method_key`` (their settings section, e.g. ``"supconlocal"``), ``head_names`` (the
+    heads ``build_heads`` builds) and ``own_parts`` (parts they resolve in ``parameters_of``), and define
     ``build_schedule``, ``build_heads`` and the ``<term>_loss`` methods."""
 
     method_key = ""
+    head_names: Tuple[str, ...] = ()
+    own_parts: Tuple[Part, ...] = ()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -81,6 +83,19 @@ class MethodTrainer(SemiSupervisedTrainer):
             self.schedule = Schedule(self.with_finetune_setting(self.build_schedule()))
         except ValueError as error:
             raise UserInputError(f"{type(self).__name__}: {error}") from None
+        self.check_schedule()
+
+    def check_schedule(self) -> None:
+        """Every term has its loss and every trained part resolves, checked when the trainer is built:
+        a misnamed term or part fails in one line before nnU-Net writes anything, not when its stage starts."""
+        known = {NETWORK, ENCODER, HEADS, *self.own_parts, *(Head(name) for name in self.head_names)}
+        for stage in self.schedule.stages:
+            unknown = [str(part) for part in stage.trains if part not in known]
+            no_loss = [f"{term.name}_loss" for term in stage.terms if not callable(getattr(self, f"{term.name}_loss", None))]
+            if unknown or no_loss:
+                raise UserInputError(f"{type(self).__name__}, stage '{stage.name}': "
+                                     + "; ".join(filter(None, [unknown and f"no trainable part {', '.join(unknown)}",
+                                                               no_loss and f"no loss method {', '.join(no_loss)}"])))
 
     # ------------------------------------------------------------ to define
     def build_schedule(self) -> List[Stage]:
@@ -94,7 +109,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         """nnU-Net's own supervised training on the labelled cases, ``budget.num_epochs`` long."""
         budget = self.settings.budget
         return Stage(FINETUNE, budget.num_epochs, budget.num_iterations_per_epoch, (NETWORK,), NnUNetSGD(),
-                     (Term(SEGMENTATION),), LABELED, role=FINETUNE_ROLE)
+                     (Term(SEGMENTATION),), Data.LABELED)
 
     def with_finetune_setting(self, stages: List[Stage]) -> List[Stage]:
         """``run.finetune``: the method's own fine-tuning stages, nnU-Net's own fine-tuning instead, or
@@ -127,19 +142,23 @@ class MethodTrainer(SemiSupervisedTrainer):
     @property
     def heads(self) -> nn.ModuleDict:
         if self._heads is None:  # under DDP, rank 0's initial weights on every rank (as DDP does for the network)
-            self._heads = broadcast_module(self.build_heads().to(self.device))
+            heads = self.build_heads()
+            if not set(heads) <= set(self.head_names):
+                raise TypeError(f"{type(self).__name__}.build_heads built {sorted(heads)}; its head_names say "
+                                f"{list(self.head_names)}")
+            self._heads = broadcast_module(heads.to(self.device))
         return self._heads
 
-    def parameters_of(self, part: str) -> List[nn.Parameter]:
-        """The parameters of a part a stage trains; subclasses add parts of their own."""
+    def parameters_of(self, part: Part) -> List[nn.Parameter]:
+        """The parameters of a part a stage trains; subclasses resolve their ``own_parts``."""
         if part == NETWORK:
             return list(self.network.parameters())
         if part == ENCODER:
             return list(unwrap_network(self.network).encoder.parameters())
         if part == HEADS:
             return list(self.heads.parameters())
-        if part.startswith("head:"):
-            return list(self.heads[part[len("head:"):]].parameters())
+        if isinstance(part, Head):
+            return list(self.heads[part.name].parameters())
         raise ValueError(f"{type(self).__name__} has no trainable part '{part}'")
 
     def stage_parameters(self, stage: Stage) -> List[nn.Parameter]:
@@ -181,17 +200,17 @@ class MethodTrainer(SemiSupervisedTrainer):
 
     # ------------------------------------------------------------ data of a stage
     def reads_unlabeled_batches(self) -> bool:
-        return any(s.data == LABELED_AND_UNLABELED for s in self.schedule.stages)
+        return any(s.data == Data.LABELED_AND_UNLABELED for s in self.schedule.stages)
 
     def stage_loader(self, stage: Stage):
         """nnU-Net's labelled loader, or the stage's own loader (built once, on first use)."""
-        if stage.data in (LABELED, LABELED_AND_UNLABELED):
+        if stage.data in (Data.LABELED, Data.LABELED_AND_UNLABELED):
             return self.dataloader_labeled
         if stage.data not in self.stage_loaders:
             self.stage_loaders[stage.data] = self.build_stage_loader(stage.data)
         return self.stage_loaders[stage.data]
 
-    def build_stage_loader(self, data: str):
+    def build_stage_loader(self, data: Data):
         raise ValueError(f"{type(self).__name__} has no loader for '{data}'")
 
     def finish_unused_loaders(self) -> None:

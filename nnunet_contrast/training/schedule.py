@@ -5,21 +5,44 @@ progress.png shading, checkpoint_best and ``--c``.
 """
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, List, Sequence, Tuple, Union
 
-# ---------------------------------------------------------------- what a stage reads
-LABELED = "labelled batch"                      # nnU-Net's loader over the labelled cases
-LABELED_AND_UNLABELED = "labelled + unlabelled batch"  # the same, plus an unlabelled batch (images only)
-ALL_IMAGES = "all images"                       # images of every training case and added image, labels dropped
-PARTITIONS = "all images, partition batches"    # the same, drawn as volumes x slice partitions
 
-SPATIAL, INTENSITY = "spatial + intensity", "intensity"  # two-view augmentations (data/views.py)
+class Data(Enum):
+    """What a stage reads."""
+    LABELED = "labelled batch"                                 # nnU-Net's loader over the labelled cases
+    LABELED_AND_UNLABELED = "labelled + unlabelled batch"      # the same, plus an unlabelled batch (images only)
+    ALL_IMAGES = "all images"                                  # every training case and added image, labels dropped
+    PARTITIONS = "all images, partition batches"               # the same, drawn as volumes x slice partitions
 
-# ---------------------------------------------------------------- where a stage stands in the method
-PRETRAIN, FINETUNE_ROLE = "pretraining", "fine-tuning"  # run.finetune = nnunet replaces the fine-tuning stages
 
-# ---------------------------------------------------------------- what a stage trains
-NETWORK, ENCODER, HEADS = "network", "encoder", "heads"  # "head:NAME" is one projection head
+class Views(Enum):
+    """The two augmented views a stage's terms see (``data/views.py``), or none."""
+    NONE = "none"
+    SPATIAL = "spatial + intensity"
+    INTENSITY = "intensity"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of the model that a stage trains; ``MethodTrainer.parameters_of`` gives its parameters, and a
+    trainer may define parts of its own (e.g. IDEAL's decoder)."""
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Head(Part):
+    """One projection head of the trainer's ``build_heads``."""
+
+    def __str__(self) -> str:
+        return f"head {self.name}"
+
+
+NETWORK, ENCODER, HEADS = Part("network"), Part("encoder"), Part("heads")  # HEADS: every projection head
 
 SEGMENTATION = "segmentation"  # nnU-Net's loss (Dice + CE, deep supervision) on the labelled images
 PSEUDO_LABEL = "pseudo_label"  # self-training: nnU-Net's loss on the EMA teacher's confident pseudo-labels
@@ -82,16 +105,16 @@ class Stage:
     name: str
     epochs: int
     iterations: int                 # per epoch
-    trains: Tuple[str, ...]         # NETWORK, ENCODER, HEADS, "head:NAME" or a part the trainer defines
+    trains: Tuple[Part, ...]
     optimizer: Union[NnUNetSGD, Adam]
     terms: Tuple[Term, ...]
-    data: str = LABELED
-    views: str = ""                 # SPATIAL or INTENSITY: the terms see two augmented views
-    role: str = PRETRAIN
+    data: Data = Data.LABELED
+    views: Views = Views.NONE
 
     @property
     def supervised(self) -> bool:
-        """Trains nnU-Net's segmentation loss: its pseudo Dice means something (checkpoint_best)."""
+        """Trains nnU-Net's segmentation loss: a fine-tuning stage (the others are pretraining), whose
+        pseudo Dice means something (checkpoint_best)."""
         return any(t.name == SEGMENTATION for t in self.terms)
 
     @property
@@ -102,7 +125,7 @@ class Stage:
     @property
     def is_nnunet_step(self) -> bool:
         """Exactly nnU-Net's own training step: its loss alone, on its labelled batch."""
-        return [t.name for t in self.terms] == [SEGMENTATION] and self.data == LABELED and \
+        return [t.name for t in self.terms] == [SEGMENTATION] and self.data == Data.LABELED and \
             self.terms[0].weight == 1.0
 
     def optimizer_key(self):
@@ -111,9 +134,9 @@ class Stage:
 
 
 def replace_finetuning(stages: Sequence[Stage], replacement: Sequence[Stage]) -> List[Stage]:
-    """A method's stages with its fine-tuning stages (``role`` FINETUNE_ROLE) swapped for ``replacement``,
-    after the pretraining stages (the ``run.finetune`` setting)."""
-    return [s for s in stages if s.role != FINETUNE_ROLE] + list(replacement)
+    """A method's fine-tuning (supervised) stages swapped for ``replacement``, after its pretraining
+    stages (the ``run.finetune`` setting)."""
+    return [s for s in stages if not s.supervised] + list(replacement)
 
 
 class Schedule:
@@ -169,8 +192,8 @@ class Schedule:
 
     def describe(self) -> str:
         return "; ".join(f"{s.name}: epochs {start}-{start + s.epochs - 1} x {s.iterations} it, trains "
-                         f"{'+'.join(s.trains)}, terms {', '.join(_term_text(t) for t in s.terms)}, "
-                         f"data: {s.data}" + (f", two views ({s.views})" if s.views else "")
+                         f"{' + '.join(map(str, s.trains))}, terms {', '.join(_term_text(t) for t in s.terms)}, "
+                         f"data: {s.data.value}" + (f", two views ({s.views.value})" if s.views != Views.NONE else "")
                          for s, start in zip(self.stages, self.starts))
 
 

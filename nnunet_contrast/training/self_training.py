@@ -27,9 +27,8 @@ from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentat
 from nnunet_contrast.network.taps import unwrap_network
 from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
-from nnunet_contrast.training.schedule import (FINETUNE_ROLE, LABELED, LABELED_AND_UNLABELED, NETWORK, PSEUDO_LABEL,
-                                               SEGMENTATION, NnUNetSGD, Stage, Term, epochs_of, ramped,
-                                               replace_finetuning)
+from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATION, Data, NnUNetSGD, Stage,
+                                               Term, epochs_of, ramped, replace_finetuning)
 from nnunet_contrast.training.step import batch_part, full_resolution
 
 WARMUP, SELF_TRAIN = "warmup", "selftrain"
@@ -45,10 +44,9 @@ def self_training_stages(budget, settings) -> List[Stage]:
     """nnU-Net's supervised warm-up, then self-training; one SGD and poly schedule over both."""
     warmup = epochs_of(settings.warmup_fraction, budget.num_epochs)
     iterations = budget.num_iterations_per_epoch
-    return [Stage(WARMUP, warmup, iterations, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), LABELED,
-                  role=FINETUNE_ROLE),
+    return [Stage(WARMUP, warmup, iterations, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), Data.LABELED),
             Stage(SELF_TRAIN, budget.num_epochs - warmup, iterations, (NETWORK,), NnUNetSGD(),
-                  (Term(SEGMENTATION), pseudo_label_term(settings)), LABELED_AND_UNLABELED, role=FINETUNE_ROLE)]
+                  (Term(SEGMENTATION), pseudo_label_term(settings)), Data.LABELED_AND_UNLABELED)]
 
 
 def with_pseudo_label_term(stage: Stage, settings) -> Stage:
@@ -59,9 +57,9 @@ def with_pseudo_label_term(stage: Stage, settings) -> Stage:
 def self_training_schedule(stages: List[Stage], budget, settings) -> List[Stage]:
     """``run.finetune = selftraining``: a joint method's fine-tuning stages gain the pseudo-label term; any
     other method's fine-tuning stages are replaced by the self-training stages."""
-    finetune = [s for s in stages if s.role == FINETUNE_ROLE]
-    if any(s.data == LABELED_AND_UNLABELED for s in finetune):
-        return [with_pseudo_label_term(s, settings) if s in finetune and s.data == LABELED_AND_UNLABELED else s
+    finetune = [s for s in stages if s.supervised]
+    if any(s.data == Data.LABELED_AND_UNLABELED for s in finetune):
+        return [with_pseudo_label_term(s, settings) if s in finetune and s.data == Data.LABELED_AND_UNLABELED else s
                 for s in stages]
     return replace_finetuning(stages, self_training_stages(budget, settings))
 

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from nnunet_contrast.data.views import two_views
-from nnunet_contrast.training.schedule import LABELED_AND_UNLABELED, SPATIAL, Stage
+from nnunet_contrast.training.schedule import Data, Stage, Views
 
 
 def batch_part(output, part):
@@ -70,7 +70,7 @@ class StepInputs:
     @cached_property
     def unlabeled(self) -> Optional[torch.Tensor]:
         """An unlabelled batch (images only) on the device, or None without an unlabelled pool."""
-        if self.stage.data != LABELED_AND_UNLABELED:
+        if self.stage.data != Data.LABELED_AND_UNLABELED:
             raise RuntimeError(f"stage '{self.stage.name}' reads no unlabelled batch (its data: {self.stage.data})")
         images = self.trainer.next_unlabeled_images()
         return None if images is None else to_device(images, self.trainer.device)
@@ -87,7 +87,7 @@ class StepInputs:
         self-training stage: as the student sees them)."""
         if self.stage.self_training:
             return self.student.images
-        if self.stage.data != LABELED_AND_UNLABELED or self.unlabeled is None:
+        if self.stage.data != Data.LABELED_AND_UNLABELED or self.unlabeled is None:
             return self.batch_images
         return torch.cat([self.batch_images, self.unlabeled])
 
@@ -105,6 +105,6 @@ class StepInputs:
 
     def views(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Two augmented views of ``images``, as the stage's ``views`` says."""
-        if not self.stage.views:
+        if self.stage.views == Views.NONE:
             raise RuntimeError(f"stage '{self.stage.name}' has no two-view augmentation")
-        return two_views(images, spatial=self.stage.views == SPATIAL)
+        return two_views(images, spatial=self.stage.views == Views.SPATIAL)
