@@ -134,7 +134,7 @@ class PseudoLabel:
     embedding_dim: int = setting(**AT_LEAST_ONE)
     head_hidden: int = setting(**AT_LEAST_ONE)
     background_negative: bool = setting()
-    confidence_threshold: float = setting(at_most_one=True)
+    min_flip_agreement: float = setting(at_most_one=True)  # per image: the flip-consistency Dice
     labeller: str = setting(choices=("snapshot", "teacher"))  # teacher: selftraining's EMA teacher and threshold
 
 

@@ -43,7 +43,7 @@ def test_supconlocal_runs_its_three_stages(hippocampus, trained):
     log = trained["nnUNetTrainerSupConLocal"]
     for stage in ["global", "local", "finetune"]:
         assert f"Entering stage '{stage}'" in log
-    assert "contrastive loss (global)" in log and "contrastive loss (local)" in log
+    assert "global_contrast_loss (global)" in log and "local_contrast_loss (local)" in log
     checkpoint = torch.load(hippocampus.model_folder("nnUNetTrainerSupConLocal") / "fold_0" / "checkpoint_final.pth",
                             map_location="cpu", weights_only=False)
     assert checkpoint["current_epoch"] == 4  # 1 global + 1 local + 2 fine-tuning epochs
@@ -52,6 +52,10 @@ def test_supconlocal_runs_its_three_stages(hippocampus, trained):
         k.startswith(("global", "local")) for k in checkpoint["network_weights"])
     stages = checkpoint["logging"]["stage"]
     assert stages == [0, 1, 2, 2]
+
+
+def checkpoint_curve(hippocampus, trainer, key):
+    return final_checkpoint(hippocampus, trainer)["logging"][key]
 
 
 def final_checkpoint(hippocampus, trainer):
@@ -65,7 +69,8 @@ def test_pseudolabel_warms_up_then_trains_jointly(hippocampus, trained, trainer,
     log = trained[trainer]
     assert "Stage: warmup" in log and "Stage: joint" in log
     assert "Pseudo-labelling round 1/1: labels from the network as of epoch 1" in log
-    assert "contrastive loss (joint)" in log and "contrastive loss (warmup)" not in log
+    assert "contrast_loss (joint)" in log and "segmentation_loss (joint)" in log and "(warmup): " not in log
+    assert all(value == value for value in checkpoint_curve(hippocampus, trainer, "contrast_loss")[1:])
     checkpoint = final_checkpoint(hippocampus, trainer)
     assert checkpoint["current_epoch"] == 2 and checkpoint["logging"]["stage"] == [0, 1]
     extras = checkpoint["nnunet_contrast"]
@@ -89,7 +94,12 @@ def test_globallocal_runs_its_stages(hippocampus, trained, trainer, stages):
 def test_crosslevel_runs_contrast_then_consistency(hippocampus, trained):
     log = trained["nnUNetTrainerCrossLevel"]
     assert "Cross-level grid: 4 x 4 sub-patches of 14 x 10 pixels" in log
-    assert "contrastive loss (contrast)" in log and "contrastive loss (consistency)" in log
+    assert "cross_level_contrast_loss (contrast)" in log and "patch_consistency_loss (consistency)" in log
+    # each term logged under its own name, NaN in the epochs of the other
+    contrast, consistency = (checkpoint_curve(hippocampus, "nnUNetTrainerCrossLevel", key)
+                             for key in ("cross_level_contrast_loss", "patch_consistency_loss"))
+    assert contrast[0] == contrast[0] and contrast[1] != contrast[1]
+    assert consistency[0] != consistency[0] and consistency[1] == consistency[1]
     checkpoint = final_checkpoint(hippocampus, "nnUNetTrainerCrossLevel")
     assert checkpoint["logging"]["stage"] == [0, 1]
     assert any(k.startswith("cell.") for k in checkpoint["nnunet_contrast"]["heads"])  # a flat state dict

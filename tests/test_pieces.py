@@ -262,7 +262,7 @@ def test_progress_png_gets_a_contrast_panel(tmp_path):
 
     from nnunet_contrast.training.progress import ContrastLocalLogger
 
-    plain, ours = LocalLogger(), ContrastLocalLogger(["global", "local", "finetune"])
+    plain, ours = LocalLogger(), ContrastLocalLogger(["global", "local", "finetune"], ["global_contrast", "local_contrast"])
     for epoch in range(3):
         for logger in (plain, ours):
             for key in ["mean_fg_dice", "train_losses", "val_losses", "lrs", "epoch_start_timestamps"]:
@@ -270,7 +270,8 @@ def test_progress_png_gets_a_contrast_panel(tmp_path):
             logger.log("ema_fg_dice", 0.1, epoch)
             logger.log("epoch_end_timestamps", 1.0 + epoch, epoch)
             logger.log("dice_per_class_or_region", [0.1], epoch)
-        ours.log("contrast_loss", [4.0, 3.0, float("nan")][epoch], epoch)
+        ours.log("global_contrast_loss", [4.0, float("nan"), float("nan")][epoch], epoch)
+        ours.log("local_contrast_loss", [float("nan"), 3.0, float("nan")][epoch], epoch)
         ours.log("stage", epoch, epoch)
     (tmp_path / "plain").mkdir()
     (tmp_path / "ours").mkdir()

@@ -225,14 +225,14 @@ def test_confidence_filter_excludes_flip_inconsistent_images(threshold, excluded
     expected = (x[:, 0] + PositionBiased().bonus > 0.5).long()
     for i in excluded:
         expected[i] = EXCLUDED
-    assert torch.equal(PseudoLabeler(PositionBiased(), confidence_threshold=threshold)(x), expected)
+    assert torch.equal(PseudoLabeler(PositionBiased(), min_flip_agreement=threshold)(x), expected)
 
 
 def test_confidence_filter_keeps_flip_equivariant_predictions():
     torch.manual_seed(4)
     conv = nn.Conv2d(1, 3, 1)
     x = image(batch=4, height=10, width=9, seed=5)
-    labels = PseudoLabeler(conv, confidence_threshold=1.0)(x)
+    labels = PseudoLabeler(conv, min_flip_agreement=1.0)(x)
     with torch.no_grad():
         expected = conv(x).argmax(1)
     assert (expected > 0).any()  # there is foreground to agree on
@@ -300,8 +300,8 @@ GLOBALLOCAL = ("base", "globallocal_chaitanya2020")
 @pytest.mark.parametrize("presets, section, key, value, rule", [
     (PSEUDO, "pseudolabel", "warmup_fraction", 1.0, "must be in [0, 1)"),
     (PSEUDO, "pseudolabel", "warmup_fraction", -0.1, "must be in [0, 1)"),
-    (PSEUDO, "pseudolabel", "confidence_threshold", 1.5, "must be in [0, 1]"),
-    (PSEUDO, "pseudolabel", "confidence_threshold", -0.2, "must be in [0, 1]"),
+    (PSEUDO, "pseudolabel", "min_flip_agreement", 1.5, "must be in [0, 1]"),
+    (PSEUDO, "pseudolabel", "min_flip_agreement", -0.2, "must be in [0, 1]"),
     (PSEUDO, "pseudolabel", "matching", "foo", "must be one of"),
     (PSEUDO, "pseudolabel", "pseudo_label_rounds", 0, "must be at least 1"),
     (PSEUDO, "pseudolabel", "temperature", 0.0, "must be > 0"),
@@ -318,8 +318,8 @@ def test_new_settings_reject_bad_values(presets, section, key, value, rule):
 
 
 @pytest.mark.parametrize("presets, section, values", [
-    (PSEUDO, "pseudolabel", {"warmup_fraction": 0.0, "confidence_threshold": 1.0, "matching": "inter"}),
-    (PSEUDO, "pseudolabel", {"warmup_fraction": 0.9, "confidence_threshold": 1, "pseudo_label_rounds": 1}),
+    (PSEUDO, "pseudolabel", {"warmup_fraction": 0.0, "min_flip_agreement": 1.0, "matching": "inter"}),
+    (PSEUDO, "pseudolabel", {"warmup_fraction": 0.9, "min_flip_agreement": 1, "pseudo_label_rounds": 1}),
     (GLOBALLOCAL, "globallocal", {"global_strategy": "GR", "local_strategy": "LD", "partitions": 1,
                                   "decoder_blocks": 1, "region_size": 1}),
 ])

@@ -88,7 +88,7 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
         stage = self.current_stage
         if stage.name == JOINT and self.method_settings.labeller == "snapshot" and not stage.self_training:
             # a round starts: labels from a fresh frozen copy of the network
-            self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.confidence_threshold)
+            self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.min_flip_agreement)
             rounds = [i for i, stage in enumerate(self.schedule.stages) if stage.name == JOINT]
             self.print_to_log_file(f"Pseudo-labelling round {rounds.index(index) + 1}/{len(rounds)}: labels from "
                                    f"the network as of epoch {self.current_epoch}")
@@ -130,7 +130,7 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
     def restore_extras(self, extras, current_epoch: int) -> None:
         super().restore_extras(extras, current_epoch)
         if extras.get("pseudo_labeler") is not None:  # resume mid-round with that round's labels
-            self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.confidence_threshold)
+            self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.min_flip_agreement)
             self.pseudo_labeler.load_state_dict(extras["pseudo_labeler"])
 
 

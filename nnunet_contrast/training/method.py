@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nnunet_contrast.distributed import average_gradients, broadcast_module, gather_objects
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
-from nnunet_contrast.training.progress import ContrastLocalLogger
+from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, NnUNetSGD, Part,
                                                Schedule, Stage, Term, replace_finetuning)
 from nnunet_contrast.training.self_training import COVERAGE, SelfTraining, self_training_schedule
@@ -66,7 +66,8 @@ class MethodTrainer(SemiSupervisedTrainer):
         self._heads = None
         self.stage_loaders: Dict[str, object] = {}
         self.self_training = SelfTraining(self)
-        self.logger.local_logger = ContrastLocalLogger(self.schedule.names)
+        unsupervised = [term.name for stage in self.schedule.stages for term in stage.terms if term.name != SEGMENTATION]
+        self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)))
 
     @classmethod
     def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
@@ -260,13 +261,11 @@ class MethodTrainer(SemiSupervisedTrainer):
         return output
 
     def stage_loss(self, stage: Stage, inputs: StepInputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The weighted sum of the stage's terms, and to log: each term (unweighted), their weighted
-        unsupervised sum and what the terms noted (``inputs.logged``)."""
+        """The weighted sum of the stage's terms, and to log: each term (unweighted) and what the terms
+        noted (``inputs.logged``)."""
         values = {term.name: getattr(self, f"{term.name}_loss")(inputs) for term in stage.terms}
-        weighted = {term.name: term.weight_at(self.term_progress(term)) * values[term.name] for term in stage.terms}
-        total = sum(weighted.values())
-        unsupervised = sum(value for name, value in weighted.items() if name != SEGMENTATION)
-        return total, {**values, **inputs.logged, "unsupervised": torch.as_tensor(unsupervised, dtype=torch.float32)}
+        total = sum(term.weight_at(self.term_progress(term)) * values[term.name] for term in stage.terms)
+        return total, {**values, **inputs.logged}
 
     def segmentation_loss(self, inputs: StepInputs) -> torch.Tensor:
         """nnU-Net's loss of each decoder's output on the labelled images of the joint pass (in a
@@ -320,17 +319,14 @@ class MethodTrainer(SemiSupervisedTrainer):
         super().on_train_epoch_end(train_outputs)  # nnU-Net's loss line: the mean over ranks under DDP
         train_outputs = [o for rank in gather_objects(train_outputs) for o in rank]  # ours too
         stage = self.current_stage
-        for term in stage.terms:
-            values = [float(o[term.name]) for o in train_outputs if term.name in o]
-            if values and len(stage.terms) > 1:
-                self.print_to_log_file(f"{term.name} loss ({stage.name}): {round(float(np.mean(values)), 4)}")
-        unsupervised = [float(o["unsupervised"]) for o in train_outputs if "unsupervised" in o]
-        has_unsupervised = any(term.name != SEGMENTATION for term in stage.terms)
-        contrast = float(np.mean(unsupervised)) if unsupervised and has_unsupervised else float("nan")
-        self.logger.log("contrast_loss", contrast, self.current_epoch)
+        means = {term.name: float(np.mean([float(o[term.name]) for o in train_outputs]))
+                 for term in stage.terms if train_outputs and term.name in train_outputs[0]}
+        for name, mean in means.items():  # a stage of nnU-Net's own step logs nnU-Net's loss only
+            self.print_to_log_file(f"{term_key(name)} ({stage.name}): {round(mean, 4)}")
+        for key in self.logger.local_logger.term_keys:
+            self.logger.log(key, next((m for n, m in means.items() if term_key(n) == key), float("nan")),
+                            self.current_epoch)
         self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
-        if contrast == contrast:
-            self.print_to_log_file(f"contrastive loss ({stage.name}): {round(contrast, 4)}")
         coverage = [float(o[COVERAGE]) for o in train_outputs if COVERAGE in o]
         if coverage:
             self.print_to_log_file(f"confident pseudo-labels ({stage.name}): {round(100 * float(np.mean(coverage)), 1)}% "

@@ -1,5 +1,6 @@
-"""nnU-Net's training log and progress.png, extended with the contrastive loss, the stage and the
-EMA teacher's validation Dice (NaN in epochs without a teacher)."""
+"""nnU-Net's training log and progress.png, extended with each loss term other than nnU-Net's own
+(``<term>_loss``, NaN in epochs whose stage lacks it), the stage and the EMA teacher's validation Dice
+(NaN in epochs without a teacher)."""
 import io
 import math
 from os.path import join
@@ -7,23 +8,29 @@ from typing import Sequence
 
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-CONTRAST_KEYS = ("contrast_loss", "stage", "teacher_dice")
+STAGE_KEYS = ("stage", "teacher_dice")
+
+
+def term_key(term_name: str) -> str:
+    """The log entry of a loss term."""
+    return f"{term_name}_loss"
 
 
 class ContrastLocalLogger(LocalLogger):
     """nnU-Net's LocalLogger with more per-epoch entries; progress.png gets a fourth panel."""
 
-    def __init__(self, stage_names: Sequence[str], verbose: bool = False):
+    def __init__(self, stage_names: Sequence[str], term_names: Sequence[str], verbose: bool = False):
         super().__init__(verbose)
-        for key in CONTRAST_KEYS:
+        self.term_keys = [term_key(name) for name in term_names]
+        for key in (*STAGE_KEYS, *self.term_keys):
             self.my_fantastic_logging[key] = []
         self.stage_names = list(stage_names)
 
     def load_checkpoint(self, checkpoint: dict):
-        """A checkpoint written before an entry existed gets it as NaN for its epochs."""
+        """A checkpoint of other settings (a term its stages lacked) gets the entry as NaN for its epochs."""
         super().load_checkpoint(checkpoint)
         epochs = len(self.my_fantastic_logging.get("epoch_end_timestamps", []))
-        for key in CONTRAST_KEYS:
+        for key in (*STAGE_KEYS, *self.term_keys):
             self.my_fantastic_logging.setdefault(key, [math.nan] * epochs)
 
     def plot_progress_png(self, output_folder):
@@ -43,23 +50,21 @@ class ContrastLocalLogger(LocalLogger):
         from PIL import Image
 
         epochs = min(len(v) for v in self.my_fantastic_logging.values())
-        losses = self.my_fantastic_logging["contrast_loss"][:epochs]
         stages = self.my_fantastic_logging["stage"][:epochs]
         fig, ax = plt.subplots(1, 1, figsize=(width_px / 100, 12), dpi=100)
         colours = ["tab:orange", "tab:purple", "tab:green", "tab:red", "tab:cyan"]
         for index, name in enumerate(self.stage_names):
             epochs_of_stage = [e for e, s in enumerate(stages) if s == index]
-            if not epochs_of_stage:
-                continue
-            colour = colours[index % len(colours)]
-            ax.axvspan(min(epochs_of_stage) - 0.5, max(epochs_of_stage) + 0.5, alpha=0.15, color=colour,
-                       label=f"stage: {name}")
-            points = [(e, losses[e]) for e in epochs_of_stage if not math.isnan(losses[e])]
-            if points:  # each stage has its own loss: one line per stage
-                ax.plot(*zip(*points), color=colour, marker="o", linewidth=4, label=f"{name} loss")
+            if epochs_of_stage:
+                ax.axvspan(min(epochs_of_stage) - 0.5, max(epochs_of_stage) + 0.5, alpha=0.15,
+                           color=colours[index % len(colours)], label=f"stage: {name}")
+        for key in self.term_keys:  # each term its own line, over the epochs that have it
+            points = [(e, v) for e, v in enumerate(self.my_fantastic_logging[key][:epochs]) if not math.isnan(v)]
+            if points:
+                ax.plot(*zip(*points), marker="o", linewidth=3, label=key)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("contrastive loss")
-        ax.legend(loc=(0, 1), ncol=len(self.stage_names) + 1)
+        ax.set_ylabel("loss terms (unweighted)")
+        ax.legend(loc=(0, 1), ncol=len(self.stage_names) + len(self.term_keys))
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")

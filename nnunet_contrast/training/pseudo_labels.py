@@ -60,26 +60,26 @@ class PseudoLabeler(FrozenNetwork):
 
     Args:
         network: the trainer's network; it is copied.
-        confidence_threshold: 0 keeps every pseudo-label; above 0, an image whose prediction
+        min_flip_agreement: 0 keeps every pseudo-label; above 0, an image whose prediction
             and the prediction of its flipped copy (flipped back) agree with a foreground Dice
             below the threshold is excluded (all pixels ``EXCLUDED``). The paper's consistency
             filter uses rotation, translation and scaling; flips are exactly invertible.
     """
 
-    def __init__(self, network: nn.Module, confidence_threshold: float = 0.0):
+    def __init__(self, network: nn.Module, min_flip_agreement: float = 0.0):
         super().__init__(network)
-        self.confidence_threshold = confidence_threshold
+        self.min_flip_agreement = min_flip_agreement
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, H, W) long pseudo-labels."""
         logits = self.logits(images)
         labels = logits.argmax(1)
-        if self.confidence_threshold > 0:
+        if self.min_flip_agreement > 0:
             spatial = tuple(range(2, images.ndim))
             flipped = self.logits(images.flip(spatial)).flip(spatial).argmax(1)
             agree = foreground_dice(labels, flipped, logits.shape[1])
-            labels[agree < self.confidence_threshold] = EXCLUDED
+            labels[agree < self.min_flip_agreement] = EXCLUDED
         return labels
 
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from nnunet_contrast.commands.benchmark.records import load_records
+from nnunet_contrast.commands.benchmark.records import is_term_curve, load_records
 from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import write_text_atomic
@@ -327,7 +327,7 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
 def plot_curves(record: dict, path: Path) -> None:
     curves = {k: [float("nan") if v is None else v for v in values] for k, values in record["curves"].items()}
     panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice", "teacher_dice"]),
-              ("contrastive loss", ["contrast_loss"])]
+              ("loss terms", [k for k in curves if is_term_curve(k)])]
     panels = [(title, [k for k in keys if k in curves]) for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
     fig, axes = pyplot().subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), dpi=100, squeeze=False)
