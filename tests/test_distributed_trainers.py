@@ -19,7 +19,6 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from conftest import StopTraining, make_plans, make_trainer, ready_trainer, stop_after_epoch_end, trained_state
 from distributed_harness import run_ranks
 from nnunet_contrast.network.taps import unwrap_network
-from nnunet_contrast.training.schedule import Data
 
 TOLERANCE = 1e-5
 # deterministic steps: both views fixed (below), no mixing or intensity perturbation, every pixel kept, all
@@ -125,7 +124,7 @@ def stage_steps(hippocampus, tmp_path_factory):
             reference = with_method_setting(ready_trainer(trainer_name, plans), case)
             stage = reference.schedule.stage(stage_name)
             batch = next(reference.stage_loader(stage))
-            unlabeled = reference.next_unlabeled_images() if stage.data == Data.LABELED_AND_UNLABELED else None
+            unlabeled = reference.next_unlabeled_images() if stage.reads_unlabeled else None
             weights = {"network": {k: v.clone() for k, v in unwrap_network(reference.network).state_dict().items()},
                        "heads": {k: v.clone() for k, v in reference.heads.state_dict().items()}}
             inputs[case] = (batch, unlabeled, weights)

@@ -22,10 +22,9 @@ from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, student_batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss, deep_supervision_targets
 from nnunet_contrast.settings import resolve_settings
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
-from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, NnUNetSGD,
-                                               Schedule, Stage, Term)
-from nnunet_contrast.training.schedule import ramped
 from nnunet_contrast.training.dice import class_counts, mean_dice
+from nnunet_contrast.training.schedule import (ENCODER, NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, Labeller,
+                                               NnUNetSGD, Schedule, Stage, Term, ramped)
 from nnunet_contrast.training.self_training import SelfTraining, self_training_schedule, self_training_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -316,13 +315,14 @@ def test_self_training_stages_warm_up_then_self_train():
     s = settings(warmup_fraction=0.25)
     warmup, selftrain = self_training_stages(s.budget, s.selftraining)
     assert (warmup.epochs, selftrain.epochs) == (3, 7) and warmup.is_nnunet_step
-    assert selftrain.self_training and selftrain.supervised and selftrain.data == Data.LABELED_AND_UNLABELED
+    assert selftrain.self_training and selftrain.supervised and selftrain.data == Data.STUDENT
+    assert selftrain.labeller == Labeller.EMA_TEACHER and warmup.labeller == Labeller.NONE
     assert warmup.optimizer_key() == selftrain.optimizer_key()  # one poly schedule over both
 
 
 def test_finetune_selftraining_replaces_or_joins_the_methods_fine_tuning():
     s = settings()
-    pretrain = Stage("global", 1, 5, ("encoder",), Adam(1e-3), (Term("global_contrast"),), Data.LABELED_AND_UNLABELED)
+    pretrain = Stage("global", 1, 5, (ENCODER,), Adam(1e-3), (Term("global_contrast"),), Data.LABELED_AND_UNLABELED)
     finetune = Stage("finetune", 10, 5, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), Data.LABELED)
     replaced = self_training_schedule([pretrain, finetune], s.budget, s.selftraining)
     assert [st.name for st in replaced] == ["global", "warmup", "selftrain"]
@@ -331,6 +331,17 @@ def test_finetune_selftraining_replaces_or_joins_the_methods_fine_tuning():
     joined = self_training_schedule([finetune, joint], s.budget, s.selftraining)
     assert [st.name for st in joined] == ["finetune", "joint"] and not joined[0].self_training
     assert [t.name for t in joined[1].terms] == [SEGMENTATION, "contrast", PSEUDO_LABEL]
+    assert joined[1].data == Data.STUDENT and joined[1].labeller == Labeller.EMA_TEACHER
+
+
+def test_a_stage_declares_a_labeller_only_for_unlabelled_images_and_the_student_reads_the_teacher():
+    terms = (Term(SEGMENTATION),)
+    with pytest.raises(ValueError, match="the student's batch is labelled by the EMA teacher"):
+        Stage("s", 1, 1, (NETWORK,), NnUNetSGD(), terms, Data.STUDENT, labeller=Labeller.SNAPSHOT)
+    with pytest.raises(ValueError, match="labels unlabelled images, which the stage does not read"):
+        Stage("s", 1, 1, (NETWORK,), NnUNetSGD(), terms, Data.LABELED, labeller=Labeller.EMA_TEACHER)
+    assert Stage("s", 1, 1, (NETWORK,), NnUNetSGD(), terms, Data.LABELED_AND_UNLABELED,
+                 labeller=Labeller.SNAPSHOT).reads_unlabeled
 
 
 def test_self_training_settings_are_checked():

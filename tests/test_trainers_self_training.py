@@ -135,7 +135,8 @@ def test_a_checkpoint_without_teacher_resumes_into_a_stage_that_needs_one(hippoc
     plans = make_plans(hippocampus, "nnUNetPlans_pl_teacher_resume", "nnunet_contrast.pseudolabel.labeller=teacher")
     trainer = ready_trainer("nnUNetTrainerPseudoLabelContrast", plans)
     joint = trainer.schedule.index_of("joint")
-    trainer.restore_extras({"stage_index": joint, "optimizer_stage": "joint"}, trainer.schedule.starts[joint] + 1)
+    extras = {"stage_index": joint, "optimizer_stage": "joint", "rank_random_states": []}
+    trainer.restore_extras(extras, trainer.schedule.starts[joint] + 1)
     assert trainer.self_training.teacher is not None
 
 

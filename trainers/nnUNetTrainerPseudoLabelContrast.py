@@ -21,8 +21,8 @@ from nnunet_contrast.network.heads import DenseProjectionHead
 from nnunet_contrast.network.taps import check_unet, decoder_channels
 from nnunet_contrast.training.method import MethodTrainer
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler, round_start_epochs
-from nnunet_contrast.training.schedule import (HEADS, NETWORK, SEGMENTATION, Data, NnUNetSGD, Stage, Term,
-                                               epochs_of)
+from nnunet_contrast.training.schedule import (HEADS, NETWORK, SEGMENTATION, Data, Labeller, NnUNetSGD, Stage,
+                                               Term, epochs_of)
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs, full_resolution
 
@@ -59,14 +59,10 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
         warmup, rounds = warmup_and_rounds(self.settings)
         iterations, trains = self.settings.budget.num_iterations_per_epoch, (NETWORK, HEADS)
         joint = (Term(SEGMENTATION), Term("contrast", self.method_settings.lambda_cont, features=True))
+        labeller = Labeller.SNAPSHOT if self.method_settings.labeller == "snapshot" else Labeller.EMA_TEACHER
         return [Stage(WARMUP, warmup, iterations, trains, NnUNetSGD(), (Term(SEGMENTATION),), Data.LABELED)] + \
-            [Stage(JOINT, epochs, iterations, trains, NnUNetSGD(), joint, Data.LABELED_AND_UNLABELED)
+            [Stage(JOINT, epochs, iterations, trains, NnUNetSGD(), joint, Data.LABELED_AND_UNLABELED, labeller=labeller)
              for _, epochs in rounds]
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.pseudo_labeler = None
 
     def initialize(self):
         super().initialize()
@@ -79,19 +75,8 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
         return nn.ModuleDict({"local": DenseProjectionHead(decoder_channels(self.network), s.head_hidden,
                                                            s.embedding_dim, normalize=False)})
 
-    # ------------------------------------------------------------ rounds
-    def uses_teacher(self, stage) -> bool:
-        return super().uses_teacher(stage) or (stage.name == JOINT and self.method_settings.labeller == "teacher")
-
-    def enter_stage(self, index: int) -> None:
-        super().enter_stage(index)
-        stage = self.current_stage
-        if stage.name == JOINT and self.method_settings.labeller == "snapshot" and not stage.self_training:
-            # a round starts: labels from a fresh frozen copy of the network
-            self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.min_flip_agreement)
-            rounds = [i for i, stage in enumerate(self.schedule.stages) if stage.name == JOINT]
-            self.print_to_log_file(f"Pseudo-labelling round {rounds.index(index) + 1}/{len(rounds)}: labels from "
-                                   f"the network as of epoch {self.current_epoch}")
+    def new_snapshot(self) -> PseudoLabeler:
+        return PseudoLabeler(self.network, self.method_settings.min_flip_agreement)
 
     # ------------------------------------------------------------ the contrastive term
     def contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
@@ -105,7 +90,7 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
         if inputs.stage.self_training:
             return inputs.student.labels
         _, target = inputs.labeled
-        if self.method_settings.labeller == "teacher":
+        if inputs.stage.labeller == Labeller.EMA_TEACHER:
             pseudo_labels, _ = self.self_training.teacher(inputs.unlabeled)
         else:
             pseudo_labels = self.pseudo_labeler(inputs.unlabeled)
@@ -121,17 +106,6 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
             partners = (torch.arange(len(labels), device=labels.device) + shift) % len(labels)
         embeddings = self.heads["local"](features)
         return self.contrast(embeddings, labels, anchors, self.label_manager.num_segmentation_heads, partners)
-
-    # ------------------------------------------------------------ checkpoints
-    def checkpoint_extras(self):
-        labeler = self.pseudo_labeler.state_dict() if self.pseudo_labeler is not None else None
-        return {**super().checkpoint_extras(), "pseudo_labeler": labeler}
-
-    def restore_extras(self, extras, current_epoch: int) -> None:
-        super().restore_extras(extras, current_epoch)
-        if extras.get("pseudo_labeler") is not None:  # resume mid-round with that round's labels
-            self.pseudo_labeler = PseudoLabeler(self.network, self.method_settings.min_flip_agreement)
-            self.pseudo_labeler.load_state_dict(extras["pseudo_labeler"])
 
 
 class nnUNetTrainerPseudoLabelContrastInter(nnUNetTrainerPseudoLabelContrast):

@@ -22,7 +22,9 @@ from nnunet_contrast.distributed import average_gradients, broadcast_module, gat
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
-from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, NnUNetSGD, Part,
+from nnunet_contrast.training.pseudo_labels import PseudoLabeler
+from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, Labeller,
+                                               NnUNetSGD, Part,
                                                Schedule, Stage, Term, replace_finetuning)
 from nnunet_contrast.training.self_training import COVERAGE, SelfTraining, self_training_schedule
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
@@ -64,7 +66,8 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.stage_index: Optional[int] = None
         self.steps_this_epoch = 0
         self._heads = None
-        self.stage_loaders: Dict[str, object] = {}
+        self.stage_loaders: Dict[Data, object] = {}
+        self.pseudo_labeler: Optional[PseudoLabeler] = None  # the snapshot of the current round, if any
         self.self_training = SelfTraining(self)
         unsupervised = [term.name for stage in self.schedule.stages for term in stage.terms if term.name != SEGMENTATION]
         self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)))
@@ -135,10 +138,6 @@ class MethodTrainer(SemiSupervisedTrainer):
         done = (self.current_epoch - self.schedule.starts[self.stage_index]) * self.current_stage.iterations
         return self.schedule.term_progress(term.name, self.stage_index, done + self.steps_this_epoch)
 
-    def uses_teacher(self, stage: Stage) -> bool:
-        """The stage reads the EMA teacher, which then follows the network after every step."""
-        return stage.self_training
-
     # ------------------------------------------------------------ what trains, and how
     @property
     def heads(self) -> nn.ModuleDict:
@@ -196,16 +195,25 @@ class MethodTrainer(SemiSupervisedTrainer):
             self._best_ema = None
         self.finish_unused_loaders()
         self.print_to_log_file(f"Entering stage '{stage.name}' at epoch {self.current_epoch}")
-        if self.uses_teacher(stage):
+        if stage.labeller == Labeller.EMA_TEACHER:
             self.self_training.start()
+        if stage.labeller == Labeller.SNAPSHOT:  # a round starts: labels from a fresh frozen copy of the network
+            self.pseudo_labeler = self.new_snapshot()
+            rounds = [i for i, s in enumerate(self.schedule.stages) if s.labeller == Labeller.SNAPSHOT]
+            self.print_to_log_file(f"Pseudo-labelling round {rounds.index(index) + 1}/{len(rounds)}: labels from "
+                                   f"the network as of epoch {self.current_epoch}")
+
+    def new_snapshot(self) -> PseudoLabeler:
+        """The pseudo-labeller of a ``Labeller.SNAPSHOT`` round: a frozen copy of the network."""
+        return PseudoLabeler(self.network)
 
     # ------------------------------------------------------------ data of a stage
     def reads_unlabeled_batches(self) -> bool:
-        return any(s.data == Data.LABELED_AND_UNLABELED for s in self.schedule.stages)
+        return any(s.reads_unlabeled for s in self.schedule.stages)
 
     def stage_loader(self, stage: Stage):
         """nnU-Net's labelled loader, or the stage's own loader (built once, on first use)."""
-        if stage.data in (Data.LABELED, Data.LABELED_AND_UNLABELED):
+        if stage.data in (Data.LABELED, Data.LABELED_AND_UNLABELED, Data.STUDENT):
             return self.dataloader_labeled
         if stage.data not in self.stage_loaders:
             self.stage_loaders[stage.data] = self.build_stage_loader(stage.data)
@@ -255,7 +263,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         else:
             inputs = StepInputs(self, stage, batch)
             output = self.optimizer_step(lambda: self.stage_loss(stage, inputs))
-        if self.uses_teacher(stage):
+        if stage.labeller == Labeller.EMA_TEACHER:
             self.self_training.update()
         self.steps_this_epoch += 1
         return output
@@ -352,7 +360,8 @@ class MethodTrainer(SemiSupervisedTrainer):
         stage = self.current_stage
         return {**super().checkpoint_extras(), "heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
                 "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index,
-                "teacher": self.self_training.state_dict()}
+                "teacher": self.self_training.state_dict(),
+                "pseudo_labeler": None if self.pseudo_labeler is None else self.pseudo_labeler.state_dict()}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:
         """Before nnU-Net restores weights and optimizer state: the heads, and the optimizer of the stage
@@ -366,11 +375,14 @@ class MethodTrainer(SemiSupervisedTrainer):
         if "heads" in extras:
             self.heads.load_state_dict(extras["heads"])
         self.self_training.load_state_dict(extras.get("teacher"))
+        if extras.get("pseudo_labeler") is not None:  # resume mid-round with that round's labels
+            self.pseudo_labeler = self.new_snapshot()
+            self.pseudo_labeler.load_state_dict(extras["pseudo_labeler"])
         index = extras.get("stage_index")
         if index is None or index >= len(self.schedule.stages) or \
                 self.schedule.stages[index].name != extras.get("optimizer_stage"):  # the stages have changed
             index = self.schedule.index_at(max(current_epoch - 1, 0))
         self.stage_index = index
         self.optimizer, self.lr_scheduler = self.stage_optimizer(index)
-        if self.uses_teacher(self.current_stage):  # a checkpoint of settings without a teacher: start one now
+        if self.current_stage.labeller == Labeller.EMA_TEACHER:  # a checkpoint of settings without a teacher: start one now
             self.self_training.start()

@@ -1,5 +1,5 @@
 """A run as data: an ordered list of stages, each saying what trains, with which optimizer, on which
-loss terms with which weights, and on which data. ``MethodTrainer`` (``training/method.py``) reads
+loss terms with which weights, on which data, and which pseudo-labeller it reads. ``MethodTrainer`` (``training/method.py``) reads
 it for everything that depends on stages: boundaries, optimizers, iterations, the log line, the
 progress.png shading, checkpoint_best and ``--c``.
 """
@@ -15,6 +15,15 @@ class Data(Enum):
     LABELED_AND_UNLABELED = "labelled + unlabelled batch"      # the same, plus an unlabelled batch (images only)
     ALL_IMAGES = "all images"                                  # every training case and added image, labels dropped
     PARTITIONS = "all images, partition batches"               # the same, drawn as volumes x slice partitions
+    STUDENT = "the student's batch"  # self-training: the labelled and unlabelled batch as the student sees it,
+    #                                  each pixel with its target (data/mixing.py)
+
+
+class Labeller(Enum):
+    """Which pseudo-labeller a stage reads (``training/pseudo_labels.py``)."""
+    NONE = "none"
+    EMA_TEACHER = "the EMA teacher"        # follows the network after every step of the stages that read it
+    SNAPSHOT = "a snapshot per round"      # a frozen copy of the network taken when each such stage starts
 
 
 class Views(Enum):
@@ -110,6 +119,19 @@ class Stage:
     terms: Tuple[Term, ...]
     data: Data = Data.LABELED
     views: Views = Views.NONE
+    labeller: Labeller = Labeller.NONE
+
+    def __post_init__(self):
+        if self.data == Data.STUDENT and self.labeller != Labeller.EMA_TEACHER:
+            raise ValueError(f"stage '{self.name}': the student's batch is labelled by the EMA teacher, not by "
+                             f"{self.labeller.value}")
+        if self.labeller != Labeller.NONE and not self.reads_unlabeled:
+            raise ValueError(f"stage '{self.name}': {self.labeller.value} labels unlabelled images, which the stage "
+                             f"does not read (data: {self.data.value})")
+
+    @property
+    def reads_unlabeled(self) -> bool:
+        return self.data in (Data.LABELED_AND_UNLABELED, Data.STUDENT)
 
     @property
     def supervised(self) -> bool:
@@ -119,8 +141,8 @@ class Stage:
 
     @property
     def self_training(self) -> bool:
-        """Trains on the EMA teacher's pseudo-labels: the student sees its own view (training/self_training.py)."""
-        return any(t.name == PSEUDO_LABEL for t in self.terms)
+        """Trains on the student's batch (training/self_training.py)."""
+        return self.data == Data.STUDENT
 
     @property
     def is_nnunet_step(self) -> bool:
@@ -194,6 +216,7 @@ class Schedule:
         return "; ".join(f"{s.name}: epochs {start}-{start + s.epochs - 1} x {s.iterations} it, trains "
                          f"{' + '.join(map(str, s.trains))}, terms {', '.join(_term_text(t) for t in s.terms)}, "
                          f"data: {s.data.value}" + (f", two views ({s.views.value})" if s.views != Views.NONE else "")
+                         + (f", pseudo-labels of {s.labeller.value}" if s.labeller != Labeller.NONE else "")
                          for s, start in zip(self.stages, self.starts))
 
 

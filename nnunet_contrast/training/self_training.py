@@ -27,8 +27,8 @@ from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentat
 from nnunet_contrast.network.taps import unwrap_network
 from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
-from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATION, Data, NnUNetSGD, Stage,
-                                               Term, epochs_of, ramped, replace_finetuning)
+from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATION, Data, Labeller, NnUNetSGD,
+                                               Stage, Term, epochs_of, ramped, replace_finetuning)
 from nnunet_contrast.training.step import batch_part, full_resolution
 
 WARMUP, SELF_TRAIN = "warmup", "selftrain"
@@ -46,20 +46,21 @@ def self_training_stages(budget, settings) -> List[Stage]:
     iterations = budget.num_iterations_per_epoch
     return [Stage(WARMUP, warmup, iterations, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), Data.LABELED),
             Stage(SELF_TRAIN, budget.num_epochs - warmup, iterations, (NETWORK,), NnUNetSGD(),
-                  (Term(SEGMENTATION), pseudo_label_term(settings)), Data.LABELED_AND_UNLABELED)]
+                  (Term(SEGMENTATION), pseudo_label_term(settings)), Data.STUDENT, labeller=Labeller.EMA_TEACHER)]
 
 
 def with_pseudo_label_term(stage: Stage, settings) -> Stage:
-    """A joint stage of a method, with the self-training term added."""
-    return dataclasses.replace(stage, terms=stage.terms + (pseudo_label_term(settings),))
+    """A joint stage of a method on the student's batch, with the self-training term added."""
+    return dataclasses.replace(stage, terms=stage.terms + (pseudo_label_term(settings),), data=Data.STUDENT,
+                               labeller=Labeller.EMA_TEACHER)
 
 
 def self_training_schedule(stages: List[Stage], budget, settings) -> List[Stage]:
     """``run.finetune = selftraining``: a joint method's fine-tuning stages gain the pseudo-label term; any
     other method's fine-tuning stages are replaced by the self-training stages."""
     finetune = [s for s in stages if s.supervised]
-    if any(s.data == Data.LABELED_AND_UNLABELED for s in finetune):
-        return [with_pseudo_label_term(s, settings) if s in finetune and s.data == Data.LABELED_AND_UNLABELED else s
+    if any(s.reads_unlabeled for s in finetune):
+        return [with_pseudo_label_term(s, settings) if s in finetune and s.reads_unlabeled else s
                 for s in stages]
     return replace_finetuning(stages, self_training_stages(budget, settings))
 

@@ -70,7 +70,7 @@ class StepInputs:
     @cached_property
     def unlabeled(self) -> Optional[torch.Tensor]:
         """An unlabelled batch (images only) on the device, or None without an unlabelled pool."""
-        if self.stage.data != Data.LABELED_AND_UNLABELED:
+        if not self.stage.reads_unlabeled:
             raise RuntimeError(f"stage '{self.stage.name}' reads no unlabelled batch (its data: {self.stage.data})")
         images = self.trainer.next_unlabeled_images()
         return None if images is None else to_device(images, self.trainer.device)
