@@ -127,7 +127,7 @@ def test_pseudolabel_contrast_can_label_with_the_ema_teacher(hippocampus):
     trainer = make_trainer("nnUNetTrainerPseudoLabelContrast", plans)
     trainer.run_training()
     assert trainer.pseudo_labeler is None and trainer.self_training.teacher is not None
-    assert "EMA teacher (decay 0.99) starts" in Path(trainer.log_file).read_text()
+    assert "EMA teacher (decay 0.96) starts" in Path(trainer.log_file).read_text()
 
 
 def test_a_checkpoint_without_teacher_resumes_into_a_stage_that_needs_one(hippocampus):
