@@ -11,7 +11,7 @@ from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images,
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms, train_then_resume)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler
-from nnunet_contrast.training.schedule import Data
+from nnunet_contrast.training.schedule import Data, Part
 from nnunet_contrast.data.slices import PartitionDataLoader, SliceInfoDataLoader, partition_of, slice_counts
 
 PSEUDO = "nnUNetTrainerPseudoLabelContrast"
@@ -239,14 +239,14 @@ def test_globallocal_keeps_the_last_decoder_stages_out_of_the_local_stage(hippoc
                                                 "nnunet_contrast.globallocal.keep_output_blocks=1"))
     kept.initialize()
     assert kept.local_blocks == 2  # 3 decoder stages, the last kept for the segmentation loss
-    local = {id(p) for p in kept.parameters_of("decoder_blocks")}
+    local = {id(p) for p in kept.parameters_of(Part("decoder_blocks"))}
     last_stage = {id(p) for p in kept.network.decoder.stages[-1].parameters()}
     assert local and not local & last_stage
     paper = make_trainer(GLOBALLOCAL, TEST_PLANS)
     paper.initialize()
     assert paper.local_blocks == 3  # the paper's l = 3: here the whole decoder
     paper_last = {id(p) for p in paper.network.decoder.stages[-1].parameters()}
-    assert paper_last <= {id(p) for p in paper.parameters_of("decoder_blocks")}
+    assert paper_last <= {id(p) for p in paper.parameters_of(Part("decoder_blocks"))}
     too_many = make_trainer(GLOBALLOCAL, make_plans(hippocampus, "nnUNetPlans_keepall",
                                                     "nnunet_contrast.globallocal.keep_output_blocks=3"))
     with pytest.raises(UserInputError, match="keep_output_blocks is 3 but this network has 3 decoder stages"):
