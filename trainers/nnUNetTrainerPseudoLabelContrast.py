@@ -90,7 +90,7 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
         if inputs.stage.self_training:
             return inputs.student.labels
         _, target = inputs.labeled
-        if inputs.stage.labeller == Labeller.EMA_TEACHER:
+        if inputs.stage.reads_teacher:
             pseudo_labels, _ = self.self_training.teacher(inputs.unlabeled)
         else:
             pseudo_labels = self.pseudo_labeler(inputs.unlabeled)

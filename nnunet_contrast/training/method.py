@@ -24,8 +24,7 @@ from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_n
 from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, Labeller,
-                                               NnUNetSGD, Part,
-                                               Schedule, Stage, Term, replace_finetuning)
+                                               NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
 from nnunet_contrast.training.self_training import COVERAGE, SelfTraining, self_training_schedule
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
@@ -195,7 +194,7 @@ class MethodTrainer(SemiSupervisedTrainer):
             self._best_ema = None
         self.finish_unused_loaders()
         self.print_to_log_file(f"Entering stage '{stage.name}' at epoch {self.current_epoch}")
-        if stage.labeller == Labeller.EMA_TEACHER:
+        if stage.reads_teacher:
             self.self_training.start()
         if stage.labeller == Labeller.SNAPSHOT:  # a round starts: labels from a fresh frozen copy of the network
             self.pseudo_labeler = self.new_snapshot()
@@ -263,7 +262,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         else:
             inputs = StepInputs(self, stage, batch)
             output = self.optimizer_step(lambda: self.stage_loss(stage, inputs))
-        if stage.labeller == Labeller.EMA_TEACHER:
+        if stage.reads_teacher:
             self.self_training.update()
         self.steps_this_epoch += 1
         return output
@@ -327,13 +326,12 @@ class MethodTrainer(SemiSupervisedTrainer):
         super().on_train_epoch_end(train_outputs)  # nnU-Net's loss line: the mean over ranks under DDP
         train_outputs = [o for rank in gather_objects(train_outputs) for o in rank]  # ours too
         stage = self.current_stage
-        means = {term.name: float(np.mean([float(o[term.name]) for o in train_outputs]))
+        means = {term_key(term.name): float(np.mean([float(o[term.name]) for o in train_outputs]))
                  for term in stage.terms if train_outputs and term.name in train_outputs[0]}
-        for name, mean in means.items():  # a stage of nnU-Net's own step logs nnU-Net's loss only
-            self.print_to_log_file(f"{term_key(name)} ({stage.name}): {round(mean, 4)}")
+        for key, mean in means.items():  # a stage of nnU-Net's own step logs nnU-Net's loss only
+            self.print_to_log_file(f"{key} ({stage.name}): {round(mean, 4)}")
         for key in self.logger.local_logger.term_keys:
-            self.logger.log(key, next((m for n, m in means.items() if term_key(n) == key), float("nan")),
-                            self.current_epoch)
+            self.logger.log(key, means.get(key, float("nan")), self.current_epoch)
         self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
         coverage = [float(o[COVERAGE]) for o in train_outputs if COVERAGE in o]
         if coverage:
@@ -384,5 +382,5 @@ class MethodTrainer(SemiSupervisedTrainer):
             index = self.schedule.index_at(max(current_epoch - 1, 0))
         self.stage_index = index
         self.optimizer, self.lr_scheduler = self.stage_optimizer(index)
-        if self.current_stage.labeller == Labeller.EMA_TEACHER:  # a checkpoint of settings without a teacher: start one now
+        if self.current_stage.reads_teacher:  # a checkpoint of settings without a teacher: start one now
             self.self_training.start()

@@ -134,6 +134,11 @@ class Stage:
         return self.data in (Data.LABELED_AND_UNLABELED, Data.STUDENT)
 
     @property
+    def reads_teacher(self) -> bool:
+        """Reads the EMA teacher, which then follows the network after every step of the stage."""
+        return self.labeller == Labeller.EMA_TEACHER
+
+    @property
     def supervised(self) -> bool:
         """Trains nnU-Net's segmentation loss: a fine-tuning stage (the others are pretraining), whose
         pseudo Dice means something (checkpoint_best)."""

@@ -120,13 +120,14 @@ def source_commit() -> str:
     """The git commit of this package's source: the checkout's (source tree, editable install), else the
     one a regular install recorded (``hatch_build.py``), else ''."""
     package = Path(__file__).resolve().parents[2]
-    try:
-        result = subprocess.run(["git", "-C", str(package), "describe", "--always", "--dirty", "--abbrev=7"],
-                                capture_output=True, text=True)
-        if result.returncode == 0 and (package.parent / ".git").exists():
-            return result.stdout.strip()
-    except OSError:  # no git on this machine
-        pass
+    if (package.parent / ".git").exists():
+        try:
+            result = subprocess.run(["git", "-C", str(package), "describe", "--always", "--dirty", "--abbrev=7"],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                return result.stdout.strip()
+        except OSError:  # no git on this machine
+            pass
     recorded = package / "COMMIT"
     return recorded.read_text().strip() if recorded.exists() else ""
 
