@@ -15,7 +15,10 @@ LO=nnUNetTrainerLabeledOnly ST=nnUNetTrainerSelfTraining CP=nnUNetTrainerCopyPas
 
 keep() {  # copy the records into the repository and commit them (only those paths)
     local target=docs/benchmark/$records
-    mkdir -p "$repo/$target" && cp -r "$workdir/results" "$workdir/results.csv" "$repo/$target/" 2>/dev/null || return 0
+    # the records only, then results.csv from all of the repository's (records carried over from another
+    # workdir of this processor kind may be there and not in this workdir)
+    mkdir -p "$repo/$target" && cp -r "$workdir/results" "$repo/$target/" 2>/dev/null || return 0
+    "$venv/bin/python" -c "from nnunet_contrast.commands.benchmark.records import write_csv; write_csv('$repo/$target')"
     for attempt in 1 2 3 4 5; do
         git -C "$repo" add "$target" && git -C "$repo" commit -q -m "$1" -- "$target" && return 0
         sleep 5  # the index may be locked by a commit of the code work beside this queue

@@ -224,8 +224,8 @@ def trained_state(trainer) -> dict:
         parts["heads"] = trainer.heads
     if getattr(trainer, "pseudo_labeler", None) is not None:
         parts["labeller"] = trainer.pseudo_labeler
-    if getattr(trainer, "self_training", None) is not None and trainer.self_training.teacher is not None:
-        parts["teacher"] = trainer.self_training.teacher
+    if getattr(trainer, "teacher", None) is not None:
+        parts["teacher"] = trainer.teacher
     return {f"{name}.{key}": value.detach().cpu().clone() for name, part in parts.items()
             for key, value in part.state_dict().items()}
 

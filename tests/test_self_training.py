@@ -18,6 +18,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from loss_checks import assert_finite, assert_matches, grad_of, randn
+from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, student_batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss, deep_supervision_targets
 from nnunet_contrast.settings import resolve_settings
@@ -25,7 +26,8 @@ from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.schedule import (ENCODER, NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, Labeller,
                                                NnUNetSGD, Schedule, Stage, Term, ramped)
-from nnunet_contrast.training.self_training import SelfTraining, self_training_schedule, self_training_stages
+from nnunet_contrast.training.method import MethodTrainer
+from nnunet_contrast.training.self_training import self_training_schedule, self_training_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 1e-5
@@ -153,15 +155,19 @@ def test_self_training_terms_leave_out_images_without_a_kept_pixel(kept):
         from_labeled[:] = True                   # nothing for the pseudo-label term
     else:
         labels[2] = EXCLUDED                     # image 2: every pseudo-label unconfident
-    self_training = SelfTraining.__new__(SelfTraining)
-    self_training._loss = MaskedSegmentationLoss(False)
-    inputs = SimpleNamespace(student=SimpleNamespace(labels=labels, from_labeled=from_labeled),
-                             joint=SimpleNamespace(outputs=[logits]))
-    value = self_training.pseudo_label_loss(inputs)
+    value = pseudo_label_loss(Batch(logits.detach(), labels, from_labeled, 1), [logits], batch_dice=False)
     if kept == "no image":
         assert value == 0
     else:
         assert torch.allclose(value, MaskedSegmentationLoss(False)(logits[1:2], labels[1:2]))
+
+
+def pseudo_label_loss(batch: Batch, outputs, batch_dice: bool) -> torch.Tensor:
+    """The trainers' pseudo-label term on ``batch`` (the step's targets) and the joint pass's ``outputs``."""
+    trainer = SimpleNamespace(target_loss=MaskedSegmentationLoss(batch_dice))
+    trainer.loss_on = lambda inputs, labels: MethodTrainer.loss_on(trainer, inputs, labels)
+    inputs = SimpleNamespace(trained=batch, joint=SimpleNamespace(outputs=outputs))
+    return MethodTrainer.pseudo_label_loss(trainer, inputs)
 
 
 def test_masked_loss_refuses_labels_of_another_shape():
@@ -198,22 +204,28 @@ def mixing_inputs():
     return labeled, true_labels, unlabeled, pseudo
 
 
+def mix(labeled, true_labels, unlabeled, pseudo, *args, **kwargs) -> Batch:
+    return student_batch(Batch.labeled(labeled, true_labels) + Batch.unlabeled(unlabeled, pseudo), *args, **kwargs)
+
+
 def test_no_mixing_is_the_batch_with_stronger_unlabelled_images():
     labeled, true_labels, unlabeled, pseudo = mixing_inputs()
-    batch = student_batch(labeled, true_labels, unlabeled, pseudo, "none", 0.5, strong_intensity=False)
+    batch = mix(labeled, true_labels, unlabeled, pseudo, "none", 0.5, strong_intensity=False)
     assert torch.equal(batch.images, torch.cat([labeled, unlabeled])) and batch.n_labeled == 3
     assert torch.equal(batch.labels, torch.cat([true_labels, pseudo]))
-    assert batch.from_labeled[:3].all() and not batch.from_labeled[3:].any()
-    strong = student_batch(labeled, true_labels, unlabeled, pseudo, "none", 0.5)
+    assert batch.true[:3].all() and not batch.true[3:].any()
+    assert torch.equal(batch.true_labels[:3], true_labels) and (batch.true_labels[3:] == EXCLUDED).all()
+    assert torch.equal(batch.pseudo_labels[3:], pseudo) and (batch.pseudo_labels[:3] == EXCLUDED).all()
+    strong = mix(labeled, true_labels, unlabeled, pseudo, "none", 0.5)
     assert torch.equal(strong.images[:3], labeled) and not torch.equal(strong.images[3:], unlabeled)
 
 
 def test_copy_paste_keeps_each_pixels_source_and_target():
     labeled, true_labels, unlabeled, pseudo = mixing_inputs()
     torch.manual_seed(1)
-    batch = student_batch(labeled, true_labels, unlabeled, pseudo, "copypaste", 2 / 3, strong_intensity=False)
+    batch = mix(labeled, true_labels, unlabeled, pseudo, "copypaste", 2 / 3, strong_intensity=False)
     came_from_unlabeled = batch.images[:, 0] >= 10
-    assert torch.equal(~came_from_unlabeled, batch.from_labeled)  # each pixel's flag is its source
+    assert torch.equal(~came_from_unlabeled, batch.true)  # each pixel's flag is its source
     assert torch.equal(batch.labels >= 100, came_from_unlabeled)  # and so is its target
     for i, image in enumerate(batch.images):
         box = came_from_unlabeled[i] if i < 3 else ~came_from_unlabeled[i]
@@ -230,7 +242,7 @@ def test_copy_paste_keeps_each_pixels_source_and_target():
 def test_cutmix_mixes_unlabelled_images_only():
     labeled, true_labels, unlabeled, pseudo = mixing_inputs()
     torch.manual_seed(2)
-    batch = student_batch(labeled, true_labels, unlabeled, pseudo, "cutmix", 0.5, strong_intensity=False)
+    batch = mix(labeled, true_labels, unlabeled, pseudo, "cutmix", 0.5, strong_intensity=False)
     assert torch.equal(batch.images[:3], labeled) and torch.equal(batch.labels[:3], true_labels)
     for u in range(2):
         pasted = batch.images[3 + u, 0] != unlabeled[u, 0]
@@ -238,12 +250,12 @@ def test_cutmix_mixes_unlabelled_images_only():
         assert torch.equal(batch.images[3 + u][:, pasted], unlabeled[partner][:, pasted])
         assert torch.equal(batch.labels[3 + u][pasted], pseudo[partner][pasted])
         assert torch.equal(batch.labels[3 + u][~pasted], pseudo[u][~pasted])
-    assert not batch.from_labeled[3:].any()
+    assert not batch.true[3:].any()
 
 
 def test_unknown_mixing_is_refused():
     with pytest.raises(ValueError, match="mixing must be one of"):
-        student_batch(*mixing_inputs(), "mixup", 0.5)
+        mix(*mixing_inputs(), "mixup", 0.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,8 +292,9 @@ def test_teacher_leaves_out_unconfident_pixels():
     teacher = EmaTeacher(TinyNet(), 0.99, 0.8)
     logits = torch.tensor([[[[3.0, 0.1]], [[0.0, 0.0]], [[0.0, 0.2]]]])  # (1, 3, 1, 2)
     teacher.logits = lambda images: logits
-    labels, confidence = teacher(torch.zeros(1, 2, 1, 2))
-    assert labels.tolist() == [[[0, EXCLUDED]]]
+    assert teacher(torch.zeros(1, 2, 1, 2)).tolist() == [[[0, EXCLUDED]]]
+    labels, confidence = teacher.predict(torch.zeros(1, 2, 1, 2))
+    assert labels.tolist() == [[[0, 2]]]
     assert confidence[0, 0, 0] == pytest.approx(torch.softmax(logits[0, :, 0, 0], 0).max().item())
 
 
@@ -315,7 +328,7 @@ def test_self_training_stages_warm_up_then_self_train():
     s = settings(warmup_fraction=0.25)
     warmup, selftrain = self_training_stages(s.budget, s.selftraining)
     assert (warmup.epochs, selftrain.epochs) == (3, 7) and warmup.is_nnunet_step
-    assert selftrain.self_training and selftrain.supervised and selftrain.data == Data.STUDENT
+    assert selftrain.supervised and selftrain.data == Data.STUDENT
     assert selftrain.labeller == Labeller.EMA_TEACHER and warmup.labeller == Labeller.NONE
     assert warmup.optimizer_key() == selftrain.optimizer_key()  # one poly schedule over both
 
@@ -329,7 +342,7 @@ def test_finetune_selftraining_replaces_or_joins_the_methods_fine_tuning():
     joint = Stage("joint", 10, 5, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION), Term("contrast", 0.1)),
                   Data.LABELED_AND_UNLABELED)
     joined = self_training_schedule([finetune, joint], s.budget, s.selftraining)
-    assert [st.name for st in joined] == ["finetune", "joint"] and not joined[0].self_training
+    assert [st.name for st in joined] == ["finetune", "joint"] and joined[0].data == Data.LABELED
     assert [t.name for t in joined[1].terms] == [SEGMENTATION, "contrast", PSEUDO_LABEL]
     assert joined[1].data == Data.STUDENT and joined[1].labeller == Labeller.EMA_TEACHER
 
@@ -367,8 +380,6 @@ def test_with_batch_dice_the_self_training_terms_keep_every_image_at_the_same_va
     logits = randn(12, 3, 3, 4, 4)
     labels = torch.randint(0, 3, (3, 4, 4), generator=torch.Generator().manual_seed(1))
     labels[2] = EXCLUDED
-    self_training = SelfTraining.__new__(SelfTraining)
-    self_training._loss = MaskedSegmentationLoss(True)
-    inputs = SimpleNamespace(student=SimpleNamespace(labels=labels, from_labeled=torch.zeros(3, 4, 4, dtype=torch.bool)),
-                             joint=SimpleNamespace(outputs=[logits]))
-    assert torch.allclose(self_training.pseudo_label_loss(inputs), MaskedSegmentationLoss(True)(logits[:2], labels[:2]))
+    batch = Batch(logits.detach(), labels, torch.zeros(3, 4, 4, dtype=torch.bool), 0)
+    assert torch.allclose(pseudo_label_loss(batch, [logits], batch_dice=True),
+                          MaskedSegmentationLoss(True)(logits[:2], labels[:2]))

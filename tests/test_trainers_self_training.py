@@ -8,7 +8,7 @@ import torch
 
 from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
-from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION
+from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION, Data
 
 SELF_TRAINED = {  # trainer -> the stage in which it learns from the teacher
     "nnUNetTrainerSelfTraining": "selftrain",
@@ -37,7 +37,7 @@ def every_pixel_plans(hippocampus):
 def self_training_losses(trainer_name, plans, stage):
     """Every term of ``stage`` on the same batches, all seeds fixed, the teacher a copy of the network."""
     trainer = ready_trainer(trainer_name, plans)
-    trainer.self_training.start()
+    trainer.start_teacher()
     seed_everything(1)
     batch = next(trainer.dataloader_train)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_without_mixing_the_segmentation_term_is_nnunets_loss(hippocampus, batch
     plans = make_plans(hippocampus, f"nnUNetPlans_selftrain_nomix_{batch_dice}", "nnunet_contrast.selftraining.mixing=none",
                        f"batch_dice={batch_dice}")
     trainer = ready_trainer("nnUNetTrainerSelfTraining", plans)
-    trainer.self_training.start()
+    trainer.start_teacher()
     seed_everything(1)
     batch = next(trainer.dataloader_train)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_each_methods_variant_fine_tunes_with_self_training(hippocampus, trainer
     published = make_trainer(trainer[:-len("SelfTraining")], TEST_PLANS).schedule
     assert [s for s in schedule.stages if not s.supervised] == \
         [s for s in published.stages if not s.supervised]  # its pretraining as published
-    learning_from_teacher = [s for s in finetune if s.self_training]
+    learning_from_teacher = [s for s in finetune if s.data == Data.STUDENT]
     assert learning_from_teacher and all(s.supervised for s in learning_from_teacher)
 
 
@@ -95,14 +95,14 @@ def test_each_methods_variant_fine_tunes_with_self_training(hippocampus, trainer
                                      "nnUNetTrainerPseudoLabelContrastSelfTraining"])
 def test_a_variants_self_training_step_trains(hippocampus, trainer):
     t = ready_trainer(trainer, TEST_PLANS)
-    index = next(i for i, s in enumerate(t.schedule.stages) if s.self_training)
+    index = next(i for i, s in enumerate(t.schedule.stages) if s.data == Data.STUDENT)
     t.current_epoch = t.schedule.starts[index]
     t.start_stage_epoch(index)
-    assert t.self_training.teacher is not None
-    before = {k: v.clone() for k, v in t.self_training.teacher.state_dict().items()}
+    assert t.teacher is not None
+    before = {k: v.clone() for k, v in t.teacher.state_dict().items()}
     output = t.train_step(next(t.dataloader_train))
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in output.values())
-    after = t.self_training.teacher.state_dict()
+    after = t.teacher.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the teacher followed the student
 
 
@@ -119,14 +119,14 @@ def test_final_checkpoint_holds_the_network_predict_with_names(hippocampus, pred
     same = all(torch.equal(weights[k].cpu(), teacher[k].cpu()) for k in weights)
     assert same == (predict_with == "teacher")
     log = Path(trainer.log_file).read_text()
-    assert "EMA teacher on the validation batches: Dice" in log and "confident pseudo-labels (selftrain)" in log
+    assert "EMA teacher on the validation batches: Dice" in log and "pseudo-labels kept (selftrain)" in log
 
 
 def test_pseudolabel_contrast_can_label_with_the_ema_teacher(hippocampus):
     plans = make_plans(hippocampus, "nnUNetPlans_pl_teacher", "nnunet_contrast.pseudolabel.labeller=teacher")
     trainer = make_trainer("nnUNetTrainerPseudoLabelContrast", plans)
     trainer.run_training()
-    assert trainer.pseudo_labeler is None and trainer.self_training.teacher is not None
+    assert trainer.pseudo_labeler is None and trainer.teacher is not None
     assert "EMA teacher (decay 0.96) starts" in Path(trainer.log_file).read_text()
 
 
@@ -137,7 +137,7 @@ def test_a_checkpoint_without_teacher_resumes_into_a_stage_that_needs_one(hippoc
     joint = trainer.schedule.index_of("joint")
     extras = {"stage_index": joint, "optimizer_stage": "joint", "rank_random_states": []}
     trainer.restore_extras(extras, trainer.schedule.starts[joint] + 1)
-    assert trainer.self_training.teacher is not None
+    assert trainer.teacher is not None
 
 
 def test_the_compute_matched_twin_runs_and_reports_twice_the_iterations(hippocampus):

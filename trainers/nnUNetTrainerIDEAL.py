@@ -102,7 +102,8 @@ class nnUNetTrainerIDEAL(MethodTrainer):
         if inputs.unlabeled is None:
             return inputs.images.new_zeros(())
         first, second = inputs.joint.outputs
-        return self.cps_loss(batch_part(first, inputs.unlabeled_part), batch_part(second, inputs.unlabeled_part))
+        unlabeled = inputs.trained.unlabeled_part
+        return self.cps_loss(batch_part(first, unlabeled), batch_part(second, unlabeled))
 
 
 class nnUNetTrainerIDEALSelfTraining(nnUNetTrainerIDEAL):

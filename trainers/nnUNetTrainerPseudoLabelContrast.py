@@ -24,7 +24,7 @@ from nnunet_contrast.training.pseudo_labels import PseudoLabeler, round_start_ep
 from nnunet_contrast.training.schedule import (HEADS, NETWORK, SEGMENTATION, Data, Labeller, NnUNetSGD, Stage,
                                                Term, epochs_of)
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
-from nnunet_contrast.training.step import StepInputs, full_resolution
+from nnunet_contrast.training.step import StepInputs
 
 WARMUP, JOINT = "warmup", "joint"
 
@@ -80,21 +80,10 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
 
     # ------------------------------------------------------------ the contrastive term
     def contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
-        """Eq. 3-4 on the joint pass's last decoder stage, over the labelled and unlabelled images."""
-        return self.contrast_term(inputs.joint.features, self.contrast_labels(inputs))
-
-    def contrast_labels(self, inputs: StepInputs) -> torch.Tensor:
-        """True labels of the labelled images, pseudo-labels of the unlabelled ones: the frozen snapshot's
-        (the paper; they enter this term only) or the EMA teacher's confident ones (``labeller = teacher``).
-        In a self-training stage, the target of each pixel of the student's batch (the teacher's)."""
-        if inputs.stage.self_training:
-            return inputs.student.labels
-        _, target = inputs.labeled
-        if inputs.stage.reads_teacher:
-            pseudo_labels, _ = self.self_training.teacher(inputs.unlabeled)
-        else:
-            pseudo_labels = self.pseudo_labeler(inputs.unlabeled)
-        return torch.cat([full_resolution(target)[:, 0].long(), pseudo_labels])
+        """Eq. 3-4 on the joint pass's last decoder stage: true labels of the labelled images, the stage's
+        labeller's of the unlabelled ones (the frozen snapshot's, as in the paper, or the EMA teacher's
+        confident ones with ``labeller = teacher``; in a self-training stage, each pixel's target)."""
+        return self.contrast_term(inputs.joint.features, inputs.labels)
 
     def contrast_term(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Eq. 3-4 over the batch; labels: true labels of labelled, pseudo-labels of unlabelled images."""

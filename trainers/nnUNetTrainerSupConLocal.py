@@ -58,16 +58,15 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
 
     def local_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:
         """Eq. 2-3 on labelled images: both views keep the labels (intensity-only changes)."""
-        images, target = inputs.batch["data"], inputs.batch["target"]
-        target = target[0] if isinstance(target, list) else target
+        images, labels = inputs.images, inputs.labels
         count = self.local_image_count(len(images))
         # a rank that holds none of them still runs one image, kept out of the loss, so that it joins the
         # loss's gathers with features of the right shape
         taken = max(count, 1)
-        view0, view1 = inputs.views(images[-taken:].to(self.device, non_blocking=True))
+        view0, view1 = inputs.views(images[-taken:])
         _, features = forward_with_decoder_features(self.network, torch.cat([view0, view1]))
         kept = torch.cat([features[taken - count:taken], features[2 * taken - count:]])
-        labels = target[len(target) - count:].to(self.device, non_blocking=True)
+        labels = labels[len(labels) - count:]
         return self.local_loss(self.heads["local"](kept), torch.cat([labels, labels]))
 
     def local_image_count(self, batch_size: int) -> int:

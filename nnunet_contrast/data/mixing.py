@@ -15,28 +15,14 @@ Every pixel keeps the target of the image it came from: its true label from a la
 teacher's pseudo-label (``EXCLUDED`` where unconfident) from an unlabelled one.
 """
 import math
-from dataclasses import dataclass
 
 import torch
 
+from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.data.views import intensity_view
 
 MIXINGS = ("none", "cutmix", "copypaste")
 CUTMIX_PROBABILITY, CUTMIX_AREA, CUTMIX_ASPECT = 0.5, (0.02, 0.4), (0.3, 1 / 0.3)
-
-
-@dataclass
-class StudentBatch:
-    """What the student trains on.
-
-    images: (L + U, C, H, W), first the L labelled-based images, then the U unlabelled-based ones;
-    labels: (L + U, H, W) long, the target of every pixel (``EXCLUDED``: none);
-    from_labeled: (L + U, H, W) bool, whether the pixel came from a labelled image (its label is true).
-    """
-    images: torch.Tensor
-    labels: torch.Tensor
-    from_labeled: torch.Tensor
-    n_labeled: int
 
 
 def box_masks(n: int, height: int, width: int, box_h: torch.Tensor, box_w: torch.Tensor,
@@ -74,16 +60,16 @@ def paste(base: torch.Tensor, source: torch.Tensor, boxes: torch.Tensor) -> torc
     return torch.where(boxes[:, None] if base.ndim == 4 else boxes, source, base)
 
 
-def student_batch(labeled: torch.Tensor, true_labels: torch.Tensor, unlabeled: torch.Tensor,
-                  pseudo_labels: torch.Tensor, mixing: str, box_fraction: float,
-                  strong_intensity: bool = True) -> StudentBatch:
-    """The student's batch from labelled images (L, C, H, W) with their labels (L, H, W), and
-    unlabelled images (U, C, H, W) with the teacher's pseudo-labels (U, H, W)."""
+def student_batch(batch: Batch, mixing: str, box_fraction: float, strong_intensity: bool = True) -> Batch:
+    """The student's view of ``batch``: its labelled images (true labels) followed by its unlabelled ones
+    (the teacher's pseudo-labels), mixed as ``mixing`` says; every pixel keeps its source's target and flag."""
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {list(MIXINGS)}, got {mixing!r}")
+    labeled, unlabeled = batch.images[batch.labeled_part], batch.images[batch.unlabeled_part]
+    true_labels, pseudo_labels = batch.labels[batch.labeled_part], batch.labels[batch.unlabeled_part]
+    from_l, from_u = batch.true[batch.labeled_part], batch.true[batch.unlabeled_part]
     strong = intensity_view(unlabeled).to(unlabeled.dtype) if strong_intensity else unlabeled
     n_l, n_u = len(labeled), len(unlabeled)
-    from_l, from_u = torch.ones_like(true_labels, dtype=torch.bool), torch.zeros_like(pseudo_labels, dtype=torch.bool)
     if mixing == "cutmix":
         partner = torch.roll(torch.arange(n_u, device=unlabeled.device), 1)  # another image of the batch
         boxes = cutmix_boxes(n_u, *unlabeled.shape[-2:], unlabeled.device)
@@ -97,6 +83,6 @@ def student_batch(labeled: torch.Tensor, true_labels: torch.Tensor, unlabeled: t
         labeled, strong = paste(labeled, strong[u_of_l], into_l), paste(strong, labeled[l_of_u], into_u)
         true_labels, pseudo_labels = (paste(true_labels, pseudo_labels[u_of_l], into_l),
                                       paste(pseudo_labels, true_labels[l_of_u], into_u))
-        from_l, from_u = ~into_l, into_u
-    return StudentBatch(torch.cat([labeled, strong]), torch.cat([true_labels, pseudo_labels]),
-                        torch.cat([from_l, from_u]), n_l)
+        from_l, from_u = paste(from_l, from_u[u_of_l], into_l), paste(from_u, from_l[l_of_u], into_u)
+    return Batch(torch.cat([labeled, strong]), torch.cat([true_labels, pseudo_labels]), torch.cat([from_l, from_u]),
+                 n_l)

@@ -26,7 +26,7 @@ EXCLUDED = -1  # target of a pixel that no loss reads (unconfident pseudo-label,
 
 
 def deep_supervision_targets(labels: torch.Tensor, outputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """(B, H, W) long labels -> one (B, 1, h, w) float target per output, by nearest neighbour."""
+    """(B, *spatial) long labels -> one (B, 1, *spatial_k) float target per output, by nearest neighbour."""
     full = labels[:, None].float()
     return [full if o.shape[2:] == full.shape[2:] else F.interpolate(full, size=o.shape[2:], mode="nearest-exact")
             for o in outputs]
@@ -39,8 +39,8 @@ class MaskedSegmentationLoss(nn.Module):
         ddp: batch Dice gathered across processes, as nnU-Net's loss under DDP.
 
     Shapes:
-        outputs: (B, K, H, W) logits, or a list over deep-supervision resolutions of (B, K, h, w).
-        labels: (B, H, W) long class indices at full resolution, ``EXCLUDED`` where no target exists.
+        outputs: (B, K, *spatial) logits (2d or 3d), or a list over deep-supervision resolutions of them.
+        labels: (B, *spatial) long class indices at full resolution, ``EXCLUDED`` where no target exists.
         Returns a float32 scalar; an exact 0 (with gradient) when no pixel has a target (under DDP with
         batch Dice: nnU-Net's Dice of an empty mask, the constant -1 with zero gradient, since every rank
         must take part in the gathering).
@@ -59,8 +59,8 @@ class MaskedSegmentationLoss(nn.Module):
 
     def forward(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-        if labels.ndim != 3 or labels.shape[0] != outputs[0].shape[0] or labels.shape[1:] != outputs[0].shape[2:]:
-            raise ValueError(f"MaskedSegmentationLoss: labels must be (B, H, W) matching the outputs' "
+        if labels.shape != (outputs[0].shape[0], *outputs[0].shape[2:]):
+            raise ValueError(f"MaskedSegmentationLoss: labels must be (B, *spatial) matching the outputs' "
                              f"{tuple(outputs[0].shape)}, got {tuple(labels.shape)}")
         with torch.autocast(device_type=labels.device.type, enabled=False):  # float32 under AMP
             outputs = [o.float() for o in outputs]

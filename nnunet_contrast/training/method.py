@@ -8,6 +8,7 @@ iterations and data loader, the log lines, progress.png's shading, checkpoint_be
 supervised stages only) and ``--c`` (mid-stage, with the stage's optimizer state).
 """
 import math
+from functools import cached_property
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -18,16 +19,20 @@ from torch import autocast
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from nnunet_contrast.data.batch import Batch
+from nnunet_contrast.data.mixing import student_batch
 from nnunet_contrast.distributed import average_gradients, broadcast_module, gather_objects
 from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
-from nnunet_contrast.training.pseudo_labels import PseudoLabeler
+from nnunet_contrast.training.pseudo_labels import EmaTeacher, PseudoLabeler
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, Labeller,
                                                NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
-from nnunet_contrast.training.self_training import COVERAGE, SelfTraining, self_training_schedule
+from nnunet_contrast.training.self_training import (COVERAGE, self_training_schedule, teacher_quality,
+                                                    teacher_validation_counts)
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
-from nnunet_contrast.training.step import JointPass, StepInputs, batch_part
+from nnunet_contrast.training.step import JointPass, StepInputs, batch_part, full_resolution, to_device
 
 FINETUNE = "finetune"
 
@@ -67,7 +72,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         self._heads = None
         self.stage_loaders: Dict[Data, object] = {}
         self.pseudo_labeler: Optional[PseudoLabeler] = None  # the snapshot of the current round, if any
-        self.self_training = SelfTraining(self)
+        self.teacher: Optional[EmaTeacher] = None  # from the first stage that reads it on
         unsupervised = [term.name for stage in self.schedule.stages for term in stage.terms if term.name != SEGMENTATION]
         self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)))
 
@@ -195,7 +200,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.finish_unused_loaders()
         self.print_to_log_file(f"Entering stage '{stage.name}' at epoch {self.current_epoch}")
         if stage.reads_teacher:
-            self.self_training.start()
+            self.start_teacher()
         if stage.labeller == Labeller.SNAPSHOT:  # a round starts: labels from a fresh frozen copy of the network
             self.pseudo_labeler = self.new_snapshot()
             rounds = [i for i, s in enumerate(self.schedule.stages) if s.labeller == Labeller.SNAPSHOT]
@@ -205,6 +210,18 @@ class MethodTrainer(SemiSupervisedTrainer):
     def new_snapshot(self) -> PseudoLabeler:
         """The pseudo-labeller of a ``Labeller.SNAPSHOT`` round: a frozen copy of the network."""
         return PseudoLabeler(self.network)
+
+    def start_teacher(self) -> None:
+        """The EMA teacher starts as a copy of the network (kept when it exists: resumed, or a later stage)."""
+        if self.teacher is None:
+            s = self.settings.selftraining
+            self.teacher = EmaTeacher(self.network, s.ema_decay, s.confidence_threshold)
+            self.print_to_log_file(f"EMA teacher (decay {s.ema_decay}) starts from the network as of epoch "
+                                   f"{self.current_epoch}")
+
+    def labeller(self, stage: Stage) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The pseudo-labeller ``stage`` reads: images -> labels, ``EXCLUDED`` where it does not trust them."""
+        return {Labeller.NONE: None, Labeller.EMA_TEACHER: self.teacher, Labeller.SNAPSHOT: self.pseudo_labeler}[stage.labeller]
 
     # ------------------------------------------------------------ data of a stage
     def reads_unlabeled_batches(self) -> bool:
@@ -239,6 +256,11 @@ class MethodTrainer(SemiSupervisedTrainer):
     def on_train_start(self):
         super().on_train_start()
         self.print_to_log_file(f"Stages of {type(self).__name__}: {self.schedule.describe()}", add_timestamp=False)
+        if any(s.data == Data.STUDENT for s in self.schedule.stages) and self.settings.selftraining.mixing == "cutmix" \
+                and self.unlabeled_batch_size < 2:
+            self.print_to_log_file("WARNING: CutMix pairs the unlabelled images of a batch (of each GPU under "
+                                   "-num_gpus); with one per batch it pastes an image into itself: raise "
+                                   "semisup.unlabeled_batch_ratio or the batch size")
 
     def on_train_epoch_start(self):
         self.start_stage_epoch(self.schedule.index_at(self.current_epoch))
@@ -263,7 +285,7 @@ class MethodTrainer(SemiSupervisedTrainer):
             inputs = StepInputs(self, stage, batch)
             output = self.optimizer_step(lambda: self.stage_loss(stage, inputs))
         if stage.reads_teacher:
-            self.self_training.update()
+            self.teacher.update(self.network)
         self.steps_this_epoch += 1
         return output
 
@@ -274,17 +296,54 @@ class MethodTrainer(SemiSupervisedTrainer):
         total = sum(term.weight_at(self.term_progress(term)) * values[term.name] for term in stage.terms)
         return total, {**values, **inputs.logged}
 
+    # ------------------------------------------------------------ the step's targets and the terms that read them
+    def true_labels(self, target) -> torch.Tensor:
+        """(B, *spatial) long labels from nnU-Net's target (its deep-supervision list or tensor (B, 1, ...)),
+        nnU-Net's ignore label as ``EXCLUDED``."""
+        labels = full_resolution(target)[:, 0].long()
+        if self.label_manager.has_ignore_label:
+            labels = torch.where(labels == self.label_manager.ignore_label, EXCLUDED, labels)
+        return labels
+
+    def pseudo_labels(self, inputs: StepInputs) -> Optional[torch.Tensor]:
+        """The stage's labeller's labels of the unlabelled batch (None without a labeller); logs the share kept."""
+        labeller = self.labeller(inputs.stage)
+        if labeller is None:
+            return None
+        labels = labeller(inputs.unlabeled)
+        inputs.logged[COVERAGE] = (labels != EXCLUDED).float().mean()
+        return labels
+
+    def student_view(self, batch: Batch) -> Batch:
+        """Self-training: the student's stronger, optionally mixed, view of the batch (``data/mixing.py``)."""
+        s = self.settings.selftraining
+        return student_batch(batch, s.mixing, s.box_fraction, s.strong_intensity)
+
+    @cached_property
+    def target_loss(self) -> MaskedSegmentationLoss:
+        """nnU-Net's loss (Dice + CE, deep supervision, its batch-Dice plan) on the pixels with a target."""
+        weights = getattr(self.loss, "weight_factors", None)  # nnU-Net's deep-supervision weights
+        return MaskedSegmentationLoss(self.configuration_manager.batch_dice, weights, self.is_ddp)
+
+    def loss_on(self, inputs: StepInputs, labels: torch.Tensor) -> torch.Tensor:
+        """``target_loss`` of each decoder's output of the joint pass against ``labels`` (``EXCLUDED``: no
+        target). Without batch Dice, over the images with a target only: nnU-Net then averages Dice over
+        images, and an image without target would add a constant to that mean and shrink the others'
+        weight. Batch Dice sums over the batch, where such an image adds nothing, and under DDP gathers its
+        sums from every rank: all images stay, so that every rank gathers the same shapes."""
+        if self.target_loss.batch_dice:
+            return sum(self.target_loss(output, labels) for output in inputs.joint.outputs)
+        images = (labels != EXCLUDED).flatten(1).any(1)
+        return sum(self.target_loss(batch_part(output, images), labels[images]) for output in inputs.joint.outputs)
+
     def segmentation_loss(self, inputs: StepInputs) -> torch.Tensor:
-        """nnU-Net's loss of each decoder's output on the labelled images of the joint pass (in a
-        self-training stage: on the student's pixels that came from labelled images)."""
-        if inputs.stage.self_training:
-            return self.self_training.true_label_loss(inputs)
-        _, target = inputs.labeled
-        return sum(self.loss(batch_part(output, inputs.labeled_part), target) for output in inputs.joint.outputs)
+        """nnU-Net's loss on the pixels whose label is true: the labelled images (in the student's mixed
+        batch: the pixels that came from them)."""
+        return self.loss_on(inputs, inputs.trained.true_labels)
 
     def pseudo_label_loss(self, inputs: StepInputs) -> torch.Tensor:
-        """Self-training: nnU-Net's loss on the teacher's confident labels of the student's unlabelled pixels."""
-        return self.self_training.pseudo_label_loss(inputs)
+        """Self-training: nnU-Net's loss on the pixels with a pseudo-label the labeller trusts."""
+        return self.loss_on(inputs, inputs.trained.pseudo_labels)
 
     def joint_forward(self, images: torch.Tensor, features: bool) -> JointPass:
         """One pass of the network over labelled and unlabelled images; with its last decoder stage
@@ -335,21 +394,36 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
         coverage = [float(o[COVERAGE]) for o in train_outputs if COVERAGE in o]
         if coverage:
-            self.print_to_log_file(f"confident pseudo-labels ({stage.name}): {round(100 * float(np.mean(coverage)), 1)}% "
+            self.print_to_log_file(f"pseudo-labels kept ({stage.name}): {round(100 * float(np.mean(coverage)), 1)}% "
                                    f"of the unlabelled pixels")
 
     def validation_step(self, batch: dict) -> dict:
         result = super().validation_step(batch)
-        if self.self_training.teacher is not None:
-            result.update(self.self_training.validation_counts(batch))
+        if self.teacher is not None:
+            images = batch["data"].to(self.device, non_blocking=True)
+            target = self.true_labels(to_device(batch["target"], self.device))
+            result.update(teacher_validation_counts(self.teacher, images, target, self.label_manager.foreground_labels))
         return result
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
-        self.self_training.log_validation(val_outputs)
+        self.log_teacher_quality(val_outputs)
         super().on_validation_epoch_end(val_outputs)
 
+    def log_teacher_quality(self, outputs: List[dict]) -> None:
+        if not outputs or "teacher_counts" not in outputs[0]:
+            self.logger.log("teacher_dice", float("nan"), self.current_epoch)
+            return
+        outputs = [o for rank in gather_objects(outputs) for o in rank]  # under DDP every rank validates its own
+        dice_all, dice_confident, coverage = teacher_quality(outputs)
+        self.logger.log("teacher_dice", dice_all, self.current_epoch)
+        self.print_to_log_file(f"EMA teacher on the validation batches: Dice {round(dice_all, 4)}; confident "
+                               f"pixels {round(100 * coverage, 1)}%, their Dice {round(dice_confident, 4)}")
+
     def on_train_end(self):
-        self.self_training.teacher_into_network()  # before nnU-Net writes the final checkpoint
+        if self.teacher is not None and self.settings.selftraining.predict_with == "teacher":
+            # before nnU-Net writes the final checkpoint
+            unwrap_network(self.network).load_state_dict(self.teacher.state_dict())
+            self.print_to_log_file("The final checkpoint holds the EMA teacher's weights (predict_with teacher)")
         self.dataloader_train = self.dataloader_labeled  # what nnU-Net shuts down
         super().on_train_end()
 
@@ -358,7 +432,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         stage = self.current_stage
         return {**super().checkpoint_extras(), "heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
                 "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index,
-                "teacher": self.self_training.state_dict(),
+                "teacher": None if self.teacher is None else self.teacher.state_dict(),
                 "pseudo_labeler": None if self.pseudo_labeler is None else self.pseudo_labeler.state_dict()}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:
@@ -372,7 +446,10 @@ class MethodTrainer(SemiSupervisedTrainer):
                                    "stages follow the current settings (see nnunet_contrast_settings.json)")
         if "heads" in extras:
             self.heads.load_state_dict(extras["heads"])
-        self.self_training.load_state_dict(extras.get("teacher"))
+        if extras.get("teacher") is not None:
+            self.teacher = None
+            self.start_teacher()
+            self.teacher.load_state_dict(extras["teacher"])
         if extras.get("pseudo_labeler") is not None:  # resume mid-round with that round's labels
             self.pseudo_labeler = self.new_snapshot()
             self.pseudo_labeler.load_state_dict(extras["pseudo_labeler"])
@@ -383,4 +460,4 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.stage_index = index
         self.optimizer, self.lr_scheduler = self.stage_optimizer(index)
         if self.current_stage.reads_teacher:  # a checkpoint of settings without a teacher: start one now
-            self.self_training.start()
+            self.start_teacher()

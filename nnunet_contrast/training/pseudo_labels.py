@@ -1,5 +1,7 @@
 """Pseudo-labels for self-training.
 
+Both are callables, images -> labels with ``EXCLUDED`` where the labeller does not trust its label.
+
 * ``PseudoLabeler`` (Chaitanya et al. 2023, Sec. 3 and Table VII) holds a frozen copy of the
   segmentation network taken at the start of a pseudo-labelling round; it labels each augmented
   unlabelled batch, so that pseudo-labels follow their image's spatial augmentation. Refreshing the
@@ -117,7 +119,8 @@ class EmaTeacher(FrozenNetwork):
         confidence, labels = torch.softmax(self.logits(images).float(), 1).max(1)
         return labels, confidence
 
-    def __call__(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Like ``predict``, with ``EXCLUDED`` where the confidence is below the threshold."""
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, H, W) long argmax labels, ``EXCLUDED`` where the confidence is below
+        the threshold."""
         labels, confidence = self.predict(images)
-        return torch.where(confidence >= self.confidence_threshold, labels, EXCLUDED), confidence
+        return torch.where(confidence >= self.confidence_threshold, labels, EXCLUDED)

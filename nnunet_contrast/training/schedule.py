@@ -145,11 +145,6 @@ class Stage:
         return any(t.name == SEGMENTATION for t in self.terms)
 
     @property
-    def self_training(self) -> bool:
-        """Trains on the student's batch (training/self_training.py)."""
-        return self.data == Data.STUDENT
-
-    @property
     def is_nnunet_step(self) -> bool:
         """Exactly nnU-Net's own training step: its loss alone, on its labelled batch."""
         return [t.name for t in self.terms] == [SEGMENTATION] and self.data == Data.LABELED and \

@@ -9,27 +9,23 @@
    ``segmentation``: the pixels that came from a labelled image, with their true labels;
    ``pseudo_label``: the pixels that came from an unlabelled image, with the teacher's confident labels,
    times ``unlabeled_weight`` after a sigmoid ramp over the first ``rampup_fraction`` of the stage.
-   The teacher follows the student after every step. Without mixing, ``segmentation`` is exactly
-   nnU-Net's loss on its labelled batch.
+   The teacher follows the student after every step. Without mixing, ``segmentation`` is nnU-Net's loss
+   on its labelled batch (to float rounding).
 
 A method whose fine-tuning already reads unlabelled batches (a joint method) keeps its stages and
 gains the ``pseudo_label`` term in them instead.
 """
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 
-from nnunet_contrast.data.mixing import StudentBatch, student_batch
-from nnunet_contrast.distributed import gather_objects
-from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
-from nnunet_contrast.network.taps import unwrap_network
+from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATION, Data, Labeller, NnUNetSGD,
                                                Stage, Term, epochs_of, ramped, replace_finetuning)
-from nnunet_contrast.training.step import batch_part, full_resolution
 
 WARMUP, SELF_TRAIN = "warmup", "selftrain"
 SELF_TRAINING_VARIANT = {"run": {"finetune": "selftraining"}}  # what every "...SelfTraining" trainer variant fixes
@@ -65,109 +61,22 @@ def self_training_schedule(stages: List[Stage], budget, settings) -> List[Stage]
     return replace_finetuning(stages, self_training_stages(budget, settings))
 
 
-class SelfTraining:
-    """The teacher, the student's batch and the loss of the self-training terms, for one trainer."""
+def teacher_validation_counts(teacher: EmaTeacher, images: torch.Tensor, target: torch.Tensor,
+                              classes) -> Dict[str, np.ndarray]:
+    """The teacher on a validation batch (images, (B, H, W) true labels): per foreground class in ``classes``,
+    true/false positives and false negatives of all its labels and of its confident ones, and the share of
+    confident pixels."""
+    labels, confidence = teacher.predict(images)
+    confident = confidence >= teacher.confidence_threshold
+    return {"teacher_counts": class_counts(labels, target, classes, EXCLUDED),
+            "teacher_confident_counts": class_counts(torch.where(confident, labels, EXCLUDED),
+                                                     torch.where(confident, target, EXCLUDED), classes, EXCLUDED),
+            "teacher_confident": np.array([float(confident.float().mean())])}
 
-    def __init__(self, trainer):
-        self.trainer, self.settings = trainer, trainer.settings.selftraining
-        self.teacher: Optional[EmaTeacher] = None
-        self._loss: Optional[MaskedSegmentationLoss] = None
 
-    # ------------------------------------------------------------ the teacher
-    def start(self) -> None:
-        """The teacher starts as a copy of the student (kept when it exists: resumed, or a later stage)."""
-        if self.teacher is None:
-            self.teacher = EmaTeacher(self.trainer.network, self.settings.ema_decay, self.settings.confidence_threshold)
-            self.trainer.print_to_log_file(f"EMA teacher (decay {self.settings.ema_decay}) starts from the network "
-                                           f"as of epoch {self.trainer.current_epoch}")
-            if self.settings.mixing == "cutmix" and self.trainer.unlabeled_batch_size < 2:
-                self.trainer.print_to_log_file("WARNING: CutMix pairs the unlabelled images of a batch (of each GPU "
-                                               "under -num_gpus); with one per batch it pastes an image into itself: "
-                                               "raise semisup.unlabeled_batch_ratio or the batch size")
-
-    def update(self) -> None:
-        self.teacher.update(self.trainer.network)
-
-    def state_dict(self) -> Optional[dict]:
-        return None if self.teacher is None else self.teacher.state_dict()
-
-    def load_state_dict(self, state: Optional[dict]) -> None:
-        if state is not None:
-            self.teacher = None
-            self.start()
-            self.teacher.load_state_dict(state)
-
-    def teacher_into_network(self) -> None:
-        """``predict_with = teacher``: the network takes the teacher's weights (end of training)."""
-        if self.teacher is not None and self.settings.predict_with == "teacher":
-            unwrap_network(self.trainer.network).load_state_dict(self.teacher.state_dict())
-            self.trainer.print_to_log_file("The final checkpoint holds the EMA teacher's weights (predict_with teacher)")
-
-    # ------------------------------------------------------------ the student's batch
-    def student_batch(self, inputs) -> StudentBatch:
-        """The labelled batch and the unlabelled one (teacher's pseudo-labels), as the student sees them."""
-        images, true_labels = inputs.batch_images, full_resolution(inputs.target)[:, 0].long()
-        unlabeled = inputs.unlabeled
-        if unlabeled is None:  # no unlabelled pool: the labelled batch alone
-            return student_batch(images, true_labels, images[:0], true_labels[:0], "none", 1.0, False)
-        pseudo_labels, confidence = self.teacher(unlabeled)
-        inputs.logged[COVERAGE] = (confidence >= self.settings.confidence_threshold).float().mean()
-        return student_batch(images, true_labels, unlabeled, pseudo_labels, self.settings.mixing,
-                             self.settings.box_fraction, self.settings.strong_intensity)
-
-    # ------------------------------------------------------------ the two terms
-    @property
-    def loss(self) -> MaskedSegmentationLoss:
-        if self._loss is None:
-            weights = getattr(self.trainer.loss, "weight_factors", None)  # nnU-Net's deep-supervision weights
-            self._loss = MaskedSegmentationLoss(self.trainer.configuration_manager.batch_dice, weights,
-                                                self.trainer.is_ddp)
-        return self._loss
-
-    def true_label_loss(self, inputs) -> torch.Tensor:
-        """nnU-Net's loss of each decoder on the student's pixels that came from labelled images."""
-        return self._loss_where(inputs, inputs.student.from_labeled)
-
-    def pseudo_label_loss(self, inputs) -> torch.Tensor:
-        """nnU-Net's loss of each decoder on the student's pixels that came from unlabelled images."""
-        return self._loss_where(inputs, ~inputs.student.from_labeled)
-
-    def _loss_where(self, inputs, pixels: torch.Tensor) -> torch.Tensor:
-        """Without batch Dice, over the images with a kept pixel only: nnU-Net then averages Dice over
-        images, and an image without target would add a constant to that mean and shrink the others'
-        weight. Batch Dice sums over the batch, where such an image adds nothing, and under DDP gathers
-        its sums from every rank: all images stay, so that every rank gathers the same shapes."""
-        labels = torch.where(pixels, inputs.student.labels, EXCLUDED)
-        if self.loss.batch_dice:
-            return sum(self.loss(output, labels) for output in inputs.joint.outputs)
-        images = (labels != EXCLUDED).flatten(1).any(1)
-        return sum(self.loss(batch_part(output, images), labels[images]) for output in inputs.joint.outputs)
-
-    # ------------------------------------------------------------ what the logs show
-    @torch.no_grad()
-    def validation_counts(self, batch: dict) -> Dict[str, np.ndarray]:
-        """The teacher on a validation batch: per foreground class, true/false positives and false
-        negatives of all its labels and of its confident ones, and the confident pixels."""
-        images = batch["data"].to(self.trainer.device, non_blocking=True)
-        target = full_resolution(batch["target"])[:, 0].long().to(self.trainer.device)
-        labels, confidence = self.teacher.predict(images)
-        confident = confidence >= self.settings.confidence_threshold
-        classes = self.trainer.label_manager.foreground_labels
-        return {"teacher_counts": class_counts(labels, target, classes, EXCLUDED),
-                "teacher_confident_counts": class_counts(torch.where(confident, labels, EXCLUDED),
-                                                         torch.where(confident, target, EXCLUDED), classes, EXCLUDED),
-                "teacher_confident": np.array([float(confident.float().mean())])}
-
-    def log_validation(self, outputs: List[dict]) -> None:
-        if not outputs or "teacher_counts" not in outputs[0]:
-            self.trainer.logger.log("teacher_dice", float("nan"), self.trainer.current_epoch)
-            return
-        ranks = gather_objects(outputs)  # under DDP every rank validates its own batches, as in nnU-Net
-        outputs = [o for rank_outputs in ranks for o in rank_outputs]
-        dice_all = mean_dice(sum(o["teacher_counts"] for o in outputs))
-        dice_confident = mean_dice(sum(o["teacher_confident_counts"] for o in outputs))
-        coverage = float(np.mean([o["teacher_confident"] for o in outputs]))
-        self.trainer.logger.log("teacher_dice", dice_all, self.trainer.current_epoch)
-        self.trainer.print_to_log_file(f"EMA teacher on the validation batches: Dice {round(dice_all, 4)}; "
-                                       f"confident pixels {round(100 * coverage, 1)}%, their Dice "
-                                       f"{round(dice_confident, 4)}")
+def teacher_quality(outputs: List[dict]) -> Tuple[float, float, float]:
+    """(Dice of all the teacher's labels, Dice of its confident ones, share of confident pixels) over the
+    validation outputs of ``teacher_validation_counts``."""
+    dice_all = mean_dice(sum(o["teacher_counts"] for o in outputs))
+    dice_confident = mean_dice(sum(o["teacher_confident_counts"] for o in outputs))
+    return dice_all, dice_confident, float(np.mean([o["teacher_confident"] for o in outputs]))

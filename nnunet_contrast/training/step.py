@@ -5,6 +5,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.data.views import two_views
 from nnunet_contrast.training.schedule import Data, Stage, Views
 
@@ -41,31 +42,23 @@ class JointPass:
 
 
 class StepInputs:
-    """The batch of nnU-Net's loop for this step (the stage's loader), and what the stage's terms
-    derive from it: the labelled images and targets, an unlabelled batch, the joint forward pass.
-    The unlabelled batch is drawn only for stages that read it; no label of it exists here."""
+    """The batch of nnU-Net's loop for this step (the stage's loader), and what the stage's terms derive
+    from it: the images the stage trains on with each pixel's target (one ``Batch``), the unlabelled batch
+    and the joint forward pass. The unlabelled batch is drawn only for stages that read it, and no label of
+    it exists here: its targets are the stage's labeller's, or none."""
 
     def __init__(self, trainer, stage: Stage, batch: dict):
         self.trainer, self.stage, self.batch = trainer, stage, batch
-        self.logged: Dict[str, torch.Tensor] = {}  # what terms note for the log (e.g. pseudo-label coverage)
+        self.logged: Dict[str, torch.Tensor] = {}  # what the step notes for the log (e.g. pseudo-label coverage)
 
     @cached_property
-    def batch_images(self) -> torch.Tensor:
-        """The images of the stage's batch (the labelled batch, or the stage's own loader's) on the device."""
-        return to_device(self.batch["data"], self.trainer.device)
-
-    @property
-    def labeled(self) -> Tuple[torch.Tensor, object]:
-        """(images, target) of the labelled batch on the device; target as nnU-Net gives it."""
-        return self.batch_images, self.target
-
-    @cached_property
-    def target(self):
-        return to_device(self.batch["target"], self.trainer.device)
-
-    @property
-    def n_labeled(self) -> int:
-        return self.batch["data"].shape[0]
+    def loader_batch(self) -> Batch:
+        """The stage's loader's batch on the device: nnU-Net's labelled images with their true labels, or
+        images without labels (a loader over all images)."""
+        images = to_device(self.batch["data"], self.trainer.device)
+        if "target" not in self.batch:
+            return Batch.unlabeled(images)
+        return Batch.labeled(images, self.trainer.true_labels(to_device(self.batch["target"], self.trainer.device)))
 
     @cached_property
     def unlabeled(self) -> Optional[torch.Tensor]:
@@ -76,28 +69,22 @@ class StepInputs:
         return None if images is None else to_device(images, self.trainer.device)
 
     @cached_property
-    def student(self):
-        """Self-training: the student's view of the labelled and unlabelled batch, and each pixel's target
-        (``data/mixing.py``)."""
-        return self.trainer.self_training.student_batch(self)
+    def trained(self) -> Batch:
+        """What the stage trains on: the loader's batch, followed by the unlabelled batch (with the stage's
+        labeller's pseudo-labels) when the stage reads one; the student's view of both in self-training."""
+        if not self.stage.reads_unlabeled or self.unlabeled is None:
+            return self.loader_batch
+        joined = self.loader_batch + Batch.unlabeled(self.unlabeled, self.trainer.pseudo_labels(self))
+        return self.trainer.student_view(joined) if self.stage.data == Data.STUDENT else joined
 
-    @cached_property
+    @property
     def images(self) -> torch.Tensor:
-        """The labelled images, followed by the unlabelled ones when the stage reads them (in a
-        self-training stage: as the student sees them)."""
-        if self.stage.self_training:
-            return self.student.images
-        if self.stage.data != Data.LABELED_AND_UNLABELED or self.unlabeled is None:
-            return self.batch_images
-        return torch.cat([self.batch_images, self.unlabeled])
+        return self.trained.images
 
     @property
-    def labeled_part(self) -> slice:
-        return slice(0, self.n_labeled)
-
-    @property
-    def unlabeled_part(self) -> slice:
-        return slice(self.n_labeled, None)
+    def labels(self) -> torch.Tensor:
+        """Each pixel's target (true label or pseudo-label), ``EXCLUDED`` where none."""
+        return self.trained.labels
 
     @cached_property
     def joint(self) -> JointPass:
