@@ -115,6 +115,16 @@ def test_nothing_excluded_is_nnunets_own_loss():
                                nnunet([o.float() for o in outputs], targets).float())
 
 
+def test_in_3d_nothing_excluded_is_nnunets_own_loss():
+    outputs = [randn(13, 2, 3, 4, 8, 8), randn(14, 2, 3, 2, 4, 4)]
+    labels = random_labels(15, (2, 4, 8, 8), 3, 0.0)
+    dice = {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}
+    nnunet = DeepSupervisionWrapper(DC_and_CE_loss(dice, {}, weight_ce=1, weight_dice=1,
+                                                   dice_class=MemoryEfficientSoftDiceLoss), [0.6, 0.4])
+    torch.testing.assert_close(MaskedSegmentationLoss(False, [0.6, 0.4])(outputs, labels),
+                               nnunet(outputs, deep_supervision_targets(labels, outputs)).float())
+
+
 def test_deep_supervision_targets_are_nnunets_downsampling():
     from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
     labels = random_labels(9, (1, 10, 7), 4, 0.0)
