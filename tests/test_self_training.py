@@ -27,7 +27,8 @@ from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.schedule import (ENCODER, NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, Labeller,
                                                NnUNetSGD, Schedule, Stage, Term, ramped)
 from nnunet_contrast.training.method import MethodTrainer
-from nnunet_contrast.training.self_training import self_training_schedule, self_training_stages
+from nnunet_contrast.training.self_training import (self_training_schedule, self_training_stages, teacher_curve_keys,
+                                                    teacher_quality, teacher_validation_counts)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 1e-5
@@ -393,3 +394,42 @@ def test_with_batch_dice_the_self_training_terms_keep_every_image_at_the_same_va
     batch = Batch(logits.detach(), labels, torch.zeros(3, 4, 4, dtype=torch.bool), 0)
     assert torch.allclose(pseudo_label_loss(batch, [logits], batch_dice=True),
                           MaskedSegmentationLoss(True)(logits[:2], labels[:2]))
+
+
+def test_teacher_quality_per_class_against_a_loop_over_pixels():
+    """Per class: Dice of all labels, Dice of the confident ones, and the confident share of each class's
+    predicted pixels; overall: foreground means and the confident share of all pixels; ``EXCLUDED``
+    target pixels (nnU-Net's ignore label) count nowhere."""
+    g = torch.Generator().manual_seed(3)
+    predicted, target = torch.randint(0, 3, (2, 5, 6), generator=g), torch.randint(0, 3, (2, 5, 6), generator=g)
+    target[0, 0] = EXCLUDED
+    confidence = torch.rand(2, 5, 6, generator=g)
+    teacher = SimpleNamespace(predict=lambda images: (predicted, confidence), confidence_threshold=0.5)
+    outputs = [teacher_validation_counts(teacher, None, target, [0, 1, 2])]
+    quality = teacher_quality(outputs, [0, 1, 2])
+
+    pixels = [(p, t, c >= 0.5) for p, t, c in zip(predicted.flatten().tolist(), target.flatten().tolist(),
+                                                    confidence.flatten().tolist()) if t != EXCLUDED]
+
+    def dice(c, kept):
+        tp = sum(1 for p, t, k in pixels if kept(k) and p == c and t == c)
+        fp = sum(1 for p, t, k in pixels if kept(k) and p == c and t != c)
+        fn = sum(1 for p, t, k in pixels if kept(k) and p != c and t == c)
+        return 2 * tp / (2 * tp + fp + fn)
+    for c in range(3):
+        assert quality.dice[c] == pytest.approx(dice(c, lambda k: True))
+        assert quality.confident_dice[c] == pytest.approx(dice(c, lambda k: k))
+        of_class = [k for p, _, k in pixels if p == c]
+        assert quality.coverage[c] == pytest.approx(sum(of_class) / len(of_class))
+    assert quality.mean_dice == pytest.approx((quality.dice[1] + quality.dice[2]) / 2)
+    assert quality.mean_confident_dice == pytest.approx((quality.confident_dice[1] + quality.confident_dice[2]) / 2)
+    assert quality.overall_coverage == pytest.approx(sum(k for *_, k in pixels) / len(pixels))
+    assert set(quality.curves()) == set(teacher_curve_keys([0, 1, 2])) - {"teacher_dice"}
+
+
+def test_teacher_quality_of_a_class_never_predicted_is_nan_not_an_error():
+    predicted = torch.zeros(1, 2, 2, dtype=torch.long)
+    teacher = SimpleNamespace(predict=lambda images: (predicted, torch.ones(1, 2, 2)), confidence_threshold=0.5)
+    quality = teacher_quality([teacher_validation_counts(teacher, None, predicted.clone(), [0, 1])], [0, 1])
+    assert quality.coverage[0] == 1 and math.isnan(quality.coverage[1]) and math.isnan(quality.dice[1])
+    assert math.isnan(quality.mean_dice)  # no foreground in either: nnU-Net's pseudo Dice is NaN too

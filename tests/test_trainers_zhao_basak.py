@@ -8,6 +8,7 @@ import torch
 from conftest import (TEST_PLANS, assert_same_optimizer_moments, corrupt_images, losses_with_hidden_labels_corrupted,
                       make_plans, make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms,
                       train_then_resume)
+from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.network.dual_decoder import DualDecoderUNet
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.network.taps import forward_with_decoder_features
@@ -69,7 +70,8 @@ def test_crosslevel_contrast_reaches_network_and_head_but_not_through_the_key(hi
     seed_everything(1)
     batch = next(trainer.dataloader_train)
     output, features = forward_with_decoder_features(trainer.network, batch["data"])
-    loss = stage_terms(trainer, "contrast", batch, images=batch["data"],
+    labeled_only = Batch.labeled(batch["data"], trainer.true_labels(batch["target"]))
+    loss = stage_terms(trainer, "contrast", batch, trained=labeled_only,
                        joint=JointPass([output], features))["cross_level_contrast"]
     grads = torch.autograd.grad(loss, list(trainer.heads.parameters()) + [features])
     assert all(g.abs().sum() > 0 for g in grads)

@@ -42,10 +42,15 @@ def class_counts(predicted: torch.Tensor, target: torch.Tensor, classes: Sequenc
     return np.stack([c[list(classes)].cpu().numpy() for c in counts]).astype(float)
 
 
-def mean_dice(counts: np.ndarray) -> float:
-    """nnU-Net's pseudo Dice from summed counts: 2 tp / (2 tp + fp + fn) per class, mean over the classes
-    that occur in the target or the prediction (NaN when none does)."""
+def class_dice(counts: np.ndarray) -> np.ndarray:
+    """2 tp / (2 tp + fp + fn) per class of summed counts (3, K); NaN for a class in neither map."""
     tp, fp, fn = counts
     denominator = 2 * tp + fp + fn
-    scores = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
+
+
+def mean_dice(counts: np.ndarray) -> float:
+    """nnU-Net's pseudo Dice from summed counts: the mean of ``class_dice`` over the classes that occur in
+    the target or the prediction (NaN when none does)."""
+    scores = class_dice(counts)
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")

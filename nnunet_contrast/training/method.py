@@ -29,8 +29,8 @@ from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import EmaTeacher, PseudoLabeler
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, Labeller,
                                                NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
-from nnunet_contrast.training.self_training import (COVERAGE, self_training_schedule, teacher_quality,
-                                                    teacher_validation_counts)
+from nnunet_contrast.training.self_training import (COVERAGE, self_training_schedule, teacher_curve_keys,
+                                                    teacher_quality, teacher_validation_counts)
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part, full_resolution, to_device
 
@@ -74,7 +74,8 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.pseudo_labeler: Optional[PseudoLabeler] = None  # the snapshot of the current round, if any
         self.teacher: Optional[EmaTeacher] = None  # from the first stage that reads it on
         unsupervised = [term.name for stage in self.schedule.stages for term in stage.terms if term.name != SEGMENTATION]
-        self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)))
+        self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)),
+                                                       teacher_curve_keys(self.label_manager.all_labels))
 
     @classmethod
     def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
@@ -402,7 +403,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         if self.teacher is not None:
             images = batch["data"].to(self.device, non_blocking=True)
             target = self.true_labels(to_device(batch["target"], self.device))
-            result.update(teacher_validation_counts(self.teacher, images, target, self.label_manager.foreground_labels))
+            result.update(teacher_validation_counts(self.teacher, images, target, self.label_manager.all_labels))
         return result
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
@@ -410,14 +411,22 @@ class MethodTrainer(SemiSupervisedTrainer):
         super().on_validation_epoch_end(val_outputs)
 
     def log_teacher_quality(self, outputs: List[dict]) -> None:
+        """The teacher's quality on this epoch's validation batches, overall and per class (NaN without one)."""
+        labels = self.label_manager.all_labels
         if not outputs or "teacher_counts" not in outputs[0]:
-            self.logger.log("teacher_dice", float("nan"), self.current_epoch)
+            for key in teacher_curve_keys(labels):
+                self.logger.log(key, float("nan"), self.current_epoch)
             return
         outputs = [o for rank in gather_objects(outputs) for o in rank]  # under DDP every rank validates its own
-        dice_all, dice_confident, coverage = teacher_quality(outputs)
-        self.logger.log("teacher_dice", dice_all, self.current_epoch)
-        self.print_to_log_file(f"EMA teacher on the validation batches: Dice {round(dice_all, 4)}; confident "
-                               f"pixels {round(100 * coverage, 1)}%, their Dice {round(dice_confident, 4)}")
+        quality = teacher_quality(outputs, labels)
+        for key, value in {"teacher_dice": quality.mean_dice, **quality.curves()}.items():
+            self.logger.log(key, value, self.current_epoch)
+        per_class = lambda values: " / ".join(f"{v:.3f}" for v in values)
+        self.print_to_log_file(
+            f"EMA teacher on the validation batches: Dice {round(quality.mean_dice, 4)}; confident pixels "
+            f"{round(100 * quality.overall_coverage, 1)}%, their Dice {round(quality.mean_confident_dice, 4)}; "
+            f"per class {' / '.join(map(str, labels))}: Dice {per_class(quality.dice)}, confident Dice "
+            f"{per_class(quality.confident_dice)}, confident share {per_class(quality.coverage)}")
 
     def on_train_end(self):
         if self.teacher is not None and self.settings.selftraining.predict_with == "teacher":

@@ -1,6 +1,6 @@
 """nnU-Net's training log and progress.png, extended with each loss term other than nnU-Net's own
-(``<term>_loss``, NaN in epochs whose stage lacks it), the stage and the EMA teacher's validation Dice
-(NaN in epochs without a teacher)."""
+(``<term>_loss``, NaN in epochs whose stage lacks it), the stage and the EMA teacher's quality on the
+validation batches (``teacher_*``, NaN in epochs without a teacher)."""
 import io
 import math
 from os.path import join
@@ -8,7 +8,6 @@ from typing import Sequence
 
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-STAGE_KEYS = ("stage", "teacher_dice")
 
 
 def term_key(term_name: str) -> str:
@@ -19,10 +18,12 @@ def term_key(term_name: str) -> str:
 class ContrastLocalLogger(LocalLogger):
     """nnU-Net's LocalLogger with more per-epoch entries; progress.png gets a fourth panel."""
 
-    def __init__(self, stage_names: Sequence[str], term_names: Sequence[str], verbose: bool = False):
+    def __init__(self, stage_names: Sequence[str], term_names: Sequence[str], teacher_keys: Sequence[str] = (),
+                 verbose: bool = False):
         super().__init__(verbose)
         self.term_keys = [term_key(name) for name in term_names]
-        for key in (*STAGE_KEYS, *self.term_keys):
+        self.added_keys = ["stage", *teacher_keys, *self.term_keys]
+        for key in self.added_keys:
             self.my_fantastic_logging[key] = []
         self.stage_names = list(stage_names)
 
@@ -30,7 +31,7 @@ class ContrastLocalLogger(LocalLogger):
         """A checkpoint of other settings (a term its stages lacked) gets the entry as NaN for its epochs."""
         super().load_checkpoint(checkpoint)
         epochs = len(self.my_fantastic_logging.get("epoch_end_timestamps", []))
-        for key in (*STAGE_KEYS, *self.term_keys):
+        for key in self.added_keys:
             self.my_fantastic_logging.setdefault(key, [math.nan] * epochs)
 
     def plot_progress_png(self, output_folder):

@@ -16,13 +16,14 @@ A method whose fine-tuning already reads unlabelled batches (a joint method) kee
 gains the ``pseudo_label`` term in them instead.
 """
 import dataclasses
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
-from nnunet_contrast.training.dice import class_counts, mean_dice
+from nnunet_contrast.training.dice import class_counts, class_dice, mean_dice
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
 from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATION, Data, Labeller, NnUNetSGD,
                                                Stage, Term, epochs_of, ramped, replace_finetuning)
@@ -62,21 +63,52 @@ def self_training_schedule(stages: List[Stage], budget, settings) -> List[Stage]
 
 
 def teacher_validation_counts(teacher: EmaTeacher, images: torch.Tensor, target: torch.Tensor,
-                              classes) -> Dict[str, np.ndarray]:
-    """The teacher on a validation batch (images, (B, H, W) true labels): per foreground class in ``classes``,
-    true/false positives and false negatives of all its labels and of its confident ones, and the share of
-    confident pixels."""
-    labels, confidence = teacher.predict(images)
+                              labels: Sequence[int]) -> Dict[str, np.ndarray]:
+    """The teacher on a validation batch (images, (B, *spatial) true labels, ``EXCLUDED`` where none): true
+    and false positives and false negatives per class in ``labels`` (background included), of all its
+    labels and of its confident ones (3, K each)."""
+    predicted, confidence = teacher.predict(images)
     confident = confidence >= teacher.confidence_threshold
-    return {"teacher_counts": class_counts(labels, target, classes, EXCLUDED),
-            "teacher_confident_counts": class_counts(torch.where(confident, labels, EXCLUDED),
-                                                     torch.where(confident, target, EXCLUDED), classes, EXCLUDED),
-            "teacher_confident": np.array([float(confident.float().mean())])}
+    return {"teacher_counts": class_counts(predicted, target, labels, EXCLUDED),
+            "teacher_confident_counts": class_counts(torch.where(confident, predicted, EXCLUDED),
+                                                     torch.where(confident, target, EXCLUDED), labels, EXCLUDED)}
 
 
-def teacher_quality(outputs: List[dict]) -> Tuple[float, float, float]:
-    """(Dice of all the teacher's labels, Dice of its confident ones, share of confident pixels) over the
-    validation outputs of ``teacher_validation_counts``."""
-    dice_all = mean_dice(sum(o["teacher_counts"] for o in outputs))
-    dice_confident = mean_dice(sum(o["teacher_confident_counts"] for o in outputs))
-    return dice_all, dice_confident, float(np.mean([o["teacher_confident"] for o in outputs]))
+@dataclass
+class TeacherQuality:
+    """The EMA teacher on an epoch's validation batches, per class of ``labels`` (background first):
+    ``dice`` of all its labels, ``confident_dice`` of its confident labels (against the truth of those
+    pixels), ``coverage``: the share of the pixels it labels as the class that are confident (NaN for a
+    class it never predicts); and over the foreground (``mean_dice``, ``mean_confident_dice``) or every
+    pixel (``overall_coverage``)."""
+    labels: List[int]
+    dice: np.ndarray
+    confident_dice: np.ndarray
+    coverage: np.ndarray
+    mean_dice: float
+    mean_confident_dice: float
+    overall_coverage: float
+
+    def curves(self) -> Dict[str, float]:
+        """The per-class values under their log keys (``teacher_<quantity>_<label>``)."""
+        return {f"teacher_{name}_{label}": float(values[i]) for name, values in
+                (("dice", self.dice), ("confident_dice", self.confident_dice), ("coverage", self.coverage))
+                for i, label in enumerate(self.labels)}
+
+
+def teacher_quality(outputs: List[dict], labels: Sequence[int]) -> TeacherQuality:
+    """``TeacherQuality`` from the summed ``teacher_validation_counts`` of an epoch's validation batches."""
+    counts = sum(o["teacher_counts"] for o in outputs)
+    confident = sum(o["teacher_confident_counts"] for o in outputs)
+    predicted, predicted_confident = counts[0] + counts[1], confident[0] + confident[1]  # tp + fp per class
+    coverage = np.where(predicted > 0, predicted_confident / np.maximum(predicted, 1), np.nan)
+    foreground = [i for i, label in enumerate(labels) if label != 0]
+    return TeacherQuality(list(labels), class_dice(counts), class_dice(confident), coverage,
+                          mean_dice(counts[:, foreground]), mean_dice(confident[:, foreground]),
+                          float(predicted_confident.sum() / max(predicted.sum(), 1)))
+
+
+def teacher_curve_keys(labels: Sequence[int]) -> List[str]:
+    """The log keys of the teacher's quality: foreground Dice, and each per-class curve."""
+    return ["teacher_dice"] + [f"teacher_{name}_{label}" for name in ("dice", "confident_dice", "coverage")
+                               for label in labels]

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "stage", "teacher_dice")  # and each term's
+CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "stage")  # and each term's and the teacher's
 
 CSV_COLUMNS = ("budget_digest", "split_seed", "device", "plans", "trainer", "fraction", "upper_bound", "fold",
                "labelled_cases", "unlabelled_cases", "labelled_digest", "foreground_dice", "dice_per_class",
@@ -29,6 +29,11 @@ CSV_COLUMNS = ("budget_digest", "split_seed", "device", "plans", "trainer", "fra
 def is_term_curve(key: str) -> bool:
     """A loss term's per-epoch curve (``training/progress.py``: ``<term>_loss``)."""
     return key.endswith("_loss")
+
+
+def is_teacher_curve(key: str) -> bool:
+    """The EMA teacher's quality per epoch (``training/self_training.py``: ``teacher_dice`` and per class)."""
+    return key.startswith("teacher_")
 
 
 def seconds_per_iteration(logging: dict, iterations_per_epoch: int) -> float:
@@ -73,7 +78,7 @@ def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, de
         "stopped_calls": stopped_calls,
         "training_seconds": round(sum(epoch_durations(logging)), 1),
         "seconds_per_iteration": round(seconds_per_iteration(logging, iterations), 4),
-        "curves": {k: [finite_or_none(v) for v in logging[k]] for k in logging if k in CURVES or is_term_curve(k)},
+        "curves": {k: [finite_or_none(v) for v in logging[k]] for k in logging if k in CURVES or is_term_curve(k) or is_teacher_curve(k)},
         "settings": settings,
         "environment": environment(),
     }

@@ -11,6 +11,7 @@ so a run is a *repeat*: its fold and its processor kind. Records of several kind
 folders) share one section; a method is paired with the baseline only on the same fold and kind, and
 with several kinds each repeat is named ``f0/K2`` and a by-fold table averages each fold's kinds first.
 """
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -326,14 +327,18 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
 
 def plot_curves(record: dict, path: Path) -> None:
     curves = {k: [float("nan") if v is None else v for v in values] for k, values in record["curves"].items()}
+    teacher = [k for k in curves if k.startswith(("teacher_confident_dice_", "teacher_coverage_"))]
     panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice", "teacher_dice"]),
-              ("loss terms", [k for k in curves if is_term_curve(k)])]
-    panels = [(title, [k for k in keys if k in curves]) for title, keys in panels]
+              ("loss terms", [k for k in curves if is_term_curve(k)]),
+              ("teacher per class:\nconfident Dice, share", teacher)]
+    panels = [(title, [k for k in keys if k in curves and any(math.isfinite(v) for v in curves[k])])
+              for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
     fig, axes = pyplot().subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), dpi=100, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for key in keys:
-            ax.plot(range(len(curves[key])), curves[key], marker="o", label=key)
+            ax.plot(range(len(curves[key])), curves[key], marker="o", label=key,
+                    linestyle="--" if key.startswith("teacher_coverage_") else "-")
         for epoch, stage in enumerate(curves.get("stage", [])):
             ax.axvspan(epoch - 0.5, epoch + 0.5, color=f"C{int(stage) + 4}", alpha=0.15)
         ax.set_ylabel(title)
