@@ -37,6 +37,6 @@ def test_true_labels_are_nnunets_full_resolution_target_with_its_ignore_label_ex
     target = [torch.tensor([[[[0, 1], [2, 3]]]], dtype=torch.float32), torch.zeros(1, 1, 1, 1)]
     trainer = SimpleNamespace(label_manager=SimpleNamespace(has_ignore_label=ignore_label is not None,
                                                             ignore_label=ignore_label))
-    labels = MethodTrainer.true_labels(trainer, target)
+    labels = MethodTrainer.labels_of_target(trainer, target)
     expected = [[0, 1], [2, 3]] if ignore_label is None else [[0, 1], [2, EXCLUDED]]
     assert labels.dtype == torch.long and labels.tolist() == [expected]

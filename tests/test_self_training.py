@@ -166,7 +166,7 @@ def test_self_training_terms_leave_out_images_without_a_kept_pixel(kept):
         from_labeled[:] = True                   # nothing for the pseudo-label term
     else:
         labels[2] = EXCLUDED                     # image 2: every pseudo-label unconfident
-    value = pseudo_label_loss(Batch(logits.detach(), labels, from_labeled, 1), [logits], batch_dice=False)
+    value = pseudo_label_loss(Batch(torch.zeros(3, 1, 4, 4), labels, from_labeled, 1), [logits], batch_dice=False)
     if kept == "no image":
         assert value == 0
     else:
@@ -323,7 +323,7 @@ def test_ramp_rises_over_the_terms_stages():
     assert ramped(0.3, 0) == 0.3  # no ramp: a constant weight
     term = Term(PSEUDO_LABEL, weight)
     stage = lambda name, epochs: Stage(name, epochs, 10, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION), term),
-                                       Data.LABELED_AND_UNLABELED)
+                                       Data.LABELED_AND_UNLABELED, labeller=Labeller.EMA_TEACHER)
     schedule = Schedule([Stage("warm", 2, 10, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),)), stage("a", 1),
                          stage("b", 3)])
     assert schedule.term_progress(PSEUDO_LABEL, 1, 0) == 0.0
@@ -368,6 +368,13 @@ def test_a_stage_declares_a_labeller_only_for_unlabelled_images_and_the_student_
                  labeller=Labeller.SNAPSHOT).reads_unlabeled
 
 
+def test_a_stage_refuses_terms_its_data_cannot_feed():
+    with pytest.raises(ValueError, match="the segmentation term needs labelled images, which all images drops"):
+        Stage("s", 1, 1, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), Data.ALL_IMAGES)
+    with pytest.raises(ValueError, match="the pseudo_label term needs a labeller"):
+        Stage("s", 1, 1, (NETWORK,), NnUNetSGD(), (Term(PSEUDO_LABEL),), Data.LABELED_AND_UNLABELED)
+
+
 def test_self_training_settings_are_checked():
     with pytest.raises(ValueError, match="selftraining.mixing must be one of"):
         settings(mixing="mixup")
@@ -391,7 +398,7 @@ def test_with_batch_dice_the_self_training_terms_keep_every_image_at_the_same_va
     logits = randn(12, 3, 3, 4, 4)
     labels = torch.randint(0, 3, (3, 4, 4), generator=torch.Generator().manual_seed(1))
     labels[2] = EXCLUDED
-    batch = Batch(logits.detach(), labels, torch.zeros(3, 4, 4, dtype=torch.bool), 0)
+    batch = Batch(torch.zeros(3, 1, 4, 4), labels, torch.zeros(3, 4, 4, dtype=torch.bool), 0)
     assert torch.allclose(pseudo_label_loss(batch, [logits], batch_dice=True),
                           MaskedSegmentationLoss(True)(logits[:2], labels[:2]))
 

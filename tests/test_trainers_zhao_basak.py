@@ -70,7 +70,7 @@ def test_crosslevel_contrast_reaches_network_and_head_but_not_through_the_key(hi
     seed_everything(1)
     batch = next(trainer.dataloader_train)
     output, features = forward_with_decoder_features(trainer.network, batch["data"])
-    labeled_only = Batch.labeled(batch["data"], trainer.true_labels(batch["target"]))
+    labeled_only = Batch.labeled(batch["data"], trainer.labels_of_target(batch["target"]))
     loss = stage_terms(trainer, "contrast", batch, trained=labeled_only,
                        joint=JointPass([output], features))["cross_level_contrast"]
     grads = torch.autograd.grad(loss, list(trainer.heads.parameters()) + [features])

@@ -212,13 +212,16 @@ class MethodTrainer(SemiSupervisedTrainer):
         """The pseudo-labeller of a ``Labeller.SNAPSHOT`` round: a frozen copy of the network."""
         return PseudoLabeler(self.network)
 
-    def start_teacher(self) -> None:
-        """The EMA teacher starts as a copy of the network (kept when it exists: resumed, or a later stage)."""
-        if self.teacher is None:
+    def start_teacher(self, state: Optional[dict] = None) -> None:
+        """The EMA teacher starts as a copy of the network, or with a checkpoint's ``state`` (kept when it
+        exists: a later stage that reads it)."""
+        if self.teacher is None or state is not None:
             s = self.settings.selftraining
             self.teacher = EmaTeacher(self.network, s.ema_decay, s.confidence_threshold)
-            self.print_to_log_file(f"EMA teacher (decay {s.ema_decay}) starts from the network as of epoch "
-                                   f"{self.current_epoch}")
+            if state is not None:
+                self.teacher.load_state_dict(state)
+            origin = "the checkpoint" if state is not None else f"the network as of epoch {self.current_epoch}"
+            self.print_to_log_file(f"EMA teacher (decay {s.ema_decay}) starts from {origin}")
 
     def labeller(self, stage: Stage) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """The pseudo-labeller ``stage`` reads: images -> labels, ``EXCLUDED`` where it does not trust them."""
@@ -298,7 +301,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         return total, {**values, **inputs.logged}
 
     # ------------------------------------------------------------ the step's targets and the terms that read them
-    def true_labels(self, target) -> torch.Tensor:
+    def labels_of_target(self, target) -> torch.Tensor:
         """(B, *spatial) long labels from nnU-Net's target (its deep-supervision list or tensor (B, 1, ...)),
         nnU-Net's ignore label as ``EXCLUDED``."""
         labels = full_resolution(target)[:, 0].long()
@@ -306,7 +309,7 @@ class MethodTrainer(SemiSupervisedTrainer):
             labels = torch.where(labels == self.label_manager.ignore_label, EXCLUDED, labels)
         return labels
 
-    def pseudo_labels(self, inputs: StepInputs) -> Optional[torch.Tensor]:
+    def label_unlabeled(self, inputs: StepInputs) -> Optional[torch.Tensor]:
         """The stage's labeller's labels of the unlabelled batch (None without a labeller); logs the share kept."""
         labeller = self.labeller(inputs.stage)
         if labeller is None:
@@ -402,7 +405,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         result = super().validation_step(batch)
         if self.teacher is not None:
             images = batch["data"].to(self.device, non_blocking=True)
-            target = self.true_labels(to_device(batch["target"], self.device))
+            target = self.labels_of_target(to_device(batch["target"], self.device))
             result.update(teacher_validation_counts(self.teacher, images, target, self.label_manager.all_labels))
         return result
 
@@ -456,9 +459,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         if "heads" in extras:
             self.heads.load_state_dict(extras["heads"])
         if extras.get("teacher") is not None:
-            self.teacher = None
-            self.start_teacher()
-            self.teacher.load_state_dict(extras["teacher"])
+            self.start_teacher(extras["teacher"])
         if extras.get("pseudo_labeler") is not None:  # resume mid-round with that round's labels
             self.pseudo_labeler = self.new_snapshot()
             self.pseudo_labeler.load_state_dict(extras["pseudo_labeler"])

@@ -9,7 +9,6 @@ from typing import Sequence
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 
-
 def term_key(term_name: str) -> str:
     """The log entry of a loss term."""
     return f"{term_name}_loss"

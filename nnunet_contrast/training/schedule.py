@@ -125,6 +125,12 @@ class Stage:
         if self.data == Data.STUDENT and self.labeller != Labeller.EMA_TEACHER:
             raise ValueError(f"stage '{self.name}': the student's batch is labelled by the EMA teacher, not by "
                              f"{self.labeller.value}")
+        names = {t.name for t in self.terms}
+        if SEGMENTATION in names and self.data in (Data.ALL_IMAGES, Data.PARTITIONS):
+            raise ValueError(f"stage '{self.name}': the {SEGMENTATION} term needs labelled images, which "
+                             f"{self.data.value} drops")
+        if PSEUDO_LABEL in names and self.labeller == Labeller.NONE:
+            raise ValueError(f"stage '{self.name}': the {PSEUDO_LABEL} term needs a labeller")
         if self.labeller != Labeller.NONE and not self.reads_unlabeled:
             raise ValueError(f"stage '{self.name}': {self.labeller.value} labels unlabelled images, which the stage "
                              f"does not read (data: {self.data.value})")

@@ -30,7 +30,7 @@ from nnunet_contrast.training.schedule import (NETWORK, PSEUDO_LABEL, SEGMENTATI
 
 WARMUP, SELF_TRAIN = "warmup", "selftrain"
 SELF_TRAINING_VARIANT = {"run": {"finetune": "selftraining"}}  # what every "...SelfTraining" trainer variant fixes
-COVERAGE = "pseudo_label_coverage"  # logged: share of unlabelled pixels whose pseudo-label is confident
+COVERAGE = "pseudo_label_coverage"  # logged: share of unlabelled pixels whose pseudo-label the labeller keeps
 
 
 def pseudo_label_term(settings) -> Term:
@@ -80,7 +80,7 @@ class TeacherQuality:
     ``dice`` of all its labels, ``confident_dice`` of its confident labels (against the truth of those
     pixels), ``coverage``: the share of the pixels it labels as the class that are confident (NaN for a
     class it never predicts); and over the foreground (``mean_dice``, ``mean_confident_dice``) or every
-    pixel (``overall_coverage``)."""
+    pixel with a target (``overall_coverage``). Pixels without a target (nnU-Net's ignore label) count nowhere."""
     labels: List[int]
     dice: np.ndarray
     confident_dice: np.ndarray

@@ -58,7 +58,7 @@ class StepInputs:
         images = to_device(self.batch["data"], self.trainer.device)
         if "target" not in self.batch:
             return Batch.unlabeled(images)
-        return Batch.labeled(images, self.trainer.true_labels(to_device(self.batch["target"], self.trainer.device)))
+        return Batch.labeled(images, self.trainer.labels_of_target(to_device(self.batch["target"], self.trainer.device)))
 
     @cached_property
     def unlabeled(self) -> Optional[torch.Tensor]:
@@ -74,7 +74,7 @@ class StepInputs:
         labeller's pseudo-labels) when the stage reads one; the student's view of both in self-training."""
         if not self.stage.reads_unlabeled or self.unlabeled is None:
             return self.loader_batch
-        joined = self.loader_batch + Batch.unlabeled(self.unlabeled, self.trainer.pseudo_labels(self))
+        joined = self.loader_batch + Batch.unlabeled(self.unlabeled, self.trainer.label_unlabeled(self))
         return self.trainer.student_view(joined) if self.stage.data == Data.STUDENT else joined
 
     @property

@@ -327,10 +327,11 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
 
 def plot_curves(record: dict, path: Path) -> None:
     curves = {k: [float("nan") if v is None else v for v in values] for k, values in record["curves"].items()}
-    teacher = [k for k in curves if k.startswith(("teacher_confident_dice_", "teacher_coverage_"))]
+    teacher = [k for k in curves if k.startswith(("teacher_confident_dice_", "teacher_coverage_"))
+               and not k.endswith("_0")]  # the foreground classes: background stays near 1
     panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice", "teacher_dice"]),
               ("loss terms", [k for k in curves if is_term_curve(k)]),
-              ("teacher per class:\nconfident Dice, share", teacher)]
+              ("teacher per foreground class:\nconfident Dice, share", teacher)]
     panels = [(title, [k for k in keys if k in curves and any(math.isfinite(v) for v in curves[k])])
               for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
