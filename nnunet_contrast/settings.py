@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from nnunet_contrast.data.mixing import MIXINGS
+from nnunet_contrast.training.thresholds import THRESHOLDS
 from nnunet_contrast.losses.class_mean import MATCHINGS
 from nnunet_contrast.losses.supcon_local import FORMS, MODES
 from nnunet_contrast.resources import bundled_dir
@@ -87,7 +88,9 @@ class SelfTraining:
     """The self-training stage any trainer can fine-tune with (``run.finetune = selftraining``)."""
     warmup_fraction: float = setting(below_one=True)   # of budget.num_epochs: nnU-Net's supervised training first
     ema_decay: float = setting(below_one=True)
-    confidence_threshold: float = setting(at_most_one=True)
+    confidence_threshold: float = setting(at_most_one=True)  # threshold fixed: the softmax cut-off
+    threshold: str = setting(choices=THRESHOLDS)  # training/thresholds.py
+    threshold_momentum: float = setting(below_one=True)  # threshold self_adaptive: m of FreeMatch's averages
     unlabeled_weight: float = setting()
     rampup_fraction: float = setting(at_most_one=True)  # of the self-training iterations: sigmoid ramp-up
     mixing: str = setting(choices=MIXINGS)

@@ -12,6 +12,7 @@ import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_contrast.training.thresholds import FixedThreshold
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
 
 DATA = Path(__file__).parent / "data"
@@ -40,7 +41,7 @@ def test_one_update_averages_every_tensor_once(architecture, configuration):
     distinct = {value.data_ptr() for value in state.values()}
     assert len(state) > len(distinct)  # the aliases this test is about
     decay = 0.9
-    teacher = EmaTeacher(student, decay=decay, confidence_threshold=0.9)
+    teacher = EmaTeacher(student, decay=decay, threshold=FixedThreshold(0.9))
     with torch.no_grad():  # the student moves away from the teacher, every tensor differently
         for value in list(student.parameters()) + [b for b in student.buffers() if b.is_floating_point()]:
             value.add_(torch.randn_like(value))

@@ -23,6 +23,7 @@ from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, student_batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss, deep_supervision_targets
 from nnunet_contrast.settings import resolve_settings
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
+from nnunet_contrast.training.thresholds import FixedThreshold, SelfAdaptiveThreshold
 from nnunet_contrast.training.dice import class_counts, mean_dice
 from nnunet_contrast.training.schedule import (ENCODER, NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, Labeller,
                                                NnUNetSGD, Schedule, Stage, Term, ramped)
@@ -282,7 +283,7 @@ class TinyNet(torch.nn.Module):
 def test_teacher_follows_the_student_as_its_equation_says():
     torch.manual_seed(0)
     student = TinyNet()
-    teacher = EmaTeacher(student, decay=0.9, confidence_threshold=0.5)
+    teacher = EmaTeacher(student, decay=0.9, threshold=FixedThreshold(0.5))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     with torch.no_grad():
         for p in student.parameters():
@@ -300,18 +301,83 @@ def test_teacher_follows_the_student_as_its_equation_says():
 
 
 def test_teacher_leaves_out_unconfident_pixels():
-    teacher = EmaTeacher(TinyNet(), 0.99, 0.8)
+    teacher = EmaTeacher(TinyNet(), 0.99, FixedThreshold(0.8))
     logits = torch.tensor([[[[3.0, 0.1]], [[0.0, 0.0]], [[0.0, 0.2]]]])  # (1, 3, 1, 2)
     teacher.logits = lambda images: logits
     assert teacher(torch.zeros(1, 2, 1, 2)).tolist() == [[[0, EXCLUDED]]]
-    labels, confidence = teacher.predict(torch.zeros(1, 2, 1, 2))
-    assert labels.tolist() == [[[0, 2]]]
-    assert confidence[0, 0, 0] == pytest.approx(torch.softmax(logits[0, :, 0, 0], 0).max().item())
+    labels, kept = teacher.predict(torch.zeros(1, 2, 1, 2))
+    assert labels.tolist() == [[[0, 2]]] and kept.tolist() == [[[True, False]]]
 
 
 def test_teacher_refuses_a_decay_of_one():
     with pytest.raises(ValueError, match="decay must be in"):
-        EmaTeacher(TinyNet(), 1.0, 0.9)
+        EmaTeacher(TinyNet(), 1.0, FixedThreshold(0.9))
+
+
+def freematch_reference(batches, num_classes, momentum):
+    """FreeMatch's Eq. 5-9 by loops over pixels: per batch of softmax maps (B, C, H, W), the running
+    global mean of the maximum and class-wise mean of each probability, then each pixel's keep decision."""
+    tau, class_mean = 1 / num_classes, [1 / num_classes] * num_classes
+    decisions = []
+    for q in batches:
+        pixels = [q[b, :, i, j].tolist() for b in range(q.shape[0]) for i in range(q.shape[2]) for j in range(q.shape[3])]
+        tau = momentum * tau + (1 - momentum) * sum(max(p) for p in pixels) / len(pixels)
+        class_mean = [momentum * class_mean[c] + (1 - momentum) * sum(p[c] for p in pixels) / len(pixels)
+                      for c in range(num_classes)]
+        thresholds = [class_mean[c] / max(class_mean) * tau for c in range(num_classes)]
+        decisions.append([max(p) >= thresholds[p.index(max(p))] for p in pixels])
+    return tau, class_mean, decisions
+
+
+def test_self_adaptive_threshold_follows_freematchs_equations():
+    g = torch.Generator().manual_seed(4)
+    logits = [torch.randn(2, 3, 4, 5, generator=g) * 3 + torch.tensor([2.0, 0, -1])[None, :, None, None]
+              for _ in range(4)]
+    batches = [torch.softmax(x, 1) for x in logits]
+    threshold = SelfAdaptiveThreshold(3, momentum=0.7)
+    teacher = EmaTeacher(TinyNet(), 0.9, threshold)
+    labels_per_batch = []
+    for x in logits:
+        teacher.logits = lambda images, x=x: x
+        labels_per_batch.append(teacher(torch.zeros(2, 2, 4, 5)))
+    tau, class_mean, decisions = freematch_reference(batches, 3, 0.7)
+    assert threshold.tau.item() == pytest.approx(tau) and threshold.class_mean.tolist() == pytest.approx(class_mean)
+    for labels, q, keep in zip(labels_per_batch, batches, decisions):
+        assert ((labels != EXCLUDED).flatten().tolist()) == keep
+        assert torch.equal(labels[labels != EXCLUDED], q.argmax(1)[labels != EXCLUDED])
+    assert 0 < sum(decisions[-1]) < len(decisions[-1])  # the thresholds keep some pixels and drop others
+    rare = int(torch.tensor(class_mean).argmin())
+    assert threshold.thresholds()[rare] < threshold.tau  # a rarely predicted class gets a lower threshold
+
+
+def test_self_adaptive_threshold_round_trips_and_leaves_validation_alone():
+    threshold = SelfAdaptiveThreshold(2, momentum=0.5)
+    threshold.update(torch.softmax(torch.randn(1, 2, 3, 3), 1))
+    restored = SelfAdaptiveThreshold(2, momentum=0.5)
+    restored.load_state_dict(threshold.state_dict())
+    assert torch.equal(restored.thresholds(), threshold.thresholds())
+    teacher = EmaTeacher(TinyNet(), 0.9, threshold)
+    teacher.logits = lambda images: torch.randn(1, 2, 3, 3)
+    before = threshold.thresholds()
+    teacher.predict(torch.zeros(1, 2, 3, 3))
+    assert torch.equal(threshold.thresholds(), before)  # validation does not move the thresholds
+
+
+@pytest.mark.parametrize("case", ["one class", "one pixel"])
+def test_self_adaptive_threshold_edge_cases_stay_finite(case):
+    q = torch.ones(1, 1, 2, 2) if case == "one class" else torch.softmax(torch.randn(1, 3, 1, 1), 1)
+    threshold = SelfAdaptiveThreshold(q.shape[1], momentum=0.9)
+    threshold.update(q)
+    assert torch.isfinite(threshold.thresholds()).all()
+    labels = q.argmax(1)
+    assert threshold.of(labels).shape == labels.shape
+
+
+def test_thresholds_refuse_values_out_of_range():
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        FixedThreshold(1.5)
+    with pytest.raises(ValueError, match="momentum in \\[0, 1\\)"):
+        SelfAdaptiveThreshold(3, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,6 +446,10 @@ def test_self_training_settings_are_checked():
         settings(mixing="mixup")
     with pytest.raises(ValueError, match="selftraining.ema_decay must be in"):
         settings(ema_decay=1.0)
+    with pytest.raises(ValueError, match="selftraining.threshold must be one of"):
+        settings(threshold="adaptive")
+    with pytest.raises(ValueError, match="selftraining.threshold_momentum must be in"):
+        settings(threshold_momentum=1.0)
 
 
 def test_teacher_dice_counts_leave_out_excluded_pixels_and_absent_classes():
@@ -411,7 +481,7 @@ def test_teacher_quality_per_class_against_a_loop_over_pixels():
     predicted, target = torch.randint(0, 3, (2, 5, 6), generator=g), torch.randint(0, 3, (2, 5, 6), generator=g)
     target[0, 0] = EXCLUDED
     confidence = torch.rand(2, 5, 6, generator=g)
-    teacher = SimpleNamespace(predict=lambda images: (predicted, confidence), confidence_threshold=0.5)
+    teacher = SimpleNamespace(predict=lambda images: (predicted, confidence >= 0.5))
     outputs = [teacher_validation_counts(teacher, None, target, [0, 1, 2])]
     quality = teacher_quality(outputs, [0, 1, 2])
 
@@ -436,7 +506,7 @@ def test_teacher_quality_per_class_against_a_loop_over_pixels():
 
 def test_teacher_quality_of_a_class_never_predicted_is_nan_not_an_error():
     predicted = torch.zeros(1, 2, 2, dtype=torch.long)
-    teacher = SimpleNamespace(predict=lambda images: (predicted, torch.ones(1, 2, 2)), confidence_threshold=0.5)
+    teacher = SimpleNamespace(predict=lambda images: (predicted, torch.ones(1, 2, 2, dtype=torch.bool)))
     quality = teacher_quality([teacher_validation_counts(teacher, None, predicted.clone(), [0, 1])], [0, 1])
     assert quality.coverage[0] == 1 and math.isnan(quality.coverage[1]) and math.isnan(quality.dice[1])
     assert math.isnan(quality.mean_dice)  # no foreground in either: nnU-Net's pseudo Dice is NaN too

@@ -106,6 +106,23 @@ def test_a_variants_self_training_step_trains(hippocampus, trainer):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the teacher followed the student
 
 
+def test_a_self_adaptive_threshold_moves_with_training_and_travels_in_the_checkpoint(hippocampus):
+    from nnunet_contrast.training.thresholds import SelfAdaptiveThreshold
+    plans = make_plans(hippocampus, "nnUNetPlans_selftrain_adaptive", "nnunet_contrast.selftraining.threshold=self_adaptive",
+                       "nnunet_contrast.selftraining.threshold_momentum=0.5")
+    t = ready_trainer("nnUNetTrainerSelfTraining", plans)
+    index = t.schedule.index_of("selftrain")
+    t.current_epoch = t.schedule.starts[index]
+    t.start_stage_epoch(index)
+    assert isinstance(t.teacher.threshold, SelfAdaptiveThreshold)
+    t.train_step(next(t.dataloader_train))
+    thresholds = t.teacher.threshold.thresholds()
+    assert not torch.allclose(thresholds, torch.full_like(thresholds, 1 / len(thresholds)))
+    resumed = ready_trainer("nnUNetTrainerSelfTraining", plans)
+    resumed.restore_extras(t.checkpoint_extras(), t.current_epoch + 1)
+    assert torch.equal(resumed.teacher.threshold.thresholds(), thresholds)
+
+
 @pytest.mark.parametrize("predict_with", ["student", "teacher"])
 def test_final_checkpoint_holds_the_network_predict_with_names(hippocampus, predict_with):
     plans = make_plans(hippocampus, f"nnUNetPlans_predict_{predict_with}",
@@ -113,7 +130,7 @@ def test_final_checkpoint_holds_the_network_predict_with_names(hippocampus, pred
     trainer = make_trainer("nnUNetTrainerSelfTraining", plans)
     trainer.run_training()
     checkpoint = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", weights_only=False)
-    teacher = checkpoint["nnunet_contrast"]["teacher"]
+    teacher = checkpoint["nnunet_contrast"]["teacher"]["network"]
     weights = checkpoint["network_weights"]
     assert weights.keys() == teacher.keys()
     same = all(torch.equal(weights[k].cpu(), teacher[k].cpu()) for k in weights)

@@ -27,6 +27,7 @@ from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentat
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import EmaTeacher, PseudoLabeler
+from nnunet_contrast.training.thresholds import threshold_of
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, Labeller,
                                                NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
 from nnunet_contrast.training.self_training import (COVERAGE, self_training_schedule, teacher_curve_keys,
@@ -217,9 +218,11 @@ class MethodTrainer(SemiSupervisedTrainer):
         exists: a later stage that reads it)."""
         if self.teacher is None or state is not None:
             s = self.settings.selftraining
-            self.teacher = EmaTeacher(self.network, s.ema_decay, s.confidence_threshold)
+            self.teacher = EmaTeacher(self.network, s.ema_decay,
+                                      threshold_of(s, self.label_manager.num_segmentation_heads))
             if state is not None:
-                self.teacher.load_state_dict(state)
+                self.teacher.load_state_dict(state["network"])
+                self.teacher.threshold.load_state_dict(state["threshold"])
             origin = "the checkpoint" if state is not None else f"the network as of epoch {self.current_epoch}"
             self.print_to_log_file(f"EMA teacher (decay {s.ema_decay}) starts from {origin}")
 
@@ -444,7 +447,8 @@ class MethodTrainer(SemiSupervisedTrainer):
         stage = self.current_stage
         return {**super().checkpoint_extras(), "heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
                 "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index,
-                "teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "teacher": None if self.teacher is None else {"network": self.teacher.state_dict(),
+                                                              "threshold": self.teacher.threshold.state_dict()},
                 "pseudo_labeler": None if self.pseudo_labeler is None else self.pseudo_labeler.state_dict()}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:

@@ -8,7 +8,7 @@ Both are callables, images -> labels with ``EXCLUDED`` where the labeller does n
   copy every P iterations is the paper's re-estimation of pseudo-labels every P iterations.
 * ``EmaTeacher`` (mean teacher, Tarvainen & Valpola 2017) is a copy that follows the student,
   theta_t <- d theta_t + (1 - d) theta_s after every student step; it labels by argmax and leaves
-  out the pixels whose softmax confidence is below a threshold.
+  out the pixels whose softmax confidence is below their class's threshold (``thresholds.py``).
 """
 import copy
 import itertools
@@ -20,6 +20,7 @@ from torch import nn
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.network.taps import unwrap_network
 from nnunet_contrast.training.dice import foreground_dice
+from nnunet_contrast.training.thresholds import Threshold
 from nnunet_contrast.training.step import full_resolution
 
 
@@ -91,15 +92,15 @@ class EmaTeacher(FrozenNetwork):
     Args:
         network: the student (the trainer's network); the teacher starts as its copy.
         decay: d in theta_t <- d theta_t + (1 - d) theta_s, in [0, 1); buffers that are no floats are copied.
-        confidence_threshold: pixels whose teacher softmax maximum is below it get ``EXCLUDED``.
+        threshold: which labels to keep (``training/thresholds.py``): pixels whose softmax maximum is below
+            their class's threshold get ``EXCLUDED``.
     """
 
-    def __init__(self, network: nn.Module, decay: float, confidence_threshold: float):
-        if not 0 <= decay < 1 or not 0 <= confidence_threshold <= 1:
-            raise ValueError(f"EmaTeacher: decay must be in [0, 1) and confidence_threshold in [0, 1], got "
-                             f"{decay} and {confidence_threshold}")
+    def __init__(self, network: nn.Module, decay: float, threshold: Threshold):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EmaTeacher: decay must be in [0, 1), got {decay}")
         super().__init__(network)
-        self.decay, self.confidence_threshold = decay, confidence_threshold
+        self.decay, self.threshold = decay, threshold
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
@@ -114,13 +115,23 @@ class EmaTeacher(FrozenNetwork):
                 value.copy_(current[name])
 
     @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, *spatial) images -> (B, C, *spatial) float32 softmax."""
+        return torch.softmax(self.logits(images).float(), 1)
+
+    def kept(self, probabilities: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """((B, *spatial) long argmax labels, (B, *spatial) bool: the label passes its threshold)."""
+        confidence, labels = probabilities.max(1)
+        return labels, confidence >= self.threshold.of(labels)
+
     def predict(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) images -> ((B, H, W) long argmax labels, (B, H, W) float32 softmax maximum)."""
-        confidence, labels = torch.softmax(self.logits(images).float(), 1).max(1)
-        return labels, confidence
+        """``kept`` at the current thresholds, which it leaves as they are (validation)."""
+        return self.kept(self.probabilities(images))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, H, W) long argmax labels, ``EXCLUDED`` where the confidence is below
-        the threshold."""
-        labels, confidence = self.predict(images)
-        return torch.where(confidence >= self.confidence_threshold, labels, EXCLUDED)
+        """Labels a training batch: (B, C_in, *spatial) images -> (B, *spatial) long argmax labels,
+        ``EXCLUDED`` where below the threshold; an adaptive threshold first takes in the batch."""
+        probabilities = self.probabilities(images)
+        self.threshold.update(probabilities)
+        labels, kept = self.kept(probabilities)
+        return torch.where(kept, labels, EXCLUDED)

@@ -67,8 +67,7 @@ def teacher_validation_counts(teacher: EmaTeacher, images: torch.Tensor, target:
     """The teacher on a validation batch (images, (B, *spatial) true labels, ``EXCLUDED`` where none): true
     and false positives and false negatives per class in ``labels`` (background included), of all its
     labels and of its confident ones (3, K each)."""
-    predicted, confidence = teacher.predict(images)
-    confident = confidence >= teacher.confidence_threshold
+    predicted, confident = teacher.predict(images)
     return {"teacher_counts": class_counts(predicted, target, labels, EXCLUDED),
             "teacher_confident_counts": class_counts(torch.where(confident, predicted, EXCLUDED),
                                                      torch.where(confident, target, EXCLUDED), labels, EXCLUDED)}
