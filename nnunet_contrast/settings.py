@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from nnunet_contrast.data.mixing import MIXINGS
+from nnunet_contrast.data.mixing import MIXINGS, WARMUP_MIXINGS
 from nnunet_contrast.training.thresholds import THRESHOLDS
 from nnunet_contrast.losses.class_mean import MATCHINGS
 from nnunet_contrast.losses.supcon_local import FORMS, MODES
@@ -87,6 +87,7 @@ class Run:
 class SelfTraining:
     """The self-training stage any trainer can fine-tune with (``run.finetune = selftraining``)."""
     warmup_fraction: float = setting(below_one=True)   # of budget.num_epochs: nnU-Net's supervised training first
+    warmup_mixing: str = setting(choices=WARMUP_MIXINGS)  # copypaste: BCP's copy-paste between labelled images
     ema_decay: float = setting(below_one=True)
     confidence_threshold: float = setting(at_most_one=True)  # threshold fixed: the softmax cut-off
     threshold: str = setting(choices=THRESHOLDS)  # training/thresholds.py

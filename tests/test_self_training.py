@@ -19,7 +19,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from loss_checks import assert_finite, assert_matches, grad_of, randn
 from nnunet_contrast.data.batch import Batch
-from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, student_batch
+from nnunet_contrast.data.mixing import cutmix_boxes, fixed_boxes, labeled_copy_paste, student_batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss, deep_supervision_targets
 from nnunet_contrast.settings import resolve_settings
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
@@ -265,6 +265,22 @@ def test_cutmix_mixes_unlabelled_images_only():
     assert not batch.true[3:].any()
 
 
+def test_warm_up_copy_paste_pastes_the_next_labelled_image_with_its_labels():
+    labeled, true_labels, _, _ = mixing_inputs()
+    torch.manual_seed(3)
+    batch = labeled_copy_paste(Batch.labeled(labeled, true_labels), 2 / 3)
+    assert batch.n_labeled == 3 and batch.true.all()
+    for i in range(3):
+        partner = (i + 1) % 3
+        box = (batch.images[i] != labeled[i]).any(0)  # random images: they differ at every pixel
+        assert box.sum() == 8 * 6 and box.any(1).sum() == 8 and box.any(0).sum() == 6  # one 2/3 box
+        assert torch.equal(batch.images[i][:, box], labeled[partner][:, box])
+        assert torch.equal(batch.labels[i][box], true_labels[partner][box])
+        assert torch.equal(batch.labels[i][~box], true_labels[i][~box])
+    with pytest.raises(ValueError, match="labelled images only"):
+        labeled_copy_paste(Batch.labeled(labeled, true_labels) + Batch.unlabeled(labeled), 2 / 3)
+
+
 def test_unknown_mixing_is_refused():
     with pytest.raises(ValueError, match="mixing must be one of"):
         mix(*mixing_inputs(), "mixup", 0.5)
@@ -408,6 +424,8 @@ def test_self_training_stages_warm_up_then_self_train():
     assert selftrain.supervised and selftrain.data == Data.STUDENT
     assert selftrain.labeller == Labeller.EMA_TEACHER and warmup.labeller == Labeller.NONE
     assert warmup.optimizer_key() == selftrain.optimizer_key()  # one poly schedule over both
+    bcp, _ = self_training_stages(s.budget, settings(warmup_mixing="copypaste").selftraining)
+    assert bcp.data == Data.LABELED_MIXED and not bcp.is_nnunet_step and bcp.supervised
 
 
 def test_finetune_selftraining_replaces_or_joins_the_methods_fine_tuning():
@@ -450,6 +468,8 @@ def test_self_training_settings_are_checked():
         settings(threshold="adaptive")
     with pytest.raises(ValueError, match="selftraining.threshold_momentum must be in"):
         settings(threshold_momentum=1.0)
+    with pytest.raises(ValueError, match="selftraining.warmup_mixing must be one of"):
+        settings(warmup_mixing="cutmix")
 
 
 def test_teacher_dice_counts_leave_out_excluded_pixels_and_absent_classes():

@@ -8,6 +8,7 @@ import torch
 
 from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
+from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION, Data
 
 SELF_TRAINED = {  # trainer -> the stage in which it learns from the teacher
@@ -163,3 +164,23 @@ def test_the_compute_matched_twin_runs_and_reports_twice_the_iterations(hippocam
     assert twin.num_iterations_per_epoch == 2 * single.num_iterations_per_epoch
     assert twin.settings.budget.num_iterations_per_epoch == twin.num_iterations_per_epoch  # what its settings file says
     assert twin.num_epochs == single.num_epochs
+
+
+def test_bcp_warm_up_trains_nnunets_loss_on_copy_pasted_labelled_images(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_selftrain_bcp_warmup", "nnunet_contrast.selftraining.warmup_mixing=copypaste")
+    t = ready_trainer("nnUNetTrainerSelfTraining", plans)
+    t.next_unlabeled_images = lambda: pytest.fail("the warm-up reads no unlabelled batch")
+    seed_everything(1)
+    batch = next(t.dataloader_train)
+    seed_everything(2)
+    with torch.no_grad():
+        segmentation = stage_terms(t, "warmup", batch)[SEGMENTATION]
+        seed_everything(2)  # the same boxes
+        mixed = t.mixed_labeled_view(Batch.labeled(batch["data"], t.labels_of_target(batch["target"])))
+        expected = t.target_loss(t.network(mixed.images), mixed.labels)
+        unmixed = t.loss(t.network(batch["data"]), batch["target"])
+    torch.testing.assert_close(segmentation, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(segmentation, unmixed.float(), rtol=1e-3)
+    t.start_stage_epoch(t.schedule.index_of("warmup"))
+    output = t.train_step(batch)
+    assert torch.isfinite(torch.as_tensor(output["loss"])) and t.teacher is None

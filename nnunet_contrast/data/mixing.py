@@ -13,6 +13,10 @@ them with further intensity perturbation and, by setting:
 
 Every pixel keeps the target of the image it came from: its true label from a labelled image, the
 teacher's pseudo-label (``EXCLUDED`` where unconfident) from an unlabelled one.
+
+Before the teacher starts, ``labeled_copy_paste`` is BCP's supervised warm-up (Bai et al. 2023, Sec. 3.2;
+``pre_train`` of their code): a box of ``box_fraction`` of each side from another labelled image pasted
+into each labelled image, with its labels.
 """
 import math
 
@@ -22,6 +26,7 @@ from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.data.views import intensity_view
 
 MIXINGS = ("none", "cutmix", "copypaste")
+WARMUP_MIXINGS = ("none", "copypaste")  # the warm-up's mixing of labelled images
 CUTMIX_PROBABILITY, CUTMIX_AREA, CUTMIX_ASPECT = 0.5, (0.02, 0.4), (0.3, 1 / 0.3)
 
 
@@ -58,6 +63,19 @@ def cutmix_boxes(n: int, height: int, width: int, device: torch.device) -> torch
 def paste(base: torch.Tensor, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """``source`` inside the boxes (n, H, W), ``base`` elsewhere; images (n, C, H, W) or labels (n, H, W)."""
     return torch.where(boxes[:, None] if base.ndim == 4 else boxes, source, base)
+
+
+def labeled_copy_paste(batch: Batch, box_fraction: float) -> Batch:
+    """BCP's warm-up view of a batch of labelled images: into each, a box of ``box_fraction`` of each side
+    from the next image of the batch (the last from the first), labels and flags with it. BCP mixes the
+    two halves of its labelled batch into half as many images; this keeps the batch size."""
+    if batch.n_labeled != len(batch.images):
+        raise ValueError("labeled_copy_paste mixes labelled images only")
+    n, device = len(batch.images), batch.images.device
+    partner = torch.roll(torch.arange(n, device=device), -1)
+    boxes = fixed_boxes(n, *batch.images.shape[-2:], box_fraction, device)
+    return Batch(paste(batch.images, batch.images[partner], boxes), paste(batch.labels, batch.labels[partner], boxes),
+                 paste(batch.true, batch.true[partner], boxes), n)
 
 
 def student_batch(batch: Batch, mixing: str, box_fraction: float, strong_intensity: bool = True) -> Batch:

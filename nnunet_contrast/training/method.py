@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_contrast.data.batch import Batch
-from nnunet_contrast.data.mixing import student_batch
+from nnunet_contrast.data.mixing import labeled_copy_paste, student_batch
 from nnunet_contrast.distributed import average_gradients, broadcast_module, gather_objects
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
@@ -236,7 +236,7 @@ class MethodTrainer(SemiSupervisedTrainer):
 
     def stage_loader(self, stage: Stage):
         """nnU-Net's labelled loader, or the stage's own loader (built once, on first use)."""
-        if stage.data in (Data.LABELED, Data.LABELED_AND_UNLABELED, Data.STUDENT):
+        if stage.data in (Data.LABELED, Data.LABELED_MIXED, Data.LABELED_AND_UNLABELED, Data.STUDENT):
             return self.dataloader_labeled
         if stage.data not in self.stage_loaders:
             self.stage_loaders[stage.data] = self.build_stage_loader(stage.data)
@@ -325,6 +325,10 @@ class MethodTrainer(SemiSupervisedTrainer):
         """Self-training: the student's stronger, optionally mixed, view of the batch (``data/mixing.py``)."""
         s = self.settings.selftraining
         return student_batch(batch, s.mixing, s.box_fraction, s.strong_intensity)
+
+    def mixed_labeled_view(self, batch: Batch) -> Batch:
+        """``Data.LABELED_MIXED``: BCP's copy-paste between the labelled images (``data/mixing.py``)."""
+        return labeled_copy_paste(batch, self.settings.selftraining.box_fraction)
 
     @cached_property
     def target_loss(self) -> MaskedSegmentationLoss:

@@ -12,6 +12,7 @@ from typing import Callable, List, Sequence, Tuple, Union
 class Data(Enum):
     """What a stage reads."""
     LABELED = "labelled batch"                                 # nnU-Net's loader over the labelled cases
+    LABELED_MIXED = "labelled batch, copy-pasted between its images"  # the same, mixed (data/mixing.py, BCP)
     LABELED_AND_UNLABELED = "labelled + unlabelled batch"      # the same, plus an unlabelled batch (images only)
     ALL_IMAGES = "all images"                                  # every training case and added image, labels dropped
     PARTITIONS = "all images, partition batches"               # the same, drawn as volumes x slice partitions

@@ -1,7 +1,8 @@
 """Self-training: the stage any trainer can fine-tune with (``run.finetune = selftraining``), settings in
 ``nnunet_contrast.selftraining`` of the plans (docs/methods.md, Self-training).
 
-1. ``warmup`` (the first ``warmup_fraction`` of ``budget.num_epochs``): nnU-Net's own training on labelled cases;
+1. ``warmup`` (the first ``warmup_fraction`` of ``budget.num_epochs``): nnU-Net's own training on labelled cases,
+   or with ``warmup_mixing = copypaste`` nnU-Net's loss on BCP's copy-paste of the labelled images (``data/mixing.py``);
 2. ``selftrain``: an EMA teacher, a copy of the student at the stage's start, labels each unlabelled batch
    as nnU-Net's loader augmented it; pixels with softmax confidence >= ``confidence_threshold`` keep
    their pseudo-label. The student sees the stronger view of ``data/mixing.py`` and learns nnU-Net's
@@ -41,7 +42,8 @@ def self_training_stages(budget, settings) -> List[Stage]:
     """nnU-Net's supervised warm-up, then self-training; one SGD and poly schedule over both."""
     warmup = epochs_of(settings.warmup_fraction, budget.num_epochs)
     iterations = budget.num_iterations_per_epoch
-    return [Stage(WARMUP, warmup, iterations, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), Data.LABELED),
+    warmup_data = Data.LABELED_MIXED if settings.warmup_mixing == "copypaste" else Data.LABELED
+    return [Stage(WARMUP, warmup, iterations, (NETWORK,), NnUNetSGD(), (Term(SEGMENTATION),), warmup_data),
             Stage(SELF_TRAIN, budget.num_epochs - warmup, iterations, (NETWORK,), NnUNetSGD(),
                   (Term(SEGMENTATION), pseudo_label_term(settings)), Data.STUDENT, labeller=Labeller.EMA_TEACHER)]
 

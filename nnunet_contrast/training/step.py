@@ -72,6 +72,8 @@ class StepInputs:
     def trained(self) -> Batch:
         """What the stage trains on: the loader's batch, followed by the unlabelled batch (with the stage's
         labeller's pseudo-labels) when the stage reads one; the student's view of both in self-training."""
+        if self.stage.data == Data.LABELED_MIXED:
+            return self.trainer.mixed_labeled_view(self.loader_batch)
         if not self.stage.reads_unlabeled or self.unlabeled is None:
             return self.loader_batch
         joined = self.loader_batch + Batch.unlabeled(self.unlabeled, self.trainer.label_unlabeled(self))
