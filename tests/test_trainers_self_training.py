@@ -1,6 +1,7 @@
 """The self-training trainers and every method's self-training variant in process, on the prepared
 sample: labels of unlabelled cases never reach a loss (with and without mixing), what each variant's
 schedule is, the teacher in the checkpoint and the final weights (student or teacher), and the logs."""
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
 from nnunet_contrast.data.batch import Batch
+from nnunet_contrast.losses.masked_segmentation import EXCLUDED
+from nnunet_contrast.training.step import StepInputs
 from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION, Data
 
 SELF_TRAINED = {  # trainer -> the stage in which it learns from the teacher
@@ -166,9 +169,13 @@ def test_the_compute_matched_twin_runs_and_reports_twice_the_iterations(hippocam
     assert twin.num_epochs == single.num_epochs
 
 
-def test_bcp_warm_up_trains_nnunets_loss_on_copy_pasted_labelled_images(hippocampus):
-    plans = make_plans(hippocampus, "nnUNetPlans_selftrain_bcp_warmup", "nnunet_contrast.selftraining.warmup_mixing=copypaste")
+def test_the_weak_teacher_settings_bcp_warm_up_and_reliable_images(hippocampus):
+    """BCP's warm-up trains nnU-Net's loss on copy-pasted labelled images; self-training then keeps the
+    pseudo-labels of the most reliable half of each unlabelled batch at its start."""
+    plans = make_plans(hippocampus, "nnUNetPlans_selftrain_weak_teacher", "nnunet_contrast.selftraining.warmup_mixing=copypaste",
+                       "nnunet_contrast.selftraining.reliable_start=0.5", "nnunet_contrast.selftraining.confidence_threshold=0")
     t = ready_trainer("nnUNetTrainerSelfTraining", plans)
+    next_unlabeled_images = t.next_unlabeled_images
     t.next_unlabeled_images = lambda: pytest.fail("the warm-up reads no unlabelled batch")
     seed_everything(1)
     batch = next(t.dataloader_train)
@@ -184,3 +191,13 @@ def test_bcp_warm_up_trains_nnunets_loss_on_copy_pasted_labelled_images(hippocam
     t.start_stage_epoch(t.schedule.index_of("warmup"))
     output = t.train_step(batch)
     assert torch.isfinite(torch.as_tensor(output["loss"])) and t.teacher is None
+
+    t.next_unlabeled_images = next_unlabeled_images
+    t.current_epoch = t.schedule.starts[t.schedule.index_of("selftrain")]
+    t.start_stage_epoch(t.schedule.index_of("selftrain"))
+    assert t.reliable_share() == 0.5
+    inputs = StepInputs(t, t.current_stage, next(t.dataloader_train))
+    pseudo = t.label_unlabeled(inputs)
+    images_kept = (pseudo != EXCLUDED).flatten(1).any(1)
+    assert images_kept.sum() == math.ceil(len(pseudo) / 2)  # threshold 0: every pixel of the kept images
+    assert (pseudo[images_kept] != EXCLUDED).all()

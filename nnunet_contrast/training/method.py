@@ -27,9 +27,10 @@ from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentat
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import EmaTeacher, PseudoLabeler
+from nnunet_contrast.training.reliability import reliable_share_at
 from nnunet_contrast.training.thresholds import threshold_of
-from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head, Labeller,
-                                               NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
+from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, Head,
+                                               Labeller, NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
 from nnunet_contrast.training.self_training import (COVERAGE, self_training_schedule, teacher_curve_keys,
                                                     teacher_quality, teacher_validation_counts)
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
@@ -228,7 +229,16 @@ class MethodTrainer(SemiSupervisedTrainer):
 
     def labeller(self, stage: Stage) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """The pseudo-labeller ``stage`` reads: images -> labels, ``EXCLUDED`` where it does not trust them."""
-        return {Labeller.NONE: None, Labeller.EMA_TEACHER: self.teacher, Labeller.SNAPSHOT: self.pseudo_labeler}[stage.labeller]
+        if stage.labeller == Labeller.EMA_TEACHER:
+            return lambda images: self.teacher(images, self.reliable_share())
+        return {Labeller.NONE: None, Labeller.SNAPSHOT: self.pseudo_labeler}[stage.labeller]
+
+    def reliable_share(self) -> float:
+        """The share of each unlabelled batch whose pseudo-labels the teacher keeps now (``reliability.py``)."""
+        s = self.settings.selftraining
+        term = next((t for t in self.current_stage.terms if t.name == PSEUDO_LABEL), None)
+        progress = 1.0 if term is None else self.term_progress(term)
+        return reliable_share_at(s.reliable_start, s.reliable_growth, progress)
 
     # ------------------------------------------------------------ data of a stage
     def reads_unlabeled_batches(self) -> bool:

@@ -8,7 +8,8 @@ Both are callables, images -> labels with ``EXCLUDED`` where the labeller does n
   copy every P iterations is the paper's re-estimation of pseudo-labels every P iterations.
 * ``EmaTeacher`` (mean teacher, Tarvainen & Valpola 2017) is a copy that follows the student,
   theta_t <- d theta_t + (1 - d) theta_s after every student step; it labels by argmax and leaves
-  out the pixels whose softmax confidence is below their class's threshold (``thresholds.py``).
+  out the pixels whose softmax confidence is below their class's threshold (``thresholds.py``), and
+  early on the images it is least sure of (``reliability.py``).
 """
 import copy
 import itertools
@@ -20,6 +21,7 @@ from torch import nn
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.network.taps import unwrap_network
 from nnunet_contrast.training.dice import foreground_dice
+from nnunet_contrast.training.reliability import mean_entropy, most_reliable
 from nnunet_contrast.training.thresholds import Threshold
 from nnunet_contrast.training.step import full_resolution
 
@@ -128,10 +130,14 @@ class EmaTeacher(FrozenNetwork):
         """``kept`` at the current thresholds, which it leaves as they are (validation)."""
         return self.kept(self.probabilities(images))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, reliable_share: float = 1.0) -> torch.Tensor:
         """Labels a training batch: (B, C_in, *spatial) images -> (B, *spatial) long argmax labels,
-        ``EXCLUDED`` where below the threshold; an adaptive threshold first takes in the batch."""
+        ``EXCLUDED`` where below the threshold, and in all but the ``reliable_share`` most reliable images
+        (``reliability.py``); an adaptive threshold first takes in the batch."""
         probabilities = self.probabilities(images)
         self.threshold.update(probabilities)
         labels, kept = self.kept(probabilities)
+        if reliable_share < 1:
+            reliable = most_reliable(mean_entropy(probabilities), reliable_share)
+            kept &= reliable.view(-1, *([1] * (kept.ndim - 1)))
         return torch.where(kept, labels, EXCLUDED)

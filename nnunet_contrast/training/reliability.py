@@ -1,0 +1,46 @@
+"""How reliable the teacher's labels of each unlabelled image are, and which images self-training keeps
+while the teacher is young (``selftraining.reliable_start``, ``reliable_growth``).
+
+nnFilterMatch (Ordi117/nnFilterMatch) ranks the unlabelled cases by the entropy of the prediction and
+filters the pool by it; UniMatch-style curricula start from the easiest images and grow the set. Here the
+ranking is per unlabelled batch, so that it needs no pass over the pool: an image's reliability is the
+mean normalised entropy of the teacher's softmax over its pixels,
+
+    H(image) = mean_p ( -sum_c q_p(c) log q_p(c) ) / log C      in [0, 1], 0: certain everywhere,
+
+and the ``share`` of the batch's images with the lowest H keep their pseudo-labels, the others none.
+The share starts at ``reliable_start`` and grows linearly to 1 over the first ``reliable_growth`` of the
+pseudo-label term's iterations.
+"""
+import math
+
+import torch
+
+
+def mean_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) softmax -> (B,) float32: each image's mean normalised entropy, in [0, 1] (0 with one class)."""
+    classes = probabilities.shape[1]
+    if classes < 2:
+        return torch.zeros(len(probabilities), device=probabilities.device)
+    p = probabilities.float()
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1)  # p log p -> 0 as p -> 0
+    return entropy.flatten(1).mean(1) / math.log(classes)
+
+
+def most_reliable(entropy: torch.Tensor, share: float) -> torch.Tensor:
+    """(B,) bool: the ceil(share B) images of lowest ``entropy`` (ties: the earlier image), at least one."""
+    if not 0 < share <= 1:
+        raise ValueError(f"most_reliable: the share must be in (0, 1], got {share}")
+    keep = max(1, math.ceil(share * len(entropy) - 1e-9))
+    order = torch.sort(entropy, stable=True).indices
+    kept = torch.zeros(len(entropy), dtype=torch.bool, device=entropy.device)
+    kept[order[:keep]] = True
+    return kept
+
+
+def reliable_share_at(start: float, growth: float, progress: float) -> float:
+    """The share of each unlabelled batch kept at ``progress`` in [0, 1) of the pseudo-label term: ``start``,
+    rising linearly to 1 at ``growth`` (1 throughout when ``start`` is 1 or ``growth`` is 0)."""
+    if growth <= 0 or progress >= growth:
+        return 1.0
+    return start + (1.0 - start) * progress / growth
