@@ -92,6 +92,7 @@ class SelfTraining:
     confidence_threshold: float = setting(at_most_one=True)  # threshold fixed: the softmax cut-off
     threshold: str = setting(choices=THRESHOLDS)  # training/thresholds.py
     threshold_momentum: float = setting(below_one=True)  # threshold self_adaptive: m of FreeMatch's averages
+    teacher_min_dice: float = setting(at_most_one=True)  # > 0: pseudo-labels once the teacher's labelled Dice reaches it
     reliable_start: float = setting(positive=True, at_most_one=True)  # share of each unlabelled batch kept at first
     reliable_growth: float = setting(at_most_one=True)  # of the self-training iterations: the share reaches 1
     unlabeled_weight: float = setting()

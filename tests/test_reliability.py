@@ -9,7 +9,7 @@ import torch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.settings import resolve_settings
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
-from nnunet_contrast.training.reliability import mean_entropy, most_reliable, reliable_share_at
+from nnunet_contrast.training.reliability import TeacherGate, mean_entropy, most_reliable, reliable_share_at
 from nnunet_contrast.training.thresholds import FixedThreshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,4 +85,22 @@ def test_reliability_settings_are_checked():
         settings(reliable_start=0.0)
     with pytest.raises(ValueError, match="selftraining.reliable_growth must be in"):
         settings(reliable_growth=1.5)
+    with pytest.raises(ValueError, match="selftraining.teacher_min_dice must be in"):
+        settings(teacher_min_dice=1.5)
+    assert settings().selftraining.teacher_min_dice == 0.0
     assert settings().selftraining.reliable_start == 1.0  # off unless asked for
+
+
+def test_the_gate_opens_once_the_running_dice_reaches_its_minimum_and_stays_open():
+    gate = TeacherGate(0.5, momentum=0.5)
+    assert not gate.open and gate.update(float("nan")) is False and gate.dice is None  # no foreground: no news
+    assert gate.update(0.2) is False and gate.dice == 0.2  # the first value starts the mean
+    assert gate.update(0.6) is False and gate.dice == pytest.approx(0.4)
+    assert gate.update(0.7) is True and gate.dice == pytest.approx(0.55)
+    assert gate.update(0.0) is True and gate.dice == pytest.approx(0.55)  # open for good
+    resumed = TeacherGate(0.5)
+    resumed.load_state_dict(gate.state_dict())
+    assert resumed.open and resumed.dice == gate.dice
+    assert TeacherGate(0.0).open  # off: open from the start
+    with pytest.raises(ValueError, match="needs a Dice in"):
+        TeacherGate(1.2)

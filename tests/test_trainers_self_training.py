@@ -11,6 +11,7 @@ from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hi
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
 from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
+from nnunet_contrast.training.reliability import TeacherGate
 from nnunet_contrast.training.step import StepInputs
 from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION, Data
 
@@ -169,9 +170,10 @@ def test_the_compute_matched_twin_runs_and_reports_twice_the_iterations(hippocam
     assert twin.num_epochs == single.num_epochs
 
 
-def test_the_weak_teacher_settings_bcp_warm_up_and_reliable_images(hippocampus):
+def test_the_weak_teacher_settings_bcp_warm_up_reliable_images_and_the_gate(hippocampus):
     """BCP's warm-up trains nnU-Net's loss on copy-pasted labelled images; self-training then keeps the
-    pseudo-labels of the most reliable half of each unlabelled batch at its start."""
+    pseudo-labels of the most reliable half of each unlabelled batch at its start, and none while the
+    teacher's gate is shut."""
     plans = make_plans(hippocampus, "nnUNetPlans_selftrain_weak_teacher", "nnunet_contrast.selftraining.warmup_mixing=copypaste",
                        "nnunet_contrast.selftraining.reliable_start=0.5", "nnunet_contrast.selftraining.confidence_threshold=0")
     t = ready_trainer("nnUNetTrainerSelfTraining", plans)
@@ -201,3 +203,23 @@ def test_the_weak_teacher_settings_bcp_warm_up_and_reliable_images(hippocampus):
     images_kept = (pseudo != EXCLUDED).flatten(1).any(1)
     assert images_kept.sum() == math.ceil(len(pseudo) / 2)  # threshold 0: every pixel of the kept images
     assert (pseudo[images_kept] != EXCLUDED).all()
+
+    t.teacher_gate = TeacherGate(1.0)  # a teacher that must be perfect on the labelled batch first
+    t.teacher = Unused(t.teacher)  # while the gate is shut the unlabelled batch is not labelled
+    inputs = StepInputs(t, t.current_stage, next(t.dataloader_train))
+    assert (t.label_unlabeled(inputs) == EXCLUDED).all() and not t.teacher_gate.open
+    assert 0 <= t.teacher_gate.dice < 1
+    assert t.checkpoint_extras()["teacher"]["gate"] == {"dice": t.teacher_gate.dice, "open": False}
+
+
+class Unused:
+    """A teacher whose labelling of unlabelled images fails the test (its other methods pass through)."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def __call__(self, *args, **kwargs):
+        pytest.fail("the teacher labelled the unlabelled batch while its gate was shut")
+
+    def __getattr__(self, name):
+        return getattr(self.teacher, name)

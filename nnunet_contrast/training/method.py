@@ -21,13 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.data.mixing import labeled_copy_paste, student_batch
-from nnunet_contrast.distributed import average_gradients, broadcast_module, gather_objects
+from nnunet_contrast.distributed import average_gradients, broadcast_module, gather_objects, summed_over_ranks
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
 from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import EmaTeacher, PseudoLabeler
-from nnunet_contrast.training.reliability import reliable_share_at
+from nnunet_contrast.training.dice import class_counts, mean_dice
+from nnunet_contrast.training.reliability import TeacherGate, reliable_share_at
 from nnunet_contrast.training.thresholds import threshold_of
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, Head,
                                                Labeller, NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
@@ -75,6 +76,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.stage_loaders: Dict[Data, object] = {}
         self.pseudo_labeler: Optional[PseudoLabeler] = None  # the snapshot of the current round, if any
         self.teacher: Optional[EmaTeacher] = None  # from the first stage that reads it on
+        self.teacher_gate: Optional[TeacherGate] = None  # with the teacher
         unsupervised = [term.name for stage in self.schedule.stages for term in stage.terms if term.name != SEGMENTATION]
         self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)),
                                                        teacher_curve_keys(self.label_manager.all_labels))
@@ -221,9 +223,12 @@ class MethodTrainer(SemiSupervisedTrainer):
             s = self.settings.selftraining
             self.teacher = EmaTeacher(self.network, s.ema_decay,
                                       threshold_of(s, self.label_manager.num_segmentation_heads))
+            self.teacher_gate = TeacherGate(s.teacher_min_dice)
             if state is not None:
                 self.teacher.load_state_dict(state["network"])
                 self.teacher.threshold.load_state_dict(state["threshold"])
+                if "gate" in state:
+                    self.teacher_gate.load_state_dict(state["gate"])
             origin = "the checkpoint" if state is not None else f"the network as of epoch {self.current_epoch}"
             self.print_to_log_file(f"EMA teacher (decay {s.ema_decay}) starts from {origin}")
 
@@ -327,9 +332,28 @@ class MethodTrainer(SemiSupervisedTrainer):
         labeller = self.labeller(inputs.stage)
         if labeller is None:
             return None
-        labels = labeller(inputs.unlabeled)
+        if inputs.stage.reads_teacher and not self.teacher_ready(inputs.loader_batch):
+            labels = torch.full((len(inputs.unlabeled), *inputs.unlabeled.shape[2:]), EXCLUDED, dtype=torch.long,
+                                device=inputs.unlabeled.device)
+        else:
+            labels = labeller(inputs.unlabeled)
         inputs.logged[COVERAGE] = (labels != EXCLUDED).float().mean()
         return labels
+
+    def teacher_ready(self, labeled: Batch) -> bool:
+        """Whether the teacher's pseudo-labels are used yet (``reliability.TeacherGate``): its foreground Dice
+        on this step's labelled batch, summed over ranks, moves the gate until it opens."""
+        if self.teacher_gate.open:
+            return True
+        predicted, _ = self.teacher.predict(labeled.images)
+        foreground = [label for label in self.label_manager.all_labels if label != 0]
+        counts = summed_over_ranks(torch.from_numpy(class_counts(predicted, labeled.labels, foreground, EXCLUDED))
+                                   .to(self.device)).cpu().numpy()
+        if self.teacher_gate.update(mean_dice(counts)):
+            self.print_to_log_file(f"The EMA teacher's Dice on the labelled batches reached "
+                                   f"{round(self.teacher_gate.dice, 4)} at epoch {self.current_epoch}: its "
+                                   f"pseudo-labels are used from now on")
+        return self.teacher_gate.open
 
     def student_view(self, batch: Batch) -> Batch:
         """Self-training: the student's stronger, optionally mixed, view of the batch (``data/mixing.py``)."""
@@ -462,7 +486,8 @@ class MethodTrainer(SemiSupervisedTrainer):
         return {**super().checkpoint_extras(), "heads": self.heads.state_dict(), "settings": self.settings.as_dict(),
                 "optimizer_stage": stage.name if stage else None, "stage_index": self.stage_index,
                 "teacher": None if self.teacher is None else {"network": self.teacher.state_dict(),
-                                                              "threshold": self.teacher.threshold.state_dict()},
+                                                              "threshold": self.teacher.threshold.state_dict(),
+                                                              "gate": self.teacher_gate.state_dict()},
                 "pseudo_labeler": None if self.pseudo_labeler is None else self.pseudo_labeler.state_dict()}
 
     def restore_extras(self, extras: Dict, current_epoch: int) -> None:

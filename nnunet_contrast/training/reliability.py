@@ -10,9 +10,11 @@ mean normalised entropy of the teacher's softmax over its pixels,
 
 and the ``share`` of the batch's images with the lowest H keep their pseudo-labels, the others none.
 The share starts at ``reliable_start`` and grows linearly to 1 over the first ``reliable_growth`` of the
-pseudo-label term's iterations.
+pseudo-label term's iterations. ``TeacherGate`` holds all pseudo-labels back until the teacher itself is
+good enough on the labelled batches (``selftraining.teacher_min_dice``).
 """
 import math
+from typing import Optional
 
 import torch
 
@@ -44,3 +46,34 @@ def reliable_share_at(start: float, growth: float, progress: float) -> float:
     if growth <= 0 or progress >= growth:
         return 1.0
     return start + (1.0 - start) * progress / growth
+
+
+class TeacherGate:
+    """``selftraining.teacher_min_dice``: the warm-up ends when the teacher is good enough, not after a fixed
+    share of the epochs. Until the teacher's foreground Dice on the labelled training batches (a running
+    mean, ``momentum`` 0.9: about the last ten steps; summed over ranks under DDP) reaches ``min_dice``, its
+    pseudo-labels are not used, so the self-training stage trains the student on the labelled pixels only;
+    once reached, the gate stays open. The validation cases are never read for it. 0: open from the start.
+    """
+
+    def __init__(self, min_dice: float, momentum: float = 0.9):
+        if not 0 <= min_dice <= 1 or not 0 <= momentum < 1:
+            raise ValueError(f"TeacherGate: needs a Dice in [0, 1] and a momentum in [0, 1), got {min_dice} and {momentum}")
+        self.min_dice, self.momentum = min_dice, momentum
+        self.dice: Optional[float] = None
+        self.open = min_dice <= 0
+
+    def update(self, dice: float) -> bool:
+        """Takes in one step's Dice (NaN: no foreground in the batch, ignored); returns whether the gate is
+        open now (it opens at most once)."""
+        if self.open or math.isnan(dice):
+            return self.open
+        self.dice = dice if self.dice is None else self.momentum * self.dice + (1 - self.momentum) * dice
+        self.open = self.dice >= self.min_dice
+        return self.open
+
+    def state_dict(self) -> dict:
+        return {"dice": self.dice, "open": self.open}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dice, self.open = state["dice"], state["open"]
