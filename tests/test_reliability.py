@@ -9,7 +9,8 @@ import torch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.settings import resolve_settings
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
-from nnunet_contrast.training.reliability import TeacherGate, mean_entropy, most_reliable, reliable_share_at
+from nnunet_contrast.training.reliability import (CaseReliability, TeacherGate, mean_entropy, most_reliable,
+                                                  reliable_share_at)
 from nnunet_contrast.training.thresholds import FixedThreshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,3 +105,15 @@ def test_the_gate_opens_once_the_running_dice_reaches_its_minimum_and_stays_open
     assert TeacherGate(0.0).open  # off: open from the start
     with pytest.raises(ValueError, match="needs a Dice in"):
         TeacherGate(1.2)
+
+
+def test_cases_rank_by_the_mean_entropy_of_their_images_over_ranks():
+    rank0, rank1 = CaseReliability(), CaseReliability()
+    rank0.add(["a", "b", "a"], torch.tensor([0.2, 0.5, 0.4]))
+    rank1.add(["c", "b"], torch.tensor([0.1, 0.3]))
+    rank0.merge(rank1)
+    assert [(case, pytest.approx(h), n) for case, h, n in rank0.ranking()] == \
+        [("c", 0.1, 1), ("a", 0.3, 2), ("b", 0.4, 2)]
+    assert CaseReliability().ranking() == []
+    with pytest.raises(ValueError, match="2 keys for 3 images"):
+        rank1.add(["a", "b"], torch.zeros(3))

@@ -1,6 +1,7 @@
 """The self-training trainers and every method's self-training variant in process, on the prepared
 sample: labels of unlabelled cases never reach a loss (with and without mixing), what each variant's
 schedule is, the teacher in the checkpoint and the final weights (student or teacher), and the logs."""
+import json
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hi
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
 from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
+from nnunet_contrast.training.method import CASE_RELIABILITY_FILE
 from nnunet_contrast.training.reliability import TeacherGate
 from nnunet_contrast.training.step import StepInputs
 from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION, Data
@@ -203,6 +205,12 @@ def test_the_weak_teacher_settings_bcp_warm_up_reliable_images_and_the_gate(hipp
     images_kept = (pseudo != EXCLUDED).flatten(1).any(1)
     assert images_kept.sum() == math.ceil(len(pseudo) / 2)  # threshold 0: every pixel of the kept images
     assert (pseudo[images_kept] != EXCLUDED).all()
+    drawn = [str(key) for key in t.last_unlabeled_keys]  # the case ranking saw this batch's cases
+    assert sorted(t.case_reliability.counts) == sorted(set(drawn)) and sum(t.case_reliability.counts.values()) == len(drawn)
+    t.log_case_reliability()
+    ranking = json.loads((Path(t.output_folder) / CASE_RELIABILITY_FILE).read_text())["cases"]
+    assert sorted(row["case"] for row in ranking) == sorted(set(drawn)) and not t.case_reliability.counts
+    assert [row["mean_entropy"] for row in ranking] == sorted(row["mean_entropy"] for row in ranking)
 
     t.teacher_gate = TeacherGate(1.0)  # a teacher that must be perfect on the labelled batch first
     t.teacher = Unused(t.teacher)  # while the gate is shut the unlabelled batch is not labelled

@@ -8,11 +8,13 @@ iterations and data loader, the log lines, progress.png's shading, checkpoint_be
 supervised stages only) and ``--c`` (mid-stage, with the stage's optimizer state).
 """
 import math
+import os
 from functools import cached_property
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
@@ -28,7 +30,7 @@ from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_n
 from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import EmaTeacher, PseudoLabeler
 from nnunet_contrast.training.dice import class_counts, mean_dice
-from nnunet_contrast.training.reliability import TeacherGate, reliable_share_at
+from nnunet_contrast.training.reliability import CaseReliability, TeacherGate, reliable_share_at
 from nnunet_contrast.training.thresholds import threshold_of
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, PSEUDO_LABEL, SEGMENTATION, Adam, Data, Head,
                                                Labeller, NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
@@ -38,6 +40,7 @@ from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part, full_resolution, to_device
 
 FINETUNE = "finetune"
+CASE_RELIABILITY_FILE = "unlabeled_case_reliability.json"  # in the fold's output folder
 
 
 class ConstantSchedule:
@@ -77,6 +80,7 @@ class MethodTrainer(SemiSupervisedTrainer):
         self.pseudo_labeler: Optional[PseudoLabeler] = None  # the snapshot of the current round, if any
         self.teacher: Optional[EmaTeacher] = None  # from the first stage that reads it on
         self.teacher_gate: Optional[TeacherGate] = None  # with the teacher
+        self.case_reliability = CaseReliability()  # of this epoch's unlabelled cases, by the teacher's entropy
         unsupervised = [term.name for stage in self.schedule.stages for term in stage.terms if term.name != SEGMENTATION]
         self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)),
                                                        teacher_curve_keys(self.label_manager.all_labels))
@@ -337,6 +341,8 @@ class MethodTrainer(SemiSupervisedTrainer):
                                 device=inputs.unlabeled.device)
         else:
             labels = labeller(inputs.unlabeled)
+            if inputs.stage.reads_teacher and self.last_unlabeled_keys is not None:
+                self.case_reliability.add(self.last_unlabeled_keys, self.teacher.image_entropy)
         inputs.logged[COVERAGE] = (labels != EXCLUDED).float().mean()
         return labels
 
@@ -437,10 +443,29 @@ class MethodTrainer(SemiSupervisedTrainer):
         for key in self.logger.local_logger.term_keys:
             self.logger.log(key, means.get(key, float("nan")), self.current_epoch)
         self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
+        self.log_case_reliability()
         coverage = [float(o[COVERAGE]) for o in train_outputs if COVERAGE in o]
         if coverage:
             self.print_to_log_file(f"pseudo-labels kept ({stage.name}): {round(100 * float(np.mean(coverage)), 1)}% "
                                    f"of the unlabelled pixels")
+
+    def log_case_reliability(self) -> None:
+        """The unlabelled cases the teacher labelled this epoch, ranked by its mean entropy (every rank's):
+        the extremes in the log, the whole ranking in ``unlabeled_case_reliability.json``."""
+        merged = CaseReliability()
+        for part in gather_objects(self.case_reliability):
+            merged.merge(part)
+        self.case_reliability = CaseReliability()
+        ranking = merged.ranking()
+        if not ranking:
+            return
+        if self.local_rank == 0:
+            save_json({"epoch": self.current_epoch, "cases": [{"case": case, "mean_entropy": entropy, "images": n}
+                                                              for case, entropy, n in ranking]},
+                      os.path.join(self.output_folder, CASE_RELIABILITY_FILE), sort_keys=False)
+        ends = lambda rows: ", ".join(f"{case} ({entropy:.3f})" for case, entropy, _ in rows)
+        self.print_to_log_file(f"Unlabelled cases by the teacher's mean entropy ({len(ranking)} cases): most reliable "
+                               f"{ends(ranking[:3])}; least reliable {ends(ranking[-3:])}")
 
     def validation_step(self, batch: dict) -> dict:
         result = super().validation_step(batch)

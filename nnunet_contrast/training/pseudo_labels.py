@@ -13,7 +13,7 @@ Both are callables, images -> labels with ``EXCLUDED`` where the labeller does n
 """
 import copy
 import itertools
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -103,6 +103,7 @@ class EmaTeacher(FrozenNetwork):
             raise ValueError(f"EmaTeacher: decay must be in [0, 1), got {decay}")
         super().__init__(network)
         self.decay, self.threshold = decay, threshold
+        self.image_entropy: Optional[torch.Tensor] = None  # (B,) of the last batch it labelled (reliability.py)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
@@ -137,7 +138,8 @@ class EmaTeacher(FrozenNetwork):
         probabilities = self.probabilities(images)
         self.threshold.update(probabilities)
         labels, kept = self.kept(probabilities)
+        self.image_entropy = mean_entropy(probabilities)
         if reliable_share < 1:
-            reliable = most_reliable(mean_entropy(probabilities), reliable_share)
+            reliable = most_reliable(self.image_entropy, reliable_share)
             kept &= reliable.view(-1, *([1] * (kept.ndim - 1)))
         return torch.where(kept, labels, EXCLUDED)

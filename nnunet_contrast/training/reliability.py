@@ -11,10 +11,12 @@ mean normalised entropy of the teacher's softmax over its pixels,
 and the ``share`` of the batch's images with the lowest H keep their pseudo-labels, the others none.
 The share starts at ``reliable_start`` and grows linearly to 1 over the first ``reliable_growth`` of the
 pseudo-label term's iterations. ``TeacherGate`` holds all pseudo-labels back until the teacher itself is
-good enough on the labelled batches (``selftraining.teacher_min_dice``).
+good enough on the labelled batches (``selftraining.teacher_min_dice``). ``CaseReliability`` ranks the
+unlabelled cases by the same entropy, for the log and the output folder.
 """
 import math
-from typing import Optional
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -77,3 +79,31 @@ class TeacherGate:
 
     def load_state_dict(self, state: dict) -> None:
         self.dice, self.open = state["dice"], state["open"]
+
+
+class CaseReliability:
+    """Each unlabelled case's reliability over an epoch: the mean ``mean_entropy`` of the teacher on the
+    images drawn from it (nnFilterMatch ranks its unlabelled cases by entropy). ``ranking`` lists the cases
+    from the most reliable (lowest entropy) on; the trainer writes it after every self-training epoch."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.counts: Dict[str, int] = defaultdict(int)
+
+    def add(self, keys: Sequence[str], entropy: torch.Tensor) -> None:
+        """One batch: the case key and the teacher's mean entropy of each image."""
+        if len(keys) != len(entropy):
+            raise ValueError(f"CaseReliability: {len(keys)} keys for {len(entropy)} images")
+        for key, value in zip(keys, entropy.tolist()):
+            self.sums[str(key)] += value
+            self.counts[str(key)] += 1
+
+    def merge(self, other: "CaseReliability") -> None:
+        for key, value in other.sums.items():
+            self.sums[key] += value
+            self.counts[key] += other.counts[key]
+
+    def ranking(self) -> List[Tuple[str, float, int]]:
+        """(case, mean entropy, images seen), the most reliable first (ties: by case)."""
+        return sorted(((key, self.sums[key] / self.counts[key], self.counts[key]) for key in self.sums),
+                      key=lambda row: (row[1], row[0]))

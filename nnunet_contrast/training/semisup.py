@@ -57,6 +57,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.labeled_keys: List[str] = []
         self.unlabeled_keys: List[str] = []
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
+        self.last_unlabeled_keys = None  # the case of each image of the last unlabelled batch
         self.image_loaders_built = 0  # each seeded loader's workers get seeds of their own
         self.resumed_random_state: Optional[dict] = None
         self.rank_random_states: List[dict] = []  # every rank's, gathered for the checkpoint rank 0 writes
@@ -210,9 +211,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         return seeded
 
     def next_unlabeled_images(self) -> Optional[torch.Tensor]:
+        """The next unlabelled batch's images; its case keys stay in ``last_unlabeled_keys`` (the case ranking)."""
         if self.dataloader_unlabeled is None:
             return None
-        return next(self.dataloader_unlabeled)["data"]
+        batch = next(self.dataloader_unlabeled)
+        self.last_unlabeled_keys = batch.get("keys")
+        return batch["data"]
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extras(self) -> dict:
