@@ -12,7 +12,7 @@ from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hi
                       make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
 from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
-from nnunet_contrast.training.method import CASE_RELIABILITY_FILE
+from nnunet_contrast.training.teaching import CASE_RELIABILITY_FILE
 from nnunet_contrast.training.reliability import TeacherGate
 from nnunet_contrast.training.step import StepInputs
 from nnunet_contrast.training.schedule import PSEUDO_LABEL, SEGMENTATION, Data
