@@ -70,7 +70,7 @@ class FakeRunner:
         logging = {"epoch_start_timestamps": [0.0, 100.0, 200.0], "epoch_end_timestamps": [50.0, 120.0, 230.0],
                    "train_losses": [1.0, 0.5, 0.2], "val_losses": [0.9, 0.6, 0.4], "mean_fg_dice": [0.3, 0.6, 0.7],
                    "ema_fg_dice": [0.03, 0.09, 0.15], "stage": [0, 1, 1], "cross_level_contrast_loss": [2.0, 1.0, float("nan")], "lrs": [0.1, 0.1, 0.1],
-                   "teacher_coverage_1": [float("nan"), 0.9, 0.8]}
+                   "teacher_coverage_1": [float("nan"), 0.9, 0.8], "teacher_kept_share": [float("nan"), 0.97, 0.95]}
         torch.save({"logging": logging}, folder / "checkpoint_latest.pth")
         if self.stop_training == "in training":
             self.stop_training = None
@@ -192,6 +192,7 @@ def test_records_hold_scores_split_and_cost(tmp_path, msd):
     assert record["wall_seconds"] is None and record["stopped_calls"] == 0  # the fake runner writes no wall times
     assert record["curves"]["cross_level_contrast_loss"] == [2.0, 1.0, None]  # JSON has no NaN
     assert record["curves"]["teacher_coverage_1"] == [None, 0.9, 0.8]  # the teacher's per-class quality too
+    assert record["curves"]["teacher_kept_share"] == [None, 0.97, 0.95]  # and the share of its labels kept
     assert "lrs" not in record["curves"]
     rows = list(csv.DictReader(open(benchmark.workdir / "results.csv")))
     assert len(rows) == 2 and {r["trainer"] for r in rows} == set(TRAINERS)

@@ -25,7 +25,7 @@ from nnunet_contrast.distributed import average_gradients, broadcast_module, gat
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
-from nnunet_contrast.training.progress import ContrastLocalLogger, term_key
+from nnunet_contrast.training.progress import KEPT_CURVE, ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head,
                                                Labeller, NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
@@ -74,7 +74,7 @@ class MethodTrainer(EmaTeaching, SemiSupervisedTrainer):
         self.pseudo_labeler: Optional[PseudoLabeler] = None  # the snapshot of the current round, if any
         unsupervised = [term.name for stage in self.schedule.stages for term in stage.terms if term.name != SEGMENTATION]
         self.logger.local_logger = ContrastLocalLogger(self.schedule.names, list(dict.fromkeys(unsupervised)),
-                                                       teacher_curve_keys(self.label_manager.all_labels))
+                                                       [*teacher_curve_keys(self.label_manager.all_labels), KEPT_CURVE])
 
     @classmethod
     def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
@@ -383,6 +383,7 @@ class MethodTrainer(EmaTeaching, SemiSupervisedTrainer):
         self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
         self.log_case_reliability()
         coverage = [float(o[COVERAGE]) for o in train_outputs if COVERAGE in o]
+        self.logger.log(KEPT_CURVE, float(np.mean(coverage)) if coverage else float("nan"), self.current_epoch)
         if coverage:
             self.print_to_log_file(f"pseudo-labels kept ({stage.name}): {round(100 * float(np.mean(coverage)), 1)}% "
                                    f"of the unlabelled pixels")

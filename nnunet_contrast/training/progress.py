@@ -1,12 +1,16 @@
 """nnU-Net's training log and progress.png, extended with each loss term other than nnU-Net's own
 (``<term>_loss``, NaN in epochs whose stage lacks it), the stage and the EMA teacher's quality on the
-validation batches (``teacher_*``, NaN in epochs without a teacher)."""
+validation batches and the share of its pseudo-labels kept in training (``teacher_*``, NaN in epochs
+without a teacher)."""
 import io
 import math
 from os.path import join
 from typing import Sequence
 
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+
+KEPT_CURVE = "teacher_kept_share"  # per training epoch: the share of unlabelled pixels whose pseudo-label was kept
 
 
 def term_key(term_name: str) -> str:

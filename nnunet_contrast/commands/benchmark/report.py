@@ -22,6 +22,7 @@ from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure
+from nnunet_contrast.training.progress import KEPT_CURVE
 
 UPPER_BOUND_NAME = "nnU-Net, all labels (LabeledOnly at 1.0)"
 Repeat = Tuple[int, str]  # (fold, short name of the processor kind; "" when the records share one kind)
@@ -328,10 +329,11 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
 def plot_curves(record: dict, path: Path) -> None:
     curves = {k: [float("nan") if v is None else v for v in values] for k, values in record["curves"].items()}
     teacher = [k for k in curves if k.startswith(("teacher_confident_dice_", "teacher_coverage_"))
-               and not k.endswith("_0")]  # the foreground classes: background stays near 1
+               and not k.endswith("_0")] + [KEPT_CURVE]  # the foreground classes (background stays near 1), and
+    # the share of the unlabelled training pixels whose pseudo-label was kept
     panels = [("loss", ["train_losses", "val_losses"]), ("pseudo Dice", ["mean_fg_dice", "ema_fg_dice", "teacher_dice"]),
               ("loss terms", [k for k in curves if is_term_curve(k)]),
-              ("teacher per foreground class:\nconfident Dice, share", teacher)]
+              ("teacher per foreground class:\nconfident Dice, share;\nkept share in training", teacher)]
     panels = [(title, [k for k in keys if k in curves and any(math.isfinite(v) for v in curves[k])])
               for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
@@ -339,7 +341,7 @@ def plot_curves(record: dict, path: Path) -> None:
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for key in keys:
             ax.plot(range(len(curves[key])), curves[key], marker="o", label=key,
-                    linestyle="--" if key.startswith("teacher_coverage_") else "-")
+                    linestyle="--" if key.startswith("teacher_coverage_") else ":" if key == KEPT_CURVE else "-")
         for epoch, stage in enumerate(curves.get("stage", [])):
             ax.axvspan(epoch - 0.5, epoch + 0.5, color=f"C{int(stage) + 4}", alpha=0.15)
         ax.set_ylabel(title)
