@@ -13,3 +13,6 @@ run "weak-teacher proxy, self-adaptive threshold (momentum 0.99): SelfTraining f
     --set nnunet_contrast.selftraining.threshold_momentum=0.99
 run "weak-teacher proxy, reliable images first (share 0.25 rising over half the stage): SelfTraining fold 0" \
     --fractions 2 --folds 0 --trainers $ST --no-upper-bound $WEAK --set nnunet_contrast.selftraining.reliable_start=0.25
+# a harder proxy candidate: 1 labelled volume with the 50-iteration warm-up (the student itself weaker)
+run "weak-teacher proxy, 1 volume, 50-iteration warm-up: SelfTraining fold 0" --fractions 1 --folds 0 \
+    --trainers $ST --no-upper-bound $WEAK
