@@ -8,11 +8,3 @@ run "weak-teacher proxy, teacher gate (labelled-batch Dice 0.7): SelfTraining fo
     --trainers $ST --no-upper-bound $WEAK --set nnunet_contrast.selftraining.teacher_min_dice=0.7
 run "weak-teacher proxy, BCP copy-paste warm-up: SelfTraining fold 0" --fractions 2 --folds 0 --trainers $ST \
     --no-upper-bound $WEAK --set nnunet_contrast.selftraining.warmup_mixing=copypaste
-run "weak-teacher proxy, self-adaptive threshold (momentum 0.99): SelfTraining fold 0" --fractions 2 --folds 0 \
-    --trainers $ST --no-upper-bound $WEAK --set nnunet_contrast.selftraining.threshold=self_adaptive \
-    --set nnunet_contrast.selftraining.threshold_momentum=0.99
-run "weak-teacher proxy, reliable images first (share 0.25 rising over half the stage): SelfTraining fold 0" \
-    --fractions 2 --folds 0 --trainers $ST --no-upper-bound $WEAK --set nnunet_contrast.selftraining.reliable_start=0.25
-# a harder proxy candidate: 1 labelled volume with the 50-iteration warm-up (the student itself weaker)
-run "weak-teacher proxy, 1 volume, 50-iteration warm-up: SelfTraining fold 0" --fractions 1 --folds 0 \
-    --trainers $ST --no-upper-bound $WEAK
