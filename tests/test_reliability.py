@@ -59,7 +59,8 @@ def test_the_share_rises_linearly_to_all_images():
     assert reliable_share_at(0.4, 0.5, 0.0) == 0.4
     assert reliable_share_at(0.4, 0.5, 0.25) == pytest.approx(0.7)
     assert reliable_share_at(0.4, 0.5, 0.5) == 1.0 and reliable_share_at(0.4, 0.5, 0.9) == 1.0
-    assert reliable_share_at(0.4, 0.0, 0.0) == 1.0 and reliable_share_at(1.0, 0.5, 0.1) == 1.0
+    assert reliable_share_at(0.4, 0.0, 0.0) == 0.4 and reliable_share_at(0.4, 0.0, 0.9) == 0.4  # no growth: fixed
+    assert reliable_share_at(1.0, 0.5, 0.1) == 1.0 and reliable_share_at(1.0, 0.0, 0.1) == 1.0
 
 
 class Pixelwise(torch.nn.Module):

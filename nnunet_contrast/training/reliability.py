@@ -44,8 +44,10 @@ def most_reliable(entropy: torch.Tensor, share: float) -> torch.Tensor:
 
 def reliable_share_at(start: float, growth: float, progress: float) -> float:
     """The share of each unlabelled batch kept at ``progress`` in [0, 1) of the pseudo-label term: ``start``,
-    rising linearly to 1 at ``growth`` (1 throughout when ``start`` is 1 or ``growth`` is 0)."""
-    if growth <= 0 or progress >= growth:
+    rising linearly to 1 at ``growth``; ``start`` throughout when ``growth`` is 0."""
+    if growth <= 0:
+        return start
+    if progress >= growth:
         return 1.0
     return start + (1.0 - start) * progress / growth
 
