@@ -9,6 +9,11 @@ import torch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 
 
+def no_labels(images: torch.Tensor) -> torch.Tensor:
+    """(B, *spatial) long, ``EXCLUDED`` everywhere: the labels of images (B, C, *spatial) that have none."""
+    return torch.full((len(images), *images.shape[2:]), EXCLUDED, dtype=torch.long, device=images.device)
+
+
 @dataclass
 class Batch:
     """images: (B, C, *spatial);
@@ -32,8 +37,7 @@ class Batch:
     def unlabeled(cls, images: torch.Tensor, pseudo_labels: Optional[torch.Tensor] = None) -> "Batch":
         """Images without labels: a pseudo-labeller's labels, or none (every pixel ``EXCLUDED``)."""
         if pseudo_labels is None:
-            pseudo_labels = torch.full((len(images), *images.shape[2:]), EXCLUDED, dtype=torch.long,
-                                       device=images.device)
+            pseudo_labels = no_labels(images)
         return cls(images, pseudo_labels, torch.zeros_like(pseudo_labels, dtype=torch.bool), 0)
 
     def __add__(self, other: "Batch") -> "Batch":

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 
-from nnunet_contrast.data.batch import Batch
+from nnunet_contrast.data.batch import Batch, no_labels
 from nnunet_contrast.distributed import gather_objects, summed_over_ranks
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.network.taps import unwrap_network
@@ -65,8 +65,7 @@ class EmaTeaching:
         if labeller is None:
             return None
         if inputs.stage.reads_teacher and not self.teacher_ready(inputs.loader_batch):
-            labels = torch.full((len(inputs.unlabeled), *inputs.unlabeled.shape[2:]), EXCLUDED, dtype=torch.long,
-                                device=inputs.unlabeled.device)
+            labels = no_labels(inputs.unlabeled)
         else:
             labels = labeller(inputs.unlabeled)
             if inputs.stage.reads_teacher and self.last_unlabeled_keys is not None:
