@@ -258,6 +258,9 @@ def test_variants_fix_what_their_name_says(hippocampus):
                        "nnunet_contrast.globallocal.global_strategy=GD", "nnunet_contrast.globallocal.local_epochs=3")
     assert make_trainer(PSEUDO, plans).method_settings.matching == "intra"
     assert make_trainer("nnUNetTrainerPseudoLabelContrastInter", plans).method_settings.matching == "inter"
+    inter_self_training = make_trainer("nnUNetTrainerPseudoLabelContrastInterSelfTraining", plans)
+    assert inter_self_training.method_settings.matching == "inter"
+    assert inter_self_training.settings.run.finetune == "selftraining"
     full = make_trainer(GLOBALLOCAL, plans)
     assert [(s.name, s.epochs) for s in full.schedule.stages] == [("global", 1), ("local", 3), ("finetune", 2)]
     global_only = make_trainer("nnUNetTrainerGlobalContrast", plans)

@@ -21,6 +21,7 @@ SELF_TRAINED = {  # trainer -> the stage in which it learns from the teacher
     "nnUNetTrainerSelfTraining": "selftrain",
     "nnUNetTrainerCopyPaste": "selftrain",
     "nnUNetTrainerPseudoLabelContrastSelfTraining": "joint",
+    "nnUNetTrainerPseudoLabelContrastInterSelfTraining": "joint",
     "nnUNetTrainerCrossLevelSelfTraining": "contrast",
     "nnUNetTrainerIDEALSelfTraining": "finetune",
 }
@@ -29,6 +30,7 @@ VARIANTS = {  # each method's self-training variant -> its stages
     "nnUNetTrainerGlobalLocalContrastSelfTraining": ["global", "local", "warmup", "selftrain"],
     "nnUNetTrainerGlobalContrastSelfTraining": ["global", "warmup", "selftrain"],
     "nnUNetTrainerPseudoLabelContrastSelfTraining": ["warmup", "joint"],
+    "nnUNetTrainerPseudoLabelContrastInterSelfTraining": ["warmup", "joint"],
     "nnUNetTrainerCrossLevelSelfTraining": ["contrast", "consistency"],
     "nnUNetTrainerIDEALSelfTraining": ["dense", "finetune"],
 }
@@ -99,7 +101,8 @@ def test_each_methods_variant_fine_tunes_with_self_training(hippocampus, trainer
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerSupConLocalSelfTraining", "nnUNetTrainerIDEALSelfTraining",
-                                     "nnUNetTrainerPseudoLabelContrastSelfTraining"])
+                                     "nnUNetTrainerPseudoLabelContrastSelfTraining",
+                                     "nnUNetTrainerPseudoLabelContrastInterSelfTraining"])
 def test_a_variants_self_training_step_trains(hippocampus, trainer):
     t = ready_trainer(trainer, TEST_PLANS)
     index = next(i for i, s in enumerate(t.schedule.stages) if s.data == Data.STUDENT)

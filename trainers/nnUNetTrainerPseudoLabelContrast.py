@@ -9,7 +9,8 @@ One nnU-Net run (nnU-Net's SGD and poly schedule throughout), settings in
    local contrast (Eq. 3-4) on labelled images (true labels) and unlabelled images (pseudo-labels).
    A frozen copy of the network, refreshed at the start of each of ``pseudo_label_rounds`` rounds,
    labels every augmented unlabelled batch. Pseudo-labels enter the contrastive loss only.
-Variants: ``nnUNetTrainerPseudoLabelContrastInter`` (inter-image matching).
+Variants: ``nnUNetTrainerPseudoLabelContrastInter`` (inter-image matching), and of each the ``...SelfTraining``
+variant (the teacher's pseudo-labels added to the joint training).
 """
 import torch
 from torch import nn
@@ -105,3 +106,8 @@ class nnUNetTrainerPseudoLabelContrastInter(nnUNetTrainerPseudoLabelContrast):
 class nnUNetTrainerPseudoLabelContrastSelfTraining(nnUNetTrainerPseudoLabelContrast):
     """The method's joint training with the self-training term added (EMA teacher's pseudo-labels)."""
     variant_settings = SELF_TRAINING_VARIANT
+
+
+class nnUNetTrainerPseudoLabelContrastInterSelfTraining(nnUNetTrainerPseudoLabelContrastInter):
+    """Inter-image matching with the self-training term added."""
+    variant_settings = {**nnUNetTrainerPseudoLabelContrastInter.variant_settings, **SELF_TRAINING_VARIANT}
