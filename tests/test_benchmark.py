@@ -14,8 +14,8 @@ import torch
 
 from nnunet_contrast.commands.benchmark.records import environment, load_records, seconds_per_iteration
 from nnunet_contrast.commands.benchmark import runs
-from nnunet_contrast.commands.benchmark.report import (case_difference, case_rows, delta_table, dice_table, group_records,
-                                              interval_text, write_report)
+from nnunet_contrast.commands.benchmark.report import (by_cell, case_difference, case_rows, complete_mean, delta_table,
+                                              dice_table, fraction_repeats, group_records, interval_text, write_report)
 from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
                                             wall_time)
 from nnunet_contrast.commands.cli import main
@@ -319,6 +319,20 @@ def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
     without = [r for r in records if not (r["trainer"] == BASELINE and r["fold"] == 1 and r["fraction"] == "0.05")]
     cross = next(line for line in delta_table(without) if "CrossLevel" in line)
     assert "| +0.020 |" in cross and cross.endswith("+0.030 ± 0.014 (n=2): f0 +0.020, f1 +0.040 |")
+
+
+def test_the_plot_draws_a_mean_only_over_every_repeat_of_the_fraction(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"])
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    records = [r for r in load_records(benchmark.workdir)  # the method lacks fold 1
+               if not (r["trainer"] == "nnUNetTrainerCrossLevel" and r["fold"] == 1)]
+    cells = by_cell(records)
+    repeats = fraction_repeats(cells, "0.05")
+    assert repeats == {(0, ""), (1, "")}
+    dice = lambda trainer: {k: r["foreground_dice"] for k, r in cells[(trainer, "0.05")].items()}  # noqa: E731
+    assert complete_mean(dice(BASELINE), repeats) == pytest.approx((0.52 + 0.53) / 2)
+    assert complete_mean(dice("nnUNetTrainerCrossLevel"), repeats) is None  # its point only, no mean of fold 0
+    assert complete_mean({}, set()) is None
 
 
 def test_report_per_case_differences_pool_the_folds_with_a_bootstrap_interval(tmp_path, msd):

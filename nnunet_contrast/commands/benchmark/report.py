@@ -298,32 +298,64 @@ def cost_table(records: Sequence[dict]) -> List[str]:
     return lines
 
 
+def fraction_repeats(cells: Dict[tuple, Dict[Repeat, dict]], fraction: str) -> set:
+    """Every repeat (fold, kind) that any method ran at ``fraction``."""
+    return {k for (_, f), repeats in cells.items() if f == fraction for k in repeats}
+
+
+def complete_mean(values: Dict[Repeat, float], repeats: set) -> Optional[float]:
+    """The mean over ``repeats`` where ``values`` has every one of them, else None: the plotted means of one
+    fraction all cover the same folds and kinds, so a trainer run on fewer of them shows its points only."""
+    return statistics.mean(values[k] for k in repeats) if repeats and repeats <= set(values) else None
+
+
 def plot_dice(records: Sequence[dict], path: Path) -> None:
-    """Dice against the (mean) number of labelled cases, so fractions and counts share one axis."""
+    """Left: Dice against the (mean) number of labelled cases, so fractions and counts share one axis; right:
+    the paired difference to the baseline. Each repeat (fold and kind) is a point; a line joins a trainer's
+    means where it ran every repeat of the fraction (``complete_mean``); the upper bound is the dashed line."""
     fractions, cells = fraction_order(records), by_cell(records)
-    fig, ax = pyplot().subplots(figsize=(7, 4.5), dpi=100)
-    for trainer in method_order(records):
-        points = [(mean_labelled_cases(records, f), [r["foreground_dice"] for r in cells[(trainer, f)].values()])
-                  for f in fractions if cells[(trainer, f)]]
-        xs = [x for x, _ in points]
-        means = [statistics.mean(v) for _, v in points]
-        spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
-        ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=trainer.replace("nnUNetTrainer", ""),
-                    linewidth=2.5 if trainer == BASELINE else 1.2)
+    fig, (dice_ax, gain_ax) = pyplot().subplots(1, 2, figsize=(13, 4.8), dpi=100)
+    for index, trainer in enumerate(method_order(records)):
+        style = dict(color=f"C{index % 10}", linewidth=2.5 if trainer == BASELINE else 1.2)
+        for ax, values_of in ((dice_ax, lambda f: {k: r["foreground_dice"] for k, r in cells[(trainer, f)].items()}),
+                              (gain_ax, lambda f: gains(cells, trainer, f))):
+            if ax is gain_ax and trainer == BASELINE:
+                continue
+            plot_points_and_means(ax, records, fractions, values_of, cells, trainer.replace("nnUNetTrainer", ""), style)
     upper = [r["foreground_dice"] for r in cells.get((BASELINE, ALL_LABELS), {}).values()]
     if upper:
-        ax.axhline(statistics.mean(upper), color="black", linestyle="--", label="all labels")
-    if fractions:
-        ax.set_xscale("log")
-    ax.set_xticks([mean_labelled_cases(records, f) for f in fractions],
-                  [f"{mean_labelled_cases(records, f):g}\n({f})" for f in fractions])
-    ax.minorticks_off()
-    ax.set_xlabel("labelled training cases (fraction)")
-    ax.set_ylabel("mean foreground Dice (fold validation)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        dice_ax.axhline(statistics.mean(upper), color="black", linestyle="--",
+                        label=f"all labels (mean of {repeats_text(cells[(BASELINE, ALL_LABELS)])})")
+    gain_ax.axhline(0, color="black", linewidth=0.8)
+    for ax, ylabel in ((dice_ax, "mean foreground Dice (fold validation)"),
+                       (gain_ax, f"paired difference to {BASELINE.replace('nnUNetTrainer', '')}")):
+        if fractions:
+            ax.set_xscale("log")
+        ax.set_xticks([mean_labelled_cases(records, f) for f in fractions],
+                      [f"{mean_labelled_cases(records, f):g}\n({f})" for f in fractions])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training cases (fraction)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    dice_ax.legend(fontsize=7)
+    fig.suptitle("points: each fold (and kind); lines: means over every repeat of the fraction", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_points_and_means(ax, records, fractions, values_of, cells, label: str, style: dict) -> None:
+    """One trainer on one panel: ``values_of(fraction)`` (repeat -> value) as points, and the line of its
+    complete means."""
+    means = []
+    for f in fractions:
+        values = values_of(f)
+        x = mean_labelled_cases(records, f)
+        ax.plot([x] * len(values), list(values.values()), linestyle="none", marker="o", markersize=4, alpha=0.5,
+                color=style["color"])
+        mean = complete_mean(values, fraction_repeats(cells, f))
+        if mean is not None:
+            means.append((x, mean))
+    ax.plot(*zip(*means) if means else ([], []), marker="D", label=label, **style)
 
 
 def plot_curves(record: dict, path: Path) -> None:
