@@ -15,7 +15,7 @@ import torch
 from nnunet_contrast.commands.benchmark.records import environment, load_records, seconds_per_iteration
 from nnunet_contrast.commands.benchmark import runs
 from nnunet_contrast.commands.benchmark.report import (by_cell, case_difference, case_rows, complete_mean, delta_table,
-                                              dice_table, fraction_repeats, group_records, interval_text, write_report)
+                                              dice_table, first_finetuning_dice, fraction_repeats, group_records, interval_text, write_report)
 from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
                                             wall_time)
 from nnunet_contrast.commands.cli import main
@@ -71,6 +71,8 @@ class FakeRunner:
                    "train_losses": [1.0, 0.5, 0.2], "val_losses": [0.9, 0.6, 0.4], "mean_fg_dice": [0.3, 0.6, 0.7],
                    "ema_fg_dice": [0.03, 0.09, 0.15], "stage": [0, 1, 1], "cross_level_contrast_loss": [2.0, 1.0, float("nan")], "lrs": [0.1, 0.1, 0.1],
                    "teacher_coverage_1": [float("nan"), 0.9, 0.8], "teacher_kept_share": [float("nan"), 0.97, 0.95]}
+        if trainer != BASELINE:  # a pretraining epoch, then fine-tuning (LabeledOnly logs no stages)
+            logging["supervised"] = [0.0, 1.0, 1.0]
         torch.save({"logging": logging}, folder / "checkpoint_latest.pth")
         if self.stop_training == "in training":
             self.stop_training = None
@@ -333,6 +335,19 @@ def test_the_plot_draws_a_mean_only_over_every_repeat_of_the_fraction(tmp_path, 
     assert complete_mean(dice(BASELINE), repeats) == pytest.approx((0.52 + 0.53) / 2)
     assert complete_mean(dice("nnUNetTrainerCrossLevel"), repeats) is None  # its point only, no mean of fold 0
     assert complete_mean({}, set()) is None
+
+
+def test_the_report_says_where_fine_tuning_starts_after_pretraining(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0])
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    section = write_report(benchmark.workdir).read_text().split("Where fine-tuning starts")[1]
+    # the method's pseudo Dice after epoch 1 (its first fine-tuning epoch) against the baseline's after epoch 0
+    assert "| nnUNetTrainerCrossLevel | 0.05 | f0 | 1 | 0.600 | 0.300 | +0.300 |" in section
+    assert f"| {BASELINE} |" not in section.split("\n\n")[2]
+    records = load_records(benchmark.workdir)
+    assert first_finetuning_dice({"curves": {"mean_fg_dice": [0.5], "supervised": [1.0]}}) is None  # no pretraining
+    assert first_finetuning_dice({"curves": {"mean_fg_dice": [0.5, 0.6]}}) is None  # a record before the curve
+    assert [first_finetuning_dice(r) for r in records if r["trainer"] != BASELINE] == [(1, 0.6)]
 
 
 def test_report_per_case_differences_pool_the_folds_with_a_bootstrap_interval(tmp_path, msd):

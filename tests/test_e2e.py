@@ -52,6 +52,7 @@ def test_supconlocal_runs_its_three_stages(hippocampus, trained):
         k.startswith(("global", "local")) for k in checkpoint["network_weights"])
     stages = checkpoint["logging"]["stage"]
     assert stages == [0, 1, 2, 2]
+    assert checkpoint["logging"]["supervised"] == [0, 0, 1, 1]  # where the report reads fine-tuning's start
 
 
 def checkpoint_curve(hippocampus, trainer, key):

@@ -273,6 +273,7 @@ def test_progress_png_gets_a_contrast_panel(tmp_path):
         ours.log("global_contrast_loss", [4.0, float("nan"), float("nan")][epoch], epoch)
         ours.log("local_contrast_loss", [float("nan"), 3.0, float("nan")][epoch], epoch)
         ours.log("stage", epoch, epoch)
+        ours.log("supervised", float(epoch == 2), epoch)
     (tmp_path / "plain").mkdir()
     (tmp_path / "ours").mkdir()
     plain.plot_progress_png(str(tmp_path / "plain"))

@@ -25,7 +25,7 @@ from nnunet_contrast.distributed import average_gradients, broadcast_module, gat
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED, MaskedSegmentationLoss
 from nnunet_contrast.network.taps import forward_with_decoder_features, unwrap_network
-from nnunet_contrast.training.progress import KEPT_CURVE, ContrastLocalLogger, term_key
+from nnunet_contrast.training.progress import KEPT_CURVE, STAGE_CURVE, SUPERVISED_CURVE, ContrastLocalLogger, term_key
 from nnunet_contrast.training.pseudo_labels import PseudoLabeler
 from nnunet_contrast.training.schedule import (ENCODER, HEADS, NETWORK, SEGMENTATION, Adam, Data, Head,
                                                Labeller, NnUNetSGD, Part, Schedule, Stage, Term, replace_finetuning)
@@ -380,7 +380,8 @@ class MethodTrainer(EmaTeaching, SemiSupervisedTrainer):
             self.print_to_log_file(f"{key} ({stage.name}): {round(mean, 4)}")
         for key in self.logger.local_logger.term_keys:
             self.logger.log(key, means.get(key, float("nan")), self.current_epoch)
-        self.logger.log("stage", self.schedule.names.index(stage.name), self.current_epoch)
+        self.logger.log(STAGE_CURVE, self.schedule.names.index(stage.name), self.current_epoch)
+        self.logger.log(SUPERVISED_CURVE, float(stage.supervised), self.current_epoch)
         self.log_case_reliability()
         coverage = [float(o[COVERAGE]) for o in train_outputs if COVERAGE in o]
         self.logger.log(KEPT_CURVE, float(np.mean(coverage)) if coverage else float("nan"), self.current_epoch)

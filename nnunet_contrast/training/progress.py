@@ -1,5 +1,6 @@
 """nnU-Net's training log and progress.png, extended with each loss term other than nnU-Net's own
-(``<term>_loss``, NaN in epochs whose stage lacks it), the stage and the EMA teacher's quality on the
+(``<term>_loss``, NaN in epochs whose stage lacks it), the stage (and whether it is supervised: a fine-tuning
+stage, whose pseudo Dice means something) and the EMA teacher's quality on the
 validation batches and the share of its pseudo-labels kept in training (``teacher_*``, NaN in epochs
 without a teacher)."""
 import io
@@ -11,6 +12,7 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 
 KEPT_CURVE = "teacher_kept_share"  # per training epoch: the share of unlabelled pixels whose pseudo-label was kept
+STAGE_CURVE, SUPERVISED_CURVE = "stage", "supervised"  # per epoch: the stage's index; 1 where it trains nnU-Net's loss
 
 
 def term_key(term_name: str) -> str:
@@ -25,7 +27,7 @@ class ContrastLocalLogger(LocalLogger):
                  verbose: bool = False):
         super().__init__(verbose)
         self.term_keys = [term_key(name) for name in term_names]
-        self.added_keys = ["stage", *teacher_keys, *self.term_keys]
+        self.added_keys = [STAGE_CURVE, SUPERVISED_CURVE, *teacher_keys, *self.term_keys]
         for key in self.added_keys:
             self.my_fantastic_logging[key] = []
         self.stage_names = list(stage_names)
@@ -54,7 +56,7 @@ class ContrastLocalLogger(LocalLogger):
         from PIL import Image
 
         epochs = min(len(v) for v in self.my_fantastic_logging.values())
-        stages = self.my_fantastic_logging["stage"][:epochs]
+        stages = self.my_fantastic_logging[STAGE_CURVE][:epochs]
         fig, ax = plt.subplots(1, 1, figsize=(width_px / 100, 12), dpi=100)
         colours = ["tab:orange", "tab:purple", "tab:green", "tab:red", "tab:cyan"]
         for index, name in enumerate(self.stage_names):

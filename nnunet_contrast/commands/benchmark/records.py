@@ -19,7 +19,10 @@ import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "stage")  # and each term's and the teacher's
+from nnunet_contrast.training.progress import STAGE_CURVE, SUPERVISED_CURVE
+
+CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", STAGE_CURVE, SUPERVISED_CURVE)  # and each
+# term's and the teacher's
 
 CSV_COLUMNS = ("budget_digest", "split_seed", "device", "plans", "trainer", "fraction", "upper_bound", "fold",
                "labelled_cases", "unlabelled_cases", "labelled_digest", "foreground_dice", "dice_per_class",
@@ -40,7 +43,7 @@ def seconds_per_iteration(logging: dict, iterations_per_epoch: int) -> float:
     """Mean duration of the epochs of the last stage (nnU-Net's supervised or joint training) divided
     by its training iterations per epoch; an epoch's time includes its validation iterations."""
     durations = epoch_durations(logging)
-    stages = list(logging.get("stage") or [])[:len(durations)] or [0] * len(durations)
+    stages = list(logging.get(STAGE_CURVE) or [])[:len(durations)] or [0] * len(durations)
     last = [d for d, s in zip(durations, stages) if s == stages[-1]]
     return sum(last) / len(last) / iterations_per_epoch
 

@@ -22,7 +22,7 @@ from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure
-from nnunet_contrast.training.progress import KEPT_CURVE
+from nnunet_contrast.training.progress import KEPT_CURVE, SUPERVISED_CURVE
 
 UPPER_BOUND_NAME = "nnU-Net, all labels (LabeledOnly at 1.0)"
 Repeat = Tuple[int, str]  # (fold, short name of the processor kind; "" when the records share one kind)
@@ -384,6 +384,35 @@ def plot_curves(record: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def first_finetuning_dice(record: dict) -> Optional[Tuple[int, float]]:
+    """(pretraining epochs, nnU-Net's pseudo Dice after the first fine-tuning epoch) of a run that pretrains;
+    None for a run without pretraining epochs or a record older than the ``supervised`` curve."""
+    supervised, dice = record["curves"].get(SUPERVISED_CURVE) or [], record["curves"]["mean_fg_dice"]
+    first = next((epoch for epoch, value in enumerate(supervised) if value == 1), None)
+    return (first, dice[first]) if first and dice[first] is not None else None
+
+
+def starting_dice_section(records: Sequence[dict]) -> List[str]:
+    """Did the pretraining change where fine-tuning starts? Each pretraining run's pseudo Dice after its first
+    fine-tuning epoch beside the baseline's after its first epoch, on the same fraction, fold and kind."""
+    names, cells, rows = kind_names(records), by_cell(records), []
+    for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], r["fold"])):
+        start, repeat = first_finetuning_dice(r), (r["fold"], names.get(kind(r), ""))
+        baseline = cells.get((BASELINE, r["fraction"]), {}).get(repeat)
+        if start and baseline and baseline["curves"]["mean_fg_dice"][0] is not None:
+            base = baseline["curves"]["mean_fg_dice"][0]
+            rows.append(table_row(r["trainer"], [r["fraction"], repeat_label(repeat), str(start[0]), f"{start[1]:.3f}",
+                                                 f"{base:.3f}", f"{start[1] - base:+.3f}"]))
+    if not rows:
+        return []
+    return ["Where fine-tuning starts: nnU-Net's pseudo Dice (validation batches) after the first fine-tuning epoch "
+            f"of each run that pretrains, beside {BASELINE}'s after its first epoch (the same iterations of "
+            "supervised training, with and without the pretraining before them):", "",
+            table_row("method", ["fraction", "repeat", "pretraining epochs", "after its first fine-tuning epoch",
+                                 f"{BASELINE} after its first epoch", "difference"]),
+            "|---" * 7 + "|", *rows, ""]
+
+
 def case_section(records: Sequence[dict]) -> List[str]:
     rows = case_rows(records)
     if not any(any(cell_text) for _, cell_text in rows):
@@ -426,6 +455,7 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
             f"Difference to {BASELINE} on the same fraction and {'fold and kind' if names else 'fold'} (mean ± "
             f"standard deviation over {'repeats' if names else 'folds'}: each one's):", "", *delta_table(records), "",
             *gap_table(records), *fold_table(records), *kind_spread_table(records), *case_section(records),
+            *starting_dice_section(records),
             f"![Dice against labelled fraction]({plot.name})", "",
             "Cost:", "", *cost_table(records), ""]
 
