@@ -38,7 +38,7 @@ class FakeRunner:
     """Writes what each command would write; ``stop_training`` makes the next training stop part-way."""
 
     def __init__(self, benchmark: Benchmark):
-        self.benchmark, self.commands, self.stop_training = benchmark, [], None
+        self.benchmark, self.commands, self.stop_training, self.settings = benchmark, [], None, {}
 
     def __call__(self, command, env, log):
         self.commands.append(command)
@@ -60,7 +60,13 @@ class FakeRunner:
         path.write_text(json.dumps(make_split(NNUNET_FOLDS, float(labeled), 0)))
 
     def plans(self, command):
-        (self.benchmark.preprocessed / f"{command[command.index('-o') + 1]}.json").write_text("{}")
+        name = command[command.index("-o") + 1]
+        (self.benchmark.preprocessed / f"{name}.json").write_text("{}")
+        self.settings[name] = {}  # the self-training and method sections a --set names
+        for key, value in (command[i + 1].split("=", 1) for i, word in enumerate(command) if word == "--set"):
+            _, section, field = key.split(".", 2) if key.count(".") == 2 else (None, None, None)
+            if section not in (None, "budget", "semisup", "run"):
+                self.settings[name].setdefault(section, {})[field] = value
 
     def train(self, command):
         trainer, plans, fold = command[command.index("-tr") + 1], command[command.index("-p") + 1], int(command[3])
@@ -81,7 +87,8 @@ class FakeRunner:
         (folder / "checkpoint_latest.pth").unlink()  # as nnU-Net does before its final validation
         split_file = self.benchmark.split_name(fraction)
         (folder / "nnunet_contrast_settings.json").write_text(json.dumps(
-            {"budget": {"num_iterations_per_epoch": 10}, "semisup": {"split_file": split_file}, "run": {"seed": 0}}))
+            {"budget": {"num_iterations_per_epoch": 10}, "semisup": {"split_file": split_file}, "run": {"seed": 0},
+             **self.settings.get(plans, {})}))
         if self.stop_training == "in validation":
             self.stop_training = None
             raise UserInputError("stopped in the final validation")
@@ -294,6 +301,54 @@ def test_budgets_never_share_plans_or_tables(tmp_path, msd):
     assert len(records) == 4 and len(group_records(records)) == 2
     report = write_report(tmp_path / "work").read_text()
     assert report.count("## Budget") == 2
+
+
+def test_the_baseline_trains_once_for_every_self_training_or_method_setting(tmp_path, msd):
+    assert runs.baseline_reads("batch_dice=true") and runs.baseline_reads("nnunet_contrast.budget.num_epochs=3")
+    assert not runs.baseline_reads("nnunet_contrast.selftraining.ema_decay=0.9")
+    assert not runs.baseline_reads("nnunet_contrast.crosslevel.lambda_cont=1")
+    trained = []
+    for value in ("0.9", "0.99"):
+        budget = Budget("benchmark_cpu", ("nnunet_contrast.budget.num_epochs=3",
+                                          f"nnunet_contrast.selftraining.ema_decay={value}"))
+        benchmark = make_benchmark(tmp_path, msd, trainers=[BASELINE, "nnUNetTrainerSelfTraining"],
+                                   fractions=["0.05"], folds=[0], budget=budget)
+        runner = FakeRunner(benchmark)
+        execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+        trained.append([(c[c.index("-tr") + 1], c[c.index("-p") + 1]) for c in train_commands(runner.commands)])
+    shared = Budget("benchmark_cpu", ("nnunet_contrast.budget.num_epochs=3",))
+    first, second = trained
+    assert first[:2] == [(BASELINE, shared.plans_identifier("1.0", 0, 0)), (BASELINE, shared.plans_identifier("0.05", 0, 0))]
+    assert first[2][0] == "nnUNetTrainerSelfTraining" and first[2][1] != shared.plans_identifier("0.05", 0, 0)
+    assert [t for t, _ in second] == ["nnUNetTrainerSelfTraining"]  # the baseline and upper bound were done
+    records = load_records(tmp_path / "work")
+    assert {r["baseline_digest"] for r in records} == {shared.digest}
+    assert len({r["budget_digest"] for r in records}) == 3
+    report = write_report(tmp_path / "work").read_text()
+    assert report.count("## Budget") == 1  # one baseline, both settings paired with it
+    for value in ("0.9", "0.99"):
+        assert f"| nnUNetTrainerSelfTraining (selftraining.ema_decay={value}) | +" in report
+
+
+def test_records_from_before_the_shared_baseline_pair_with_it_and_their_baseline_is_a_repeat(tmp_path, msd):
+    shared = Budget("benchmark_cpu")
+    benchmark = make_benchmark(tmp_path, msd, trainers=[BASELINE], fractions=["0.05"], folds=[0], upper_bound=False)
+    execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
+    old = make_benchmark(tmp_path, msd, trainers=[BASELINE, "nnUNetTrainerSelfTraining"], fractions=["0.05"],
+                         folds=[0], upper_bound=False,
+                         budget=Budget("benchmark_cpu", ("nnunet_contrast.selftraining.ema_decay=0.9",)))
+    old.budget_of = lambda run: old.budget  # as an older benchmark did: every run, the baseline too, in its budget
+    execute(old.steps(), {}, runner=FakeRunner(old), out=lambda line: None)
+    for path in (tmp_path / "work" / "results").glob("*/*.json"):
+        record = json.loads(path.read_text())
+        del record["baseline_digest"]
+        path.write_text(json.dumps(record))
+    records = load_records(tmp_path / "work")
+    assert len(records) == 3 and list(group_records(records)) == [(shared.digest, 0, "cpu")]
+    report = write_report(tmp_path / "work").read_text()
+    repeats = report.split("trained again under other plans digests")[1]
+    assert f"| {BASELINE} | 0.05 | f0 | {old.budget.digest} | 0.5200000 | 0.5200000 |" in repeats
+    assert "| nnUNetTrainerSelfTraining | +0.020 |" in report
 
 
 def test_report_tables_mean_spread_and_paired_difference(tmp_path, msd):
@@ -548,7 +603,7 @@ def test_the_recipe_predicts_builds_a_dataset_and_trains_again(tmp_path, msd):
     assert records[runs.RECIPE]["fold"] == 1
     assert records[runs.RECIPE]["foreground_dice"] == pytest.approx(records[BASELINE]["foreground_dice"] + 0.005)
     assert json.loads((benchmark.workdir / "recipe" / "datasets.json").read_text()) == \
-        {f"{benchmark.plans('0.2')}/fold1": 901}
+        {f"{benchmark.plans(Run(runs.RECIPE, '0.2', 1))}/fold1": 901}
 
 
 # ----------------------------------------------------------------------------- --dataset

@@ -1,9 +1,11 @@
 # Issue 28: what the contrastive methods add, alone and under self-training, and the label curve.
 # All at the plans digest of issue 26's 2-volume runs (ff74c417: benchmark_cpu with the default decay 0.96
-# named), so that each run pairs with the LabeledOnly and SelfTraining already recorded there on the same
-# fold and kind. Run with benchmarks/queue.sh in issue 26's work folder and records name, e.g.
+# named; without it, SelfTraining would land in f9c7e9fe, where a run at the old default 0.99 is recorded),
+# so that each run pairs with the SelfTraining already recorded there on the same fold and kind; LabeledOnly,
+# the upper bound and the recipe train in the shared baseline plans (f9c7e9fe, recorded for folds 0-2). Run with benchmarks/queue.sh in issue 26's work folder and records name, e.g.
 #   benchmarks/queue.sh VENV /work/bench/scarce_fixed REPO hippocampus_scarce_fixed_avx512 THIS_FILE
-# from a clone at 1540a38 or later (the Inter self-training variant and the "supervised" curve), on the
+# from a clone at the commit that shares the baseline or later (and so has the Inter self-training variant
+# and the "supervised" curve), on the
 # AVX512 kind. On another kind: a new work folder and records name (e.g. hippocampus_scarce_fixed_epyc); the
 # benchmark then runs that kind's LabeledOnly first, and SelfTraining is the first line below.
 D96="--set nnunet_contrast.selftraining.ema_decay=0.96"

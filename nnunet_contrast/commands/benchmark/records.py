@@ -1,7 +1,7 @@
 """One JSON record per finished benchmark run, and the CSV of all of them.
 
-A record holds what identifies the run (trainer, labelled fraction, fold, budget digest, split seed
-and the digest of the fold's labelled cases), nnU-Net's validation scores of the fold (mean, per class,
+A record holds what identifies the run (trainer, labelled fraction, fold, budget digest and that of the
+baseline it pairs with, split seed and the digest of the fold's labelled cases), nnU-Net's validation scores of the fold (mean, per class,
 and per case and class, which the CSV leaves out), the wall time of the training calls, the training
 time read from nnU-Net's own epoch timestamps (so a run continued with ``--c`` counts only its
 epochs, not the pause) and the per-epoch curves of nnU-Net's logger, from which the report redraws
@@ -68,6 +68,7 @@ def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, de
         "trainer": run.trainer, "fraction": run.fraction, "fold": run.fold, "upper_bound": run.is_upper_bound,
         "plans": fold_folder.parent.name.split("__")[1], "budget_preset": budget.preset,  # TRAINER__PLANS__2d
         "budget_set": list(budget.assignments), "budget_digest": budget.digest, "split_seed": seed,
+        "baseline_digest": budget.for_baseline().digest,  # the budget of the LabeledOnly it pairs with
         "train_seed": settings["run"]["seed"],  # -1: unseeded
         "split_file": settings["semisup"]["split_file"], "device": device,
         "labelled_cases": len(fold_split["labeled"]), "unlabelled_cases": len(fold_split["unlabeled"]),

@@ -11,6 +11,7 @@ so a run is a *repeat*: its fold and its processor kind. Records of several kind
 folders) share one section; a method is paired with the baseline only on the same fold and kind, and
 with several kinds each repeat is named ``f0/K2`` and a by-fold table averages each fold's kinds first.
 """
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from nnunet_contrast.commands.benchmark.records import is_term_curve, load_records
-from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE
+from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE, BASELINE_SECTIONS, RECIPE, baseline_reads
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure
@@ -68,11 +69,75 @@ def repeats_text(keys: Iterable) -> str:
     return text if folds == len(keys) else f"{text}, {len(keys)} runs"
 
 
+def baseline_digest(record: dict, digests: Dict[tuple, str]) -> str:
+    """The budget digest of the baseline a record pairs with. Records before ``baseline_digest`` existed: the
+    digest of their budget without the settings the baseline ignores, where a record of that budget exists
+    (``digests``: (preset, assignments) -> digest), else their own."""
+    if "baseline_digest" in record:
+        return record["baseline_digest"]
+    shared = (record["budget_preset"], tuple(a for a in record["budget_set"] if baseline_reads(a)))
+    return digests.get(shared, record["budget_digest"])
+
+
 def group_records(records: Sequence[dict]) -> Dict[tuple, List[dict]]:
+    """(the baseline's budget digest, split seed, device) -> the records that pair with that baseline."""
+    digests = {(r["budget_preset"], tuple(r["budget_set"])): r["budget_digest"] for r in records}
     groups = defaultdict(list)
     for record in records:
-        groups[(record["budget_digest"], record["split_seed"], record["device"])].append(record)
+        groups[(baseline_digest(record, digests), record["split_seed"], record["device"])].append(record)
     return dict(groups)
+
+
+def shared_baseline(records: Sequence[dict], digest: str) -> Tuple[List[dict], List[dict]]:
+    """(the records a section reports, the other records of the baseline or recipe): where the same baseline
+    run exists under several budget digests (trained again by a benchmark before it shared the baseline), one
+    counts: a run not continued with ``--c`` (which does not repeat to the digit), of the section's own digest,
+    the earliest; the others are shown as repeats."""
+    names, chosen, kept, others = kind_names(records), {}, [], []
+    for r in sorted(records, key=lambda r: (bool(r.get("stopped_calls")), r["budget_digest"] != digest,
+                                            r["environment"]["date"])):
+        key = (r["trainer"], r["fraction"], r["fold"], names.get(kind(r), ""))
+        if r["trainer"] in (BASELINE, RECIPE) and key in chosen and chosen[key]["budget_digest"] != r["budget_digest"]:
+            others.append(r)
+        else:
+            kept.append(r)
+            chosen.setdefault(key, r)
+    return kept, others
+
+
+def compared_settings(record: dict) -> Dict[str, str]:
+    """``section.key`` -> value of the settings a method's runs can differ in (not budget, split or run)."""
+    return {f"{section}.{key}": json.dumps(value) for section, values in record.get("settings", {}).items()
+            if section not in BASELINE_SECTIONS for key, value in values.items()}
+
+
+def method_assignments(record: dict) -> Dict[str, str]:
+    """``section.key`` -> value of the record's ``--set`` assignments that the baseline ignores."""
+    pairs = (a.split("=", 1) for a in record["budget_set"] if not baseline_reads(a))
+    return {key.split(".", 1)[1]: value for key, value in pairs}
+
+
+def setting_labels(runs: Sequence[dict]) -> List[str]:
+    """For the runs of one trainer, what tells them apart: the resolved settings that differ (among those
+    every run records; older code records fewer), and the ``--set`` assignments that differ; ``preset`` for
+    a run that differs from the others only by having none of those assignments."""
+    resolved, assigned = [compared_settings(r) for r in runs], [method_assignments(r) for r in runs]
+    common = set.intersection(*(set(s) for s in resolved))
+    differing = sorted(k for k in common if len({s[k] for s in resolved}) > 1)
+    named = sorted({k for a in assigned for k in a if len({a.get(k) for a in assigned}) > 1} - set(differing))
+    labels = [", ".join([f"{k}={json.loads(s[k])}" for k in differing] + [f"{k}={a[k]}" for k in named if k in a])
+              for s, a in zip(resolved, assigned)]
+    return [label or ("preset" if named else "") for label in labels]
+
+
+def with_setting_labels(records: Sequence[dict]) -> List[dict]:
+    """Records whose ``trainer`` names, where one trainer ran with several settings, the settings that tell
+    them apart: one row per trainer and setting."""
+    by_trainer = defaultdict(list)
+    for r in records:
+        by_trainer[r["trainer"]].append(r)
+    return [dict(r, trainer=f"{trainer} ({label})" if label else trainer)
+            for trainer, runs in by_trainer.items() for r, label in zip(runs, setting_labels(runs))]
 
 
 def mean_spread(values: Sequence[float], signed: bool = False) -> str:
@@ -427,16 +492,20 @@ def case_section(records: Sequence[dict]) -> List[str]:
             *(table_row(trainer, cell_text) for trainer, cell_text in rows), ""]
 
 
-def section(records: Sequence[dict], folder: Path) -> List[str]:
-    first = records[0]
-    env = first["environment"]
-    plot = folder / f"dice_vs_labels_{first['budget_digest']}_seed{first['split_seed']}_{first['device']}.png"
-    plot_dice(records, plot)
-    names = kind_names(records)
-    for r in records:  # each work folder's own report draws its runs' curves
+def section(group: Sequence[dict], digest: str, folder: Path) -> List[str]:
+    """The section of one baseline: its runs and every method run that pairs with it, whatever settings of
+    its own each method run adds (a row per trainer and setting)."""
+    names = kind_names(group)
+    for r in group:  # each work folder's own report draws its runs' curves
         if r["source"] == folder.parent:
             suffix = f"_{names[kind(r)]}" if names else ""
             plot_curves(r, folder / "curves" / r["plans"] / f"{r['trainer']}_fold{r['fold']}{suffix}.png")
+    reported, repeated = shared_baseline(group, digest)
+    records = with_setting_labels(reported)
+    first = records[0]
+    plot = folder / f"dice_vs_labels_{digest}_seed{first['split_seed']}_{first['device']}.png"
+    plot_dice(records, plot)
+    env = first["environment"]
     # the processor kind matters: a seeded run repeats on one kind, not across kinds (docs/BENCHMARKS.md)
     machines = sorted({", ".join(filter(None, (r["environment"]["machine"], r["environment"].get("cpu"))))
                        for r in records})
@@ -444,9 +513,12 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
               + "; ".join(f"{short} = {name}" for name, short in names.items()) + ".", ""] if names else [])
     commits = sorted({r["environment"]["commit"] or r["environment"]["nnunet_contrast"] for r in records})
     validation = sorted({(r["fold"], r["validation_cases"]) for r in records})
-    return [f"## Budget `{first['budget_preset']}` (digest {first['budget_digest']}), split seed "
+    budgets = sorted({(r["budget_digest"], " ".join(r["budget_set"]) or "none") for r in records})
+    return [f"## Budget `{first['budget_preset']}` (digest {digest}), split seed "
             f"{first['split_seed']}, device {first['device']}", "",
-            f"Extra settings: {' '.join(first['budget_set']) or 'none'}. Machine(s): {'; '.join(machines)}; "
+            "Extra settings (per plans digest; the baseline trains without those of the self-training and method "
+            "sections, which it ignores): " + "; ".join(f"{d}: {text}" for d, text in budgets) + ". "
+            f"Machine(s): {'; '.join(machines)}; "
             f"torch {env['torch']}, nnunetv2 {env['nnunetv2']}, nnunet-contrast {', '.join(commits)}. Runs "
             f"finished between {min(r['environment']['date'] for r in records)} and "
             f"{max(r['environment']['date'] for r in records)}. Scores: nnU-Net's validation of each fold ("
@@ -455,9 +527,26 @@ def section(records: Sequence[dict], folder: Path) -> List[str]:
             f"Difference to {BASELINE} on the same fraction and {'fold and kind' if names else 'fold'} (mean ± "
             f"standard deviation over {'repeats' if names else 'folds'}: each one's):", "", *delta_table(records), "",
             *gap_table(records), *fold_table(records), *kind_spread_table(records), *case_section(records),
-            *starting_dice_section(records),
+            *starting_dice_section(records), *baseline_repeats_section(repeated, reported),
             f"![Dice against labelled fraction]({plot.name})", "",
             "Cost:", "", *cost_table(records), ""]
+
+
+def baseline_repeats_section(repeated: Sequence[dict], reported: Sequence[dict]) -> List[str]:
+    """The baseline's (or recipe's) runs of other plans digests beside the one reported: the same training,
+    since the settings those digests add are ones it ignores."""
+    if not repeated:
+        return []
+    names = kind_names([*repeated, *reported])
+    key = lambda r: (r["trainer"], r["fraction"], r["fold"], names.get(kind(r), ""))  # noqa: E731
+    shown = {key(r): r for r in reported}
+    rows = [table_row(r["trainer"], [r["fraction"], repeat_label(key(r)[2:]), r["budget_digest"],
+                                     f"{r['foreground_dice']:.7f}", f"{shown[key(r)]['foreground_dice']:.7f}"])
+            for r in sorted(repeated, key=key)]
+    return ["The same baseline run trained again under other plans digests (before the benchmark shared it): "
+            "the settings those add are ones it ignores, so a seeded run repeats on one kind:", "",
+            table_row("trainer", ["fraction", "repeat", "plans digest", "Dice", "Dice of the run reported"]),
+            "|---" * 6 + "|", *rows, ""]
 
 
 def write_report(workdir: Path, also: Iterable[Path] = ()) -> Path:
@@ -470,8 +559,8 @@ def write_report(workdir: Path, also: Iterable[Path] = ()) -> Path:
     lines = ["# nnunet-contrast benchmark report", "",
              "Generated by `nnunet-contrast report` from the result files of this work folder"
              + "".join(f", of {Path(a).name}" for a in also) + ".", ""]
-    for _, group in sorted(group_records(records).items()):
-        lines += section(group, folder)
+    for (digest, _, _), group in sorted(group_records(records).items()):
+        lines += section(group, digest, folder)
     path = folder / "report.md"
     write_text_atomic(path, "\n".join(lines))
     return path

@@ -40,6 +40,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from nnunet_contrast.commands.benchmark.recipe import MaintainersRecipe
 from nnunet_contrast.commands.benchmark.steps import ALL_LABELS, BASELINE, RECIPE, Run, Step
 from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.settings import SETTINGS_KEY
 
 try:
     import fcntl
@@ -63,11 +64,27 @@ def normalised_fraction(text: str) -> str:
     return f"{value:g}"
 
 
+BASELINE_SECTIONS = ("budget", "semisup", "run")  # the sections of our settings that LabeledOnly reads
+
+
+def baseline_reads(assignment: str) -> bool:
+    """Whether LabeledOnly reads a ``--set`` assignment: nnU-Net's own keys and our budget, split and run
+    sections; not the self-training or method sections."""
+    key = assignment.split("=", 1)[0].split(".")
+    return key[0] != SETTINGS_KEY or len(key) < 3 or key[1] in BASELINE_SECTIONS
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A preset of ``plans/`` plus ``--set`` assignments: the same for every run of a benchmark."""
+    """A preset of ``plans/`` plus ``--set`` assignments: the same for every run of a benchmark, except that
+    the baseline (and the recipe built on it) trains in ``for_baseline()``."""
     preset: str
     assignments: tuple = ()
+
+    def for_baseline(self) -> "Budget":
+        """Without the assignments LabeledOnly never reads: one LabeledOnly run pairs with every self-training
+        and method setting of the same budget, and is not trained again for each."""
+        return Budget(self.preset, tuple(a for a in self.assignments if baseline_reads(a)))
 
     @functools.cached_property
     def digest(self) -> str:
@@ -181,9 +198,12 @@ class Benchmark:
     def split_name(self, fraction: str) -> str:
         return f"splits_semisup_seed{self.seed}_l{fraction}.json"
 
-    def plans(self, run_or_fraction) -> str:
-        fraction = getattr(run_or_fraction, "fraction", run_or_fraction)
-        return self.budget.plans_identifier(fraction, self.seed, self.train_seed)
+    def budget_of(self, run: Run) -> Budget:
+        """The baseline's and the recipe's runs train in the budget without the settings they ignore."""
+        return self.budget.for_baseline() if run.trainer in (BASELINE, RECIPE) else self.budget
+
+    def plans(self, run: Run) -> str:
+        return self.budget_of(run).plans_identifier(run.fraction, self.seed, self.train_seed)
 
     @functools.cached_property
     def recipe(self):
@@ -238,16 +258,21 @@ class Benchmark:
         return steps
 
     def fraction_steps(self, fraction: str) -> List[Step]:
-        split, plans = self.split_name(fraction), self.plans(fraction)
-        sets = [a for s in self.budget.assignments for a in ("--set", s)]
-        return [
-            Step(f"split {fraction}", self.preprocessed / split,
-                 ["nnunet-contrast", "split", "-d", self.dataset_id, "--labeled", fraction, "--seed",
-                  str(self.seed), "--name", split]),
-            Step(f"plans {plans}", self.preprocessed / f"{plans}.json",
-                 ["nnunet-contrast", "plans", "-d", self.dataset_id, "--preset", self.budget.preset, *sets,
-                  "--set", f"nnunet_contrast.semisup.split_file={split}",
-                  "--set", f"nnunet_contrast.run.seed={self.train_seed}", "-o", plans])]
+        """The split file, then a plans file per budget its runs train in."""
+        split = self.split_name(fraction)
+        budgets = dict.fromkeys(self.budget_of(run) for run in self.runs() if run.fraction == fraction)
+        return [Step(f"split {fraction}", self.preprocessed / split,
+                     ["nnunet-contrast", "split", "-d", self.dataset_id, "--labeled", fraction, "--seed",
+                      str(self.seed), "--name", split])] + \
+            [self.plans_step(budget, fraction, split) for budget in budgets]
+
+    def plans_step(self, budget: Budget, fraction: str, split: str) -> Step:
+        plans = budget.plans_identifier(fraction, self.seed, self.train_seed)
+        sets = [a for s in budget.assignments for a in ("--set", s)]
+        return Step(f"plans {plans}", self.preprocessed / f"{plans}.json",
+                    ["nnunet-contrast", "plans", "-d", self.dataset_id, "--preset", budget.preset, *sets,
+                     "--set", f"nnunet_contrast.semisup.split_file={split}",
+                     "--set", f"nnunet_contrast.run.seed={self.train_seed}", "-o", plans])
 
     def run_steps(self, run: Run) -> List[Step]:
         record = Step(f"record {run.trainer} {run.fraction} fold {run.fold}", self.record_path(run),
@@ -290,7 +315,7 @@ class Benchmark:
         from nnunet_contrast.commands.benchmark.records import run_record, write_csv
         from nnunet_contrast.nnunet_env import write_json_atomic
 
-        record = run_record(run, self.fold_folder(run), self.preprocessed, self.budget, self.seed, self.device,
+        record = run_record(run, self.fold_folder(run), self.preprocessed, self.budget_of(run), self.seed, self.device,
                             *wall_time(self.run_file("logs", run, "log")))
         self.record_path(run).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.record_path(run), record)
