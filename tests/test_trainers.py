@@ -200,3 +200,21 @@ def test_a_run_without_epochs_is_refused_before_nnunet_writes_anything(hippocamp
                                              "nnunet_contrast.budget.num_epochs"):
         make_trainer("nnUNetTrainerCrossLevel", plans)
     assert not hippocampus.model_folder("nnUNetTrainerCrossLevel", plans).exists()
+
+
+def test_labeled_only_trains_the_same_whatever_the_self_training_and_method_settings(hippocampus):
+    """What lets the benchmark train one LabeledOnly per budget (``runs.Budget.for_baseline``): the settings of
+    the self-training and method sections change nothing it does."""
+    other = make_plans(hippocampus, "nnUNetPlans_lo_ignores", "nnunet_contrast.selftraining.ema_decay=0.5",
+                       "nnunet_contrast.selftraining.warmup_fraction=0.6", "nnunet_contrast.selftraining.mixing=none",
+                       "nnunet_contrast.crosslevel.alpha=7", "nnunet_contrast.pseudolabel.warmup_fraction=0.9")
+    control = make_plans(hippocampus, "nnUNetPlans_lo_reads", "nnunet_contrast.run.seed=5")  # a setting it reads
+    runs = []
+    for plans in (TEST_PLANS, other, control):
+        trainer = ready_trainer("nnUNetTrainerLabeledOnly", plans)
+        trainer.on_train_epoch_start()
+        losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"]) for _ in range(2)]
+        runs.append((losses, {k: v.clone() for k, v in trainer.network.state_dict().items()}))
+    (losses, weights), (other_losses, other_weights), (control_losses, _) = runs
+    assert losses == other_losses and all(torch.equal(weights[k], other_weights[k]) for k in weights)
+    assert control_losses != losses
