@@ -3,13 +3,12 @@
 For every self-training record of a records folder: its setting (the ``--set`` it differs by), the EMA
 teacher right after the warm-up (its first epoch: foreground Dice per class on the validation batches, the
 share of unlabelled training pixels whose pseudo-label it kept), how its confident pixels' Dice moved over
-the stage, the final Dice, and the paired difference to the LabeledOnly of the same plans (same split, fold,
-budget and processor kind), with the share of the gap to ``--upper-bound`` it closes.
+the stage, the final Dice, and the paired difference to the LabeledOnly it pairs with in the report (same split,
+fold, budget and processor kind), with the share of the gap to ``--upper-bound`` it closes.
 
     python benchmarks/teacher_symptoms.py docs/benchmark/hippocampus_weak_teacher_proxy_avx512 --upper-bound 0.8430
 """
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -44,19 +43,24 @@ def row(record: dict, baseline: dict, upper_bound: float) -> str:
 
 
 def main() -> None:
+    from nnunet_contrast.commands.benchmark.records import load_records
+    from nnunet_contrast.commands.benchmark.report import group_records, kind, shared_baseline
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records", type=Path)
     parser.add_argument("--upper-bound", type=float, required=True, help="all labels' Dice on the same fold")
     args = parser.parse_args()
-    records = [json.loads(p.read_text()) for p in sorted(args.records.glob("results/*/*.json"))]
-    baselines = {r["plans"]: r for r in records if r["trainer"] == BASELINE}
     print("| setting | labelled | teacher after the warm-up: Dice per class | pseudo-labels kept, first -> last "
           "epoch | teacher's confident Dice per class, first -> last epoch | LabeledOnly | SelfTraining | difference | "
           "share of the gap | commit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for record in records:
-        if record["trainer"] != BASELINE and record["plans"] in baselines and "teacher_dice" in record["curves"]:
-            print(row(record, baselines[record["plans"]], args.upper_bound))
+    for (digest, _, _), group in sorted(group_records(load_records(args.records)).items()):
+        reported, _ = shared_baseline(group, digest)  # the baseline each run pairs with, as the report's
+        key = lambda r: (r["fraction"], r["fold"], kind(r))  # noqa: E731
+        baselines = {key(r): r for r in reported if r["trainer"] == BASELINE}
+        for record in reported:
+            if record["trainer"] != BASELINE and key(record) in baselines and "teacher_dice" in record["curves"]:
+                print(row(record, baselines[key(record)], args.upper_bound))
 
 
 if __name__ == "__main__":
