@@ -15,7 +15,8 @@ import torch
 from nnunet_contrast.commands.benchmark.records import environment, load_records, seconds_per_iteration
 from nnunet_contrast.commands.benchmark import runs
 from nnunet_contrast.commands.benchmark.report import (by_cell, case_difference, case_rows, complete_mean, delta_table,
-                                              dice_table, first_finetuning_dice, fraction_repeats, group_records, interval_text, write_report)
+                                              dice_table, first_finetuning_dice, fraction_repeats, group_records, interval_text,
+                                              setting_labels, write_report)
 from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
                                             wall_time)
 from nnunet_contrast.commands.cli import main
@@ -325,9 +326,21 @@ def test_the_baseline_trains_once_for_every_self_training_or_method_setting(tmp_
     assert {r["baseline_digest"] for r in records} == {shared.digest}
     assert len({r["budget_digest"] for r in records}) == 3
     report = write_report(tmp_path / "work").read_text()
-    assert report.count("## Budget") == 1  # one baseline, both settings paired with it
-    for value in ("0.9", "0.99"):
-        assert f"| nnUNetTrainerSelfTraining (selftraining.ema_decay={value}) | +" in report
+    assert report.count("## Budget") == 1  # one baseline, both settings paired with it, a row each
+    delta = report.split("Difference to")[1].split("Share of the gap")[0]
+    rows = [line for line in delta.splitlines() if line.startswith("| nnUNetTrainerSelfTraining")]
+    assert len(rows) == 2 and all("| +" in row for row in rows)
+    assert sum("(selftraining.ema_decay=" in row for row in rows) == 1  # the other runs as the first did
+
+
+def test_setting_labels_name_what_a_run_changes_and_skip_what_older_code_did_not_record():
+    runs = [{"settings": {"selftraining": {"threshold": "fixed"}}, "budget_set": []},  # older code: no gate
+            {"settings": {"selftraining": {"threshold": "fixed", "gate": 0.7}},
+             "budget_set": ["nnunet_contrast.budget.num_epochs=3", "nnunet_contrast.selftraining.gate=0.7"]},
+            {"settings": {"selftraining": {"threshold": "self_adaptive", "gate": 0.0}},
+             "budget_set": ["nnunet_contrast.selftraining.threshold=self_adaptive"]}]
+    assert setting_labels(runs) == ["", "selftraining.gate=0.7", "selftraining.threshold=self_adaptive"]
+    assert setting_labels(runs[:1] * 2) == ["", ""]
 
 
 def test_records_from_before_the_shared_baseline_pair_with_it_and_their_baseline_is_a_repeat(tmp_path, msd):

@@ -14,7 +14,7 @@ with several kinds each repeat is named ``f0/K2`` and a by-fold table averages e
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -118,26 +118,28 @@ def method_assignments(record: dict) -> Dict[str, str]:
 
 
 def setting_labels(runs: Sequence[dict]) -> List[str]:
-    """For the runs of one trainer, what tells them apart: the resolved settings that differ (among those
-    every run records; older code records fewer), and the ``--set`` assignments that differ; ``preset`` for
-    a run that differs from the others only by having none of those assignments."""
+    """For the runs of one trainer, what tells them apart: the resolved settings in which a run differs from
+    the value most of them have (among the settings every run records; older code records fewer), and the
+    ``--set`` assignments that not every run has. Runs as most are have no label."""
     resolved, assigned = [compared_settings(r) for r in runs], [method_assignments(r) for r in runs]
     common = set.intersection(*(set(s) for s in resolved))
-    differing = sorted(k for k in common if len({s[k] for s in resolved}) > 1)
-    named = sorted({k for a in assigned for k in a if len({a.get(k) for a in assigned}) > 1} - set(differing))
-    labels = [", ".join([f"{k}={json.loads(s[k])}" for k in differing] + [f"{k}={a[k]}" for k in named if k in a])
-              for s, a in zip(resolved, assigned)]
-    return [label or ("preset" if named else "") for label in labels]
+    usual = {k: Counter(s[k] for s in resolved).most_common(1)[0][0] for k in sorted(common)}
+    named = {k for a in assigned for k in a if len({a.get(k) for a in assigned}) > 1}
+    return [", ".join([f"{k}={json.loads(s[k])}" for k in usual if s[k] != usual[k]] +
+                      [f"{k}={a[k]}" for k in sorted(named - set(usual)) if k in a])
+            for s, a in zip(resolved, assigned)]
 
 
 def with_setting_labels(records: Sequence[dict]) -> List[dict]:
     """Records whose ``trainer`` names, where one trainer ran with several settings, the settings that tell
-    them apart: one row per trainer and setting."""
+    them apart: one row per trainer and setting. Never for the baseline and the recipe: one run per repeat,
+    and the settings that differ are ones they ignore."""
     by_trainer = defaultdict(list)
     for r in records:
         by_trainer[r["trainer"]].append(r)
     return [dict(r, trainer=f"{trainer} ({label})" if label else trainer)
-            for trainer, runs in by_trainer.items() for r, label in zip(runs, setting_labels(runs))]
+            for trainer, runs in by_trainer.items()
+            for r, label in zip(runs, [""] * len(runs) if trainer in (BASELINE, RECIPE) else setting_labels(runs))]
 
 
 def mean_spread(values: Sequence[float], signed: bool = False) -> str:
