@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from nnunet_contrast.commands.benchmark.records import is_term_curve, load_records
-from nnunet_contrast.commands.benchmark.runs import ALL_LABELS, BASELINE, BASELINE_SECTIONS, RECIPE, baseline_reads
+from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, BASELINE_SECTIONS, BASELINE_TRAINERS,
+                                                   baseline_reads)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure
@@ -53,6 +54,11 @@ def kind_names(records: Sequence[dict]) -> Dict[str, str]:
     for r in sorted(records, key=lambda r: r["environment"]["date"]):
         names.setdefault(kind(r), f"K{len(names) + 1}")
     return names if len(names) > 1 else {}
+
+
+def repeat_of(record: dict, names: Dict[str, str]) -> Repeat:
+    """The record's repeat: its fold and the short name of its processor kind (``names``: ``kind_names``)."""
+    return record["fold"], names.get(kind(record), "")
 
 
 def repeat_label(key) -> str:
@@ -96,8 +102,8 @@ def shared_baseline(records: Sequence[dict], digest: str) -> Tuple[List[dict], L
     names, chosen, kept, others = kind_names(records), {}, [], []
     for r in sorted(records, key=lambda r: (bool(r.get("stopped_calls")), r["budget_digest"] != digest,
                                             r["environment"]["date"])):
-        key = (r["trainer"], r["fraction"], r["fold"], names.get(kind(r), ""))
-        if r["trainer"] in (BASELINE, RECIPE) and key in chosen and chosen[key]["budget_digest"] != r["budget_digest"]:
+        key = (r["trainer"], r["fraction"], *repeat_of(r, names))
+        if r["trainer"] in BASELINE_TRAINERS and key in chosen and chosen[key]["budget_digest"] != r["budget_digest"]:
             others.append(r)
         else:
             kept.append(r)
@@ -139,7 +145,7 @@ def with_setting_labels(records: Sequence[dict]) -> List[dict]:
         by_trainer[r["trainer"]].append(r)
     return [dict(r, trainer=f"{trainer} ({label})" if label else trainer)
             for trainer, runs in by_trainer.items()
-            for r, label in zip(runs, [""] * len(runs) if trainer in (BASELINE, RECIPE) else setting_labels(runs))]
+            for r, label in zip(runs, [""] * len(runs) if trainer in BASELINE_TRAINERS else setting_labels(runs))]
 
 
 def mean_spread(values: Sequence[float], signed: bool = False) -> str:
@@ -170,7 +176,7 @@ def by_cell(records: Sequence[dict]) -> Dict[tuple, Dict[Repeat, dict]]:
     names = kind_names(records)
     cells: Dict[tuple, Dict[Repeat, dict]] = defaultdict(dict)
     for r in records:
-        repeat = (r["fold"], names.get(kind(r), ""))
+        repeat = repeat_of(r, names)
         if repeat in cells[(r["trainer"], r["fraction"])]:
             raise UserInputError(f"two records of {r['trainer']} at {r['fraction']}, {repeat_label(repeat)} on "
                                  f"{kind(r)}: report each work folder of one processor kind once")
@@ -356,10 +362,10 @@ def cost_table(records: Sequence[dict]) -> List[str]:
     lines = ["| method | fraction | fold | epochs | wall time (s) | sum of epoch times (s) | s per iteration "
              "(last stage) |", "|---|---|---|---|---|---|---|"]
     names = kind_names(records)
-    for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], r["fold"], names.get(kind(r), ""))):
+    for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], *repeat_of(r, names))):
         wall = "" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"
         wall += f" + {r['stopped_calls']} killed call(s)" if r.get("stopped_calls") else ""
-        repeat = repeat_label((r["fold"], names.get(kind(r), "")))
+        repeat = repeat_label(repeat_of(r, names))
         lines.append(f"| {r['trainer']} | {r['fraction']} | {repeat} | {r['epochs']} | {wall} | "
                      f"{r['training_seconds']:.0f} | {r['seconds_per_iteration']:.3f} |")
     return lines
@@ -464,10 +470,10 @@ def starting_dice_section(records: Sequence[dict]) -> List[str]:
     fine-tuning epoch beside the baseline's after its first epoch, on the same fraction, fold and kind."""
     names, cells, rows = kind_names(records), by_cell(records), []
     for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], r["fold"])):
-        start, repeat = first_finetuning_dice(r), (r["fold"], names.get(kind(r), ""))
+        start, repeat = first_finetuning_dice(r), repeat_of(r, names)
         baseline = cells.get((BASELINE, r["fraction"]), {}).get(repeat)
-        if start and baseline and baseline["curves"]["mean_fg_dice"][0] is not None:
-            base = baseline["curves"]["mean_fg_dice"][0]
+        base = baseline["curves"]["mean_fg_dice"][0] if baseline else None
+        if start and base is not None:
             rows.append(table_row(r["trainer"], [r["fraction"], repeat_label(repeat), str(start[0]), f"{start[1]:.3f}",
                                                  f"{base:.3f}", f"{start[1] - base:+.3f}"]))
     if not rows:
@@ -540,7 +546,7 @@ def baseline_repeats_section(repeated: Sequence[dict], reported: Sequence[dict])
     if not repeated:
         return []
     names = kind_names([*repeated, *reported])
-    key = lambda r: (r["trainer"], r["fraction"], r["fold"], names.get(kind(r), ""))  # noqa: E731
+    key = lambda r: (r["trainer"], r["fraction"], *repeat_of(r, names))  # noqa: E731
     shown = {key(r): r for r in reported}
     rows = [table_row(r["trainer"], [r["fraction"], repeat_label(key(r)[2:]), r["budget_digest"],
                                      f"{r['foreground_dice']:.7f}", f"{shown[key(r)]['foreground_dice']:.7f}"])

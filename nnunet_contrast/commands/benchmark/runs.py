@@ -65,6 +65,7 @@ def normalised_fraction(text: str) -> str:
 
 
 BASELINE_SECTIONS = ("budget", "semisup", "run")  # the sections of our settings that LabeledOnly reads
+BASELINE_TRAINERS = (BASELINE, RECIPE)  # the rows that train in ``Budget.for_baseline()``
 
 
 def baseline_reads(assignment: str) -> bool:
@@ -200,7 +201,7 @@ class Benchmark:
 
     def budget_of(self, run: Run) -> Budget:
         """The baseline's and the recipe's runs train in the budget without the settings they ignore."""
-        return self.budget.for_baseline() if run.trainer in (BASELINE, RECIPE) else self.budget
+        return self.budget.for_baseline() if run.trainer in BASELINE_TRAINERS else self.budget
 
     def plans(self, run: Run) -> str:
         return self.budget_of(run).plans_identifier(run.fraction, self.seed, self.train_seed)
