@@ -42,12 +42,12 @@ def load_plans(name: str, plans_identifier: str = "nnUNetPlans", configuration: 
     """The plans file of a dataset, checked to hold ``configuration``."""
     path = preprocessed_base(name) / f"{plans_identifier}.json"
     if not path.is_file():
-        raise UserInputError(f"plans file {path} not found: run nnUNetv2_plan_and_preprocess -d {name} -c 2d "
+        raise UserInputError(f"plans file {path} not found: run nnUNetv2_plan_and_preprocess -d {name} -c {configuration} "
                              f"(or pass the right -p PLANS_IDENTIFIER)")
     plans = json.loads(path.read_text())
     if configuration not in plans.get("configurations", {}):
         raise UserInputError(f"the plans {path.name} of {name} have no '{configuration}' configuration: "
-                             f"re-plan the dataset with nnUNetv2_plan_and_preprocess -d {name} -c 2d")
+                             f"re-plan the dataset with nnUNetv2_plan_and_preprocess -d {name} -c {configuration}")
     return plans
 
 

@@ -1,6 +1,10 @@
 """Hyperparameters in nnU-Net's idiom: a block ``nnunet_contrast`` inside a configuration of the
 plans file, filled from presets in ``plans/`` (paper defaults) and overridden per plans file.
 
+A preset's ``2d`` block holds the settings of every configuration (a method's hyperparameters do not
+depend on the network's dimension); its block of another configuration (``3d_fullres``) adds what
+differs there, nnU-Net's own keys such as ``batch_size`` included (``preset_configuration``).
+
 Resolution order (later wins): the presets a trainer names (``plans/base.json``, then its
 method's preset), then the ``nnunet_contrast`` block of the configuration the run uses, then what
 a trainer variant fixes. The values live in the presets; their types and allowed ranges live here,
@@ -20,6 +24,7 @@ from nnunet_contrast.losses.supcon_local import FORMS, MODES
 from nnunet_contrast.resources import bundled_dir
 
 SETTINGS_KEY = "nnunet_contrast"
+BASE_CONFIGURATION = "2d"  # presets' settings for every configuration (see preset_configuration)
 FIX_PLANS = "Fix the plans file or regenerate it with 'nnunet-contrast plans'"
 # run.finetune: the method's own last stages, nnU-Net's fine-tuning, or self-training (training/self_training.py)
 FINETUNE_KINDS = ("method", "nnunet", "selftraining")
@@ -239,11 +244,21 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def preset_settings(names: Iterable[str], configuration: str = "2d") -> dict:
+def preset_configuration(preset: dict, configuration: str) -> dict:
+    """What ``preset`` merges into ``configuration`` of a plans file: its ``2d`` block there, and elsewhere
+    the settings of its ``2d`` block updated with its own block of ``configuration`` (if any)."""
+    blocks = preset.get("configurations", {})
+    base = blocks.get(BASE_CONFIGURATION, {})
+    if configuration == BASE_CONFIGURATION:
+        return copy.deepcopy(base)
+    shared = {SETTINGS_KEY: base[SETTINGS_KEY]} if SETTINGS_KEY in base else {}
+    return deep_merge(shared, blocks.get(configuration, {}))
+
+
+def preset_settings(names: Iterable[str], configuration: str = BASE_CONFIGURATION) -> dict:
     settings: dict = {}
     for name in names:
-        block = load_preset(name).get("configurations", {}).get(configuration, {}).get(SETTINGS_KEY, {})
-        settings = deep_merge(settings, block)
+        settings = deep_merge(settings, preset_configuration(load_preset(name), configuration).get(SETTINGS_KEY, {}))
     return settings
 
 
@@ -286,7 +301,7 @@ def build_section(name: str, values: dict):
     return SECTIONS[name](**{k: float(v) if kinds[k] is float else v for k, v in values.items()})
 
 
-def resolve_settings(configuration_dict: dict, presets: Iterable[str], configuration: str = "2d",
+def resolve_settings(configuration_dict: dict, presets: Iterable[str], configuration: str = BASE_CONFIGURATION,
                      method_key: str = "", fixed: Optional[dict] = None) -> Settings:
     """Defaults from ``presets``, overridden by ``configuration_dict[SETTINGS_KEY]`` and then by ``fixed``
     (what a trainer variant fixes). Unknown keys, wrong types or values raise one ValueError naming each.

@@ -112,8 +112,8 @@ def make_plans(hippocampus, name, *settings):
     return name
 
 
-def make_trainer(trainer, plans, fold=0):
-    return get_trainer_from_args("4", "2d", fold, trainer, plans, False, torch.device("cpu"))
+def make_trainer(trainer, plans, fold=0, configuration="2d"):
+    return get_trainer_from_args("4", configuration, fold, trainer, plans, False, torch.device("cpu"))
 
 
 def seed_everything(seed):
@@ -156,10 +156,10 @@ def corrupt_images(folder: Path, cases, backup: Path):
         blosc2.asarray(np.ascontiguousarray(noise), urlpath=str(data_file))
 
 
-def ready_trainer(trainer_name, plans):
+def ready_trainer(trainer_name, plans, configuration="2d"):
     """A trainer with its network (seeded) and data loaders, as nnU-Net's on_train_start builds them."""
     seed_everything(0)
-    trainer = make_trainer(trainer_name, plans)
+    trainer = make_trainer(trainer_name, plans, configuration=configuration)
     trainer.initialize()
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     return trainer
@@ -178,27 +178,40 @@ def stage_terms(trainer, stage_name: str, batch: dict, **given) -> dict:
     return trainer.stage_loss(stage, inputs)[1]
 
 
+def self_training_losses(trainer_name, plans, stage, configuration="2d"):
+    """Every term of ``stage`` on the same batches, all seeds fixed, the teacher a copy of the network."""
+    trainer = ready_trainer(trainer_name, plans, configuration)
+    trainer.start_teacher()
+    seed_everything(1)
+    batch = next(trainer.dataloader_train)
+    with torch.no_grad():
+        return {name: value.item() for name, value in stage_terms(trainer, stage, batch).items()}
+
+
 def split_of_fold0(hippocampus):
     return json.loads((hippocampus.preprocessed / "splits_semisup.json").read_text())["folds"][0]
 
 
-def preprocessed_folders(hippocampus):
-    data, added = hippocampus.preprocessed / "nnUNetPlans_2d", hippocampus.preprocessed / "nnUNetPlans_2d_unlabeled"
+def preprocessed_folders(hippocampus, configuration="2d"):
+    """The configuration's preprocessed training cases, then its added unlabelled ones (name -> folder)."""
+    data = hippocampus.preprocessed / f"nnUNetPlans_{configuration}"
+    added = data.with_name(data.name + "_unlabeled")
     return {data.name: data, added.name: added}
 
 
-def losses_with_hidden_labels_corrupted(hippocampus, backup: Path, losses, hidden_cases, control):
+def losses_with_hidden_labels_corrupted(hippocampus, backup: Path, losses, hidden_cases, control, configuration="2d"):
     """``losses()`` three times: on the sample as it is; with the labels of ``hidden_cases`` (training
     cases) and of the added unlabelled scan overwritten; then after ``control(folder, backup)`` changes
     something that must matter. Everything is restored afterwards. Returns the three results."""
-    folders = preprocessed_folders(hippocampus)
+    folders = preprocessed_folders(hippocampus, configuration)
+    data, added = folders.values()
     reference = losses()
     assert reference == losses()  # deterministic, so equality with it is meaningful
     try:
-        corrupt_labels(folders["nnUNetPlans_2d"], hidden_cases, backup)
-        corrupt_labels(folders["nnUNetPlans_2d_unlabeled"], ["hippocampus_118"], backup)
+        corrupt_labels(data, hidden_cases, backup)
+        corrupt_labels(added, ["hippocampus_118"], backup)
         hidden = losses()
-        control(folders["nnUNetPlans_2d"], backup)
+        control(data, backup)
         changed = losses()
     finally:
         restore(backup, folders)

@@ -5,6 +5,7 @@ leaves behind (split file, plans file, a fold's validation summary, settings and
 with made-up scores, so the logic around the commands is tested, not nnU-Net.
 """
 import csv
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, Bench
 from nnunet_contrast.commands.cli import main
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.data.split import make_split
+from nnunet_contrast.settings import load_preset
 
 TRAINERS = [BASELINE, "nnUNetTrainerCrossLevel"]
 NNUNET_FOLDS = [{"train": [f"case_{i:03d}" for i in range(40) if i % 5 != f], "val": [f"case_{i:03d}" for i in
@@ -302,6 +304,37 @@ def test_budgets_never_share_plans_or_tables(tmp_path, msd):
     assert len(records) == 4 and len(group_records(records)) == 2
     report = write_report(tmp_path / "work").read_text()
     assert report.count("## Budget") == 2
+
+
+def test_a_3d_benchmark_on_resenc_plans_prepares_and_trains_its_own_configuration(tmp_path, msd):
+    budget = Budget("benchmark_cpu", ("nnunet_contrast.selftraining.ema_decay=0.99",), "3d_fullres",
+                    "nnUNetResEncUNetMPlans")
+    benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerSelfTraining"], fractions=["0.05"], folds=[0],
+                               budget=budget, upper_bound=False)
+    runner = FakeRunner(benchmark)
+    execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+    by_tool = {(c[0] if c[0] != "nnunet-contrast" else c[1]): c for c in runner.commands}
+    assert "-pl nnUNetPlannerResEncM -c 3d_fullres" in " ".join(by_tool["nnUNetv2_plan_and_preprocess"])
+    for tool in ("add-unlabeled", "plans"):
+        assert "-p nnUNetResEncUNetMPlans -c 3d_fullres" in " ".join(by_tool[tool]), tool
+    assert all(c[2] == "3d_fullres" for c in train_commands(runner.commands)) and len(train_commands(runner.commands)) == 2
+    assert benchmark.fold_folder(Run(BASELINE, "0.05", 0)).parent.name.endswith("__3d_fullres")
+    records = load_records(benchmark.workdir)
+    assert {(r["configuration"], r["source_plans"]) for r in records} == {("3d_fullres", "nnUNetResEncUNetMPlans")}
+    assert "3d_fullres of nnUNetResEncUNetMPlans" in write_report(benchmark.workdir).read_text()
+    # its own plans files and digests; nnU-Net's defaults keep the digest of before (old records pair by it)
+    digests = {b.digest for b in (budget.for_baseline(), Budget("benchmark_cpu"),
+                                  Budget("benchmark_cpu", (), "3d_fullres"), Budget("benchmark_cpu", (), "2d", "x"))}
+    assert len(digests) == 4
+    before = {"preset": load_preset("benchmark_cpu"), "set": []}
+    assert Budget("benchmark_cpu").digest == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def test_msd_benchmarks_plan_with_the_planners_they_know(tmp_path, msd, capsys):
+    work = tmp_path / "work"
+    code = main(["benchmark", "--workdir", str(work), "--msd", str(msd), "-p", "MyPlans"])
+    error = capsys.readouterr().err
+    assert code == 2 and "--plans MyPlans: with --msd the plans are one of nnUNetPlans" in error and not work.exists()
 
 
 def test_the_baseline_trains_once_for_every_self_training_or_method_setting(tmp_path, msd):
@@ -627,8 +660,14 @@ def test_a_planned_dataset_trains_in_the_users_nnunet_folders(tmp_path, monkeypa
     raw.mkdir(parents=True)
     preprocessed = tmp_path / "nnUNet_preprocessed" / "Dataset027_Prostate"
     preprocessed.mkdir(parents=True)
-    with pytest.raises(UserInputError, match="has no preprocessed 2d configuration: run nnUNetv2_plan_and_preprocess"):
+    with pytest.raises(UserInputError, match="has no preprocessed 2d configuration in nnUNetPlans.json: run "
+                                             "nnUNetv2_plan_and_preprocess -d 27 -c 2d first"):
         Benchmark(tmp_path / "work", None, [BASELINE], existing_dataset="27")
+    resenc = Budget("benchmark_cpu", (), "3d_fullres", "nnUNetResEncUNetMPlans")
+    with pytest.raises(UserInputError, match="no preprocessed 3d_fullres configuration in nnUNetResEncUNetMPlans.json: "
+                                             "run nnUNetv2_plan_and_preprocess -d 27 -pl nnUNetPlannerResEncM -c "
+                                             "3d_fullres first"):
+        Benchmark(tmp_path / "work", None, [BASELINE], budget=resenc, existing_dataset="27")
     (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"data_identifier": "d2"}}}))
     (preprocessed / "d2").mkdir()
     (preprocessed / "splits_final.json").write_text(json.dumps(NNUNET_FOLDS))

@@ -15,7 +15,7 @@ from nnunet_contrast.commands.plans import build_plans, parse_assignment
 from nnunet_contrast.resources import bundled_dir
 from nnunet_contrast.data.split import SPLIT_FORMAT, fold_split, make_split, parse_labeled
 from nnunet_contrast.data.unlabeled import group_channel_files
-from nnunet_contrast.settings import resolve_settings
+from nnunet_contrast.settings import preset_configuration, resolve_settings
 from nnunet_contrast.network.taps import (bottleneck_features, decoder_channels, encoder_channels,
                                   forward_with_decoder_features, tap_decoder_stage)
 
@@ -201,6 +201,29 @@ def test_build_plans_merges_presets_and_assignments():
     assert config["nnunet_contrast"]["supconlocal"] == {**preset["nnunet_contrast"]["supconlocal"], "stride": 2,
                                                         "local_mode": "stride"}
     assert plans["configurations"]["3d_fullres"] == {"batch_size": 9}
+
+
+def test_build_plans_for_3d_fullres_takes_the_presets_settings_but_not_their_2d_keys():
+    plans = build_plans(fake_plans(), ["cpu_budget"], ["nnunet_contrast.selftraining.ema_decay=0.99", "batch_size=2"],
+                        "P", "3d_fullres")
+    preset = json.loads((bundled_dir("plans") / "cpu_budget.json").read_text())["configurations"]["2d"]
+    assert plans["configurations"]["2d"] == fake_plans()["configurations"]["2d"]
+    config = plans["configurations"]["3d_fullres"]
+    assert config["batch_size"] == 2 and "patch_size" not in config  # nnU-Net's 2d keys stay in 2d
+    assert config["nnunet_contrast"]["budget"] == preset["nnunet_contrast"]["budget"]
+    assert config["nnunet_contrast"]["selftraining"] == {"ema_decay": 0.99}
+
+
+def test_a_presets_block_of_another_configuration_adds_to_its_2d_settings():
+    preset = {"configurations": {"2d": {"batch_size": 16, "nnunet_contrast": {"budget": {"num_epochs": 5,
+                                                                                          "save_every": 1}}},
+                                 "3d_fullres": {"batch_size": 9, "nnunet_contrast": {"budget": {"num_epochs": 3}}}}}
+    assert preset_configuration(preset, "2d") == preset["configurations"]["2d"]
+    assert preset_configuration(preset, "3d_fullres") == {"batch_size": 9, "nnunet_contrast": {
+        "budget": {"num_epochs": 3, "save_every": 1}}}
+    assert preset_configuration(preset, "3d_lowres") == {"nnunet_contrast": {"budget": {"num_epochs": 5,
+                                                                                        "save_every": 1}}}
+    assert preset_configuration({"configurations": {}}, "3d_fullres") == {}
 
 
 def test_build_plans_rejects_bad_settings():

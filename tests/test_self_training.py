@@ -192,7 +192,7 @@ def test_masked_loss_refuses_labels_of_another_shape():
 # --------------------------------------------------------------------------------------------------
 def test_fixed_boxes_have_their_size_and_stay_inside():
     torch.manual_seed(0)
-    boxes = fixed_boxes(50, 9, 6, 2 / 3, torch.device("cpu"))
+    boxes = fixed_boxes(50, (9, 6), 2 / 3, torch.device("cpu"))
     for box in boxes:
         rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
         assert (len(rows), len(cols)) == (6, 4) and box.sum() == 24
@@ -201,18 +201,49 @@ def test_fixed_boxes_have_their_size_and_stay_inside():
 
 def test_cutmix_boxes_are_boxes_of_the_sampled_areas_half_the_time():
     torch.manual_seed(0)
-    boxes = cutmix_boxes(400, 40, 40, torch.device("cpu"))
+    boxes = cutmix_boxes(400, (40, 40), torch.device("cpu"))
     areas = boxes.flatten(1).sum(1).float() / 1600
     mixed = areas > 0
     assert 0.4 < mixed.float().mean() < 0.6
     assert areas[mixed].min() >= 0.005 and areas[mixed].max() <= 0.45
 
 
-def mixing_inputs():
+def one_box_each(boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's box sides (n, d), checked to be one box: its pixels are the product of its extents."""
+    sides = []
+    for box in boxes:
+        dims = box.ndim
+        extents = [box.any(dim=tuple(d for d in range(dims) if d != axis)).nonzero().flatten() for axis in range(dims)]
+        side = [len(e) for e in extents]
+        assert all(e.max() - e.min() + 1 == n for e, n in zip(extents, side))  # contiguous along each axis
+        assert box.sum() == torch.tensor(side).prod()
+        sides.append(side)
+    return torch.tensor(sides)
+
+
+def test_fixed_boxes_in_3d_are_cuboids_of_their_size():
+    torch.manual_seed(0)
+    sides = one_box_each(fixed_boxes(30, (9, 12, 6), 2 / 3, torch.device("cpu")))
+    assert (sides == torch.tensor([6, 8, 4])).all()
+
+
+def test_cutmix_boxes_in_3d_are_cuboids_of_the_sampled_volumes_and_ratios():
+    torch.manual_seed(0)
+    boxes = cutmix_boxes(300, (40, 56, 40), torch.device("cpu"))
+    mixed = boxes.flatten(1).any(1)
+    assert 0.4 < mixed.float().mean() < 0.6
+    sides = one_box_each(boxes[mixed]).float()
+    shares = sides.prod(1) / (40 * 56 * 40)
+    assert shares.min() >= 0.015 and shares.max() <= 0.42
+    ratios = sides[:, :2] / sides[:, 2:]  # each side to the last axis's, log-uniform in (0.3, 1/0.3) before rounding
+    assert ratios.min() > 0.25 and ratios.max() < 4 and ratios.min() < 0.5 and ratios.max() > 2
+
+
+def mixing_inputs(spatial=(12, 9)):
     g = torch.Generator().manual_seed(0)
-    labeled, unlabeled = torch.rand(3, 2, 12, 9, generator=g), torch.rand(2, 2, 12, 9, generator=g) + 10
-    true_labels = torch.randint(0, 3, (3, 12, 9), generator=g)
-    pseudo = torch.randint(0, 3, (2, 12, 9), generator=g) + 100  # marks pixels that came from unlabelled images
+    labeled, unlabeled = torch.rand(3, 2, *spatial, generator=g), torch.rand(2, 2, *spatial, generator=g) + 10
+    true_labels = torch.randint(0, 3, (3, *spatial), generator=g)
+    pseudo = torch.randint(0, 3, (2, *spatial), generator=g) + 100  # marks pixels that came from unlabelled images
     return labeled, true_labels, unlabeled, pseudo
 
 
@@ -232,8 +263,9 @@ def test_no_mixing_is_the_batch_with_stronger_unlabelled_images():
     assert torch.equal(strong.images[:3], labeled) and not torch.equal(strong.images[3:], unlabeled)
 
 
-def test_copy_paste_keeps_each_pixels_source_and_target():
-    labeled, true_labels, unlabeled, pseudo = mixing_inputs()
+@pytest.mark.parametrize("spatial, box_pixels", [((12, 9), 8 * 6), ((6, 12, 9), 4 * 8 * 6)])
+def test_copy_paste_keeps_each_pixels_source_and_target(spatial, box_pixels):
+    labeled, true_labels, unlabeled, pseudo = mixing_inputs(spatial)
     torch.manual_seed(1)
     batch = mix(labeled, true_labels, unlabeled, pseudo, "copypaste", 2 / 3, strong_intensity=False)
     came_from_unlabeled = batch.images[:, 0] >= 10
@@ -241,7 +273,7 @@ def test_copy_paste_keeps_each_pixels_source_and_target():
     assert torch.equal(batch.labels >= 100, came_from_unlabeled)  # and so is its target
     for i, image in enumerate(batch.images):
         box = came_from_unlabeled[i] if i < 3 else ~came_from_unlabeled[i]
-        assert box.sum() == 8 * 6  # a 2/3 box of the other kind of image in every image
+        assert box.sum() == box_pixels  # a 2/3 box of the other kind of image in every image
         own = labeled[i] if i < 3 else unlabeled[i - 3]
         partner = unlabeled[i % 2] if i < 3 else labeled[(i - 3) % 3]
         assert torch.equal(image[:, ~box], own[:, ~box]) and torch.equal(image[:, box], partner[:, box])
@@ -251,11 +283,13 @@ def test_copy_paste_keeps_each_pixels_source_and_target():
         assert torch.equal(batch.labels[i][box], partner_labels[box])
 
 
-def test_cutmix_mixes_unlabelled_images_only():
-    labeled, true_labels, unlabeled, pseudo = mixing_inputs()
+@pytest.mark.parametrize("spatial", [(12, 9), (6, 12, 9)])
+def test_cutmix_mixes_unlabelled_images_only(spatial):
+    labeled, true_labels, unlabeled, pseudo = mixing_inputs(spatial)
     torch.manual_seed(2)
     batch = mix(labeled, true_labels, unlabeled, pseudo, "cutmix", 0.5, strong_intensity=False)
     assert torch.equal(batch.images[:3], labeled) and torch.equal(batch.labels[:3], true_labels)
+    assert not torch.equal(batch.images[3:], unlabeled)  # a box was pasted
     for u in range(2):
         pasted = batch.images[3 + u, 0] != unlabeled[u, 0]
         partner = (u - 1) % 2

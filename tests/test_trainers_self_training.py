@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import (TEST_PLANS, corrupt_images, corrupt_labels, losses_with_hidden_labels_corrupted, make_plans,
-                      make_trainer, ready_trainer, seed_everything, split_of_fold0, stage_terms)
+                      make_trainer, ready_trainer, seed_everything, self_training_losses, split_of_fold0, stage_terms)
 from nnunet_contrast.data.batch import Batch
 from nnunet_contrast.losses.masked_segmentation import EXCLUDED
 from nnunet_contrast.training.teaching import CASE_RELIABILITY_FILE
@@ -41,16 +41,6 @@ def every_pixel_plans(hippocampus):
     """Every pseudo-label kept (threshold 0), so that the pseudo-label term reads every unlabelled pixel."""
     return make_plans(hippocampus, "nnUNetPlans_selftrain_all", "nnunet_contrast.selftraining.confidence_threshold=0",
                       "nnunet_contrast.pseudolabel.labeller=teacher")
-
-
-def self_training_losses(trainer_name, plans, stage):
-    """Every term of ``stage`` on the same batches, all seeds fixed, the teacher a copy of the network."""
-    trainer = ready_trainer(trainer_name, plans)
-    trainer.start_teacher()
-    seed_everything(1)
-    batch = next(trainer.dataloader_train)
-    with torch.no_grad():
-        return {name: value.item() for name, value in stage_terms(trainer, stage, batch).items()}
 
 
 @pytest.mark.parametrize("trainer", list(SELF_TRAINED))

@@ -34,8 +34,9 @@ def cmd_add_unlabeled(args) -> None:
     from nnunet_contrast.data.unlabeled import add_unlabeled_images
 
     name = dataset_name(args.dataset)
-    cases = add_unlabeled_images(name, Path(args.input), args.plans)
-    print(f"added {len(cases)} unlabelled case(s) to {name}: {', '.join(cases)}")
+    for configuration in args.configurations:
+        cases = add_unlabeled_images(name, Path(args.input), args.plans, configuration)
+        print(f"added {len(cases)} unlabelled case(s) to {name} ({configuration}): {', '.join(cases)}")
 
 
 def cmd_plans(args) -> None:
@@ -43,8 +44,9 @@ def cmd_plans(args) -> None:
     from nnunet_contrast.commands.plans import write_plans
 
     path = write_plans(dataset_name(args.dataset), args.preset or [], args.set or [], args.output, args.plans,
-                       force=args.force)
-    print(f"wrote {path}; train with: nnUNetv2_train {args.dataset} 2d FOLD -tr TRAINER -p {args.output}")
+                       args.configuration, force=args.force)
+    print(f"wrote {path}; train with: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr TRAINER "
+          f"-p {args.output}")
 
 
 def project_trainers() -> List[str]:
@@ -109,8 +111,9 @@ def cmd_benchmark(args) -> None:
     check_assignments(args.set)
     if args.msd and not Path(args.msd).is_dir():
         raise UserInputError(f"--msd {args.msd} is not a folder: pass an MSD task folder, e.g. Task04_Hippocampus")
+    budget = runs.Budget(args.budget, tuple(args.set or []), args.configuration, args.plans)
     benchmark = runs.Benchmark(Path(args.workdir), Path(args.msd) if args.msd else None, trainers, args.fractions,
-                               args.folds, runs.Budget(args.budget, tuple(args.set or [])), args.seed, args.device,
+                               args.folds, budget, args.seed, args.device,
                                upper_bound=not args.no_upper_bound, train_seed=args.train_seed,
                                existing_dataset=args.dataset, with_recipe=args.recipe)
     if args.dry_run:
@@ -148,7 +151,8 @@ def cmd_embed(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunet_contrast.commands.benchmark.runs import BASELINE, DEFAULT_BUDGET, DEFAULT_FRACTIONS
+    from nnunet_contrast.commands.benchmark.runs import (BASELINE, DEFAULT_BUDGET, DEFAULT_CONFIGURATION, DEFAULT_FRACTIONS,
+                                                         DEFAULT_PLANS, PLANNERS)
     from nnunet_contrast.settings import all_preset_names
 
     parser = argparse.ArgumentParser(prog="nnunet-contrast", description=__doc__)
@@ -169,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-i", "--input", required=True, help="folder of CASE_XXXX<file_ending> images, as nnU-Net names them")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-c", "--configurations", nargs="+", default=["2d"], metavar="CONFIGURATION",
+                   help="configurations to preprocess them for, as for nnUNetv2_preprocess (default 2d; e.g. 2d "
+                        "3d_fullres)")
     p.set_defaults(func=cmd_add_unlabeled)
 
     p = sub.add_parser("plans", help="write a copy of the plans with presets and settings merged in")
@@ -176,9 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append", choices=all_preset_names(),
                    help="preset from plans/ to merge (repeatable, applied in order)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="setting inside configurations.2d, e.g. nnunet_contrast.supconlocal.stride=2 or batch_size=16")
+                   help="setting inside the configuration, e.g. nnunet_contrast.supconlocal.stride=2 or batch_size=16")
     p.add_argument("-o", "--output", required=True, help="new plans identifier, e.g. nnUNetPlans_cpu")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier, e.g. nnUNetResEncUNetMPlans "
+                                                                "(default nnUNetPlans)")
+    p.add_argument("-c", "--configuration", default="2d",
+                   help="configuration the presets and --set go into, as nnU-Net names it (default 2d; e.g. "
+                        "3d_fullres); the others are copied as they are")
     p.add_argument("--force", action="store_true", help="replace an existing, different plans file of that name")
     p.set_defaults(func=cmd_plans)
 
@@ -205,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", type=int, default=[0], help="nnU-Net folds (default 0)")
     p.add_argument("--trainers", nargs="+", help="default: every trainer of this project")
     p.add_argument("--budget", default=DEFAULT_BUDGET, help=f"preset of plans/ (default {DEFAULT_BUDGET})")
+    p.add_argument("-c", "--configuration", default=DEFAULT_CONFIGURATION,
+                   help=f"nnU-Net's configuration the runs train (default {DEFAULT_CONFIGURATION}; e.g. 3d_fullres)")
+    p.add_argument("-p", "--plans", default=DEFAULT_PLANS,
+                   help=f"nnU-Net's plans identifier the runs start from (default {DEFAULT_PLANS}; e.g. "
+                        f"nnUNetResEncUNetMPlans; with --msd one of {', '.join(PLANNERS)}, planned here)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="budget settings after the preset")
     p.add_argument("--seed", type=int, default=0, help="seed of the labelled/unlabelled split (default 0)")
     p.add_argument("--train-seed", type=int, default=0,

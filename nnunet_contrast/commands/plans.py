@@ -6,7 +6,8 @@ from typing import Iterable, List
 
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import load_plans, preprocessed_base, write_json_atomic
-from nnunet_contrast.settings import SETTINGS_KEY, all_preset_names, deep_merge, load_preset, resolve_settings
+from nnunet_contrast.settings import (SETTINGS_KEY, all_preset_names, deep_merge, load_preset, preset_configuration,
+                                      resolve_settings)
 
 
 def parse_assignment(text: str) -> dict:
@@ -28,7 +29,8 @@ def build_plans(plans: dict, presets: Iterable[str], assignments: Iterable[str],
     """``plans`` with each preset and then each ``--set`` merged into ``configuration``."""
     result = copy.deepcopy(plans)
     for name in presets:
-        result = deep_merge(result, load_preset(name))
+        result = deep_merge(result, {"configurations": {configuration: preset_configuration(load_preset(name),
+                                                                                            configuration)}})
     for text in assignments:
         assignment = parse_assignment(text)
         key = next(iter(assignment))

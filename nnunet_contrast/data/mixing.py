@@ -6,7 +6,7 @@ them with further intensity perturbation and, by setting:
 * ``none``: as they are;
 * ``cutmix`` (Yun et al. 2019, as UniMatch for medical images): with probability 0.5 a box of
   another unlabelled image of the batch is pasted in, box area ~ U(0.02, 0.4) of the patch, aspect
-  ratio ~ U(0.3, 1/0.3);
+  ratio ~ U(0.3, 1/0.3) (in 3D: the box's volume and two such ratios, see ``cutmix_boxes``);
 * ``copypaste`` (bidirectional copy-paste, Bai et al. 2023, BCP): a box of ``box_fraction`` of each
   side is pasted from an unlabelled image into each labelled one, and from a labelled image into
   each unlabelled one, at a random position.
@@ -19,6 +19,7 @@ Before the teacher starts, ``labeled_copy_paste`` is BCP's supervised warm-up (B
 into each labelled image, with its labels.
 """
 import math
+from typing import Sequence
 
 import torch
 
@@ -30,39 +31,47 @@ WARMUP_MIXINGS = ("none", "copypaste")  # the warm-up's mixing of labelled image
 CUTMIX_PROBABILITY, CUTMIX_AREA, CUTMIX_ASPECT = 0.5, (0.02, 0.4), (0.3, 1 / 0.3)
 
 
-def box_masks(n: int, height: int, width: int, box_h: torch.Tensor, box_w: torch.Tensor,
-              device: torch.device) -> torch.Tensor:
-    """(n, H, W) bool: one box per image, of ``box_h`` x ``box_w`` pixels (n,) at a random position inside."""
-    top = (torch.rand(n, device=device) * (height - box_h + 1)).floor()
-    left = (torch.rand(n, device=device) * (width - box_w + 1)).floor()
-    rows = torch.arange(height, device=device)[None, :, None]
-    cols = torch.arange(width, device=device)[None, None, :]
-    inside_rows = (rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
-    inside_cols = (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None])
-    return inside_rows & inside_cols
+def box_masks(n: int, shape: Sequence[int], sides: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(n, *shape) bool: one box per image, of ``sides`` (n, d) pixels along each of the d axes of ``shape``, at a
+    random position inside."""
+    inside = torch.ones((n,) + (1,) * len(shape), dtype=torch.bool, device=device)
+    for axis, length in enumerate(shape):
+        side = sides[:, axis]
+        start = (torch.rand(n, device=device) * (length - side + 1)).floor()
+        positions = torch.arange(length, device=device).view((1,) + (1,) * axis + (length,) + (1,) * (len(shape) - axis - 1))
+        reshaped = (-1,) + (1,) * len(shape)
+        inside = inside & (positions >= start.view(reshaped)) & (positions < (start + side).view(reshaped))
+    return inside
 
 
-def fixed_boxes(n: int, height: int, width: int, side_fraction: float, device: torch.device) -> torch.Tensor:
-    """(n, H, W) bool: boxes of ``side_fraction`` of each side (BCP: 2/3), at random positions."""
-    box_h = torch.full((n,), float(int(height * side_fraction)), device=device)
-    box_w = torch.full((n,), float(int(width * side_fraction)), device=device)
-    return box_masks(n, height, width, box_h, box_w, device)
+def fixed_boxes(n: int, shape: Sequence[int], side_fraction: float, device: torch.device) -> torch.Tensor:
+    """(n, *shape) bool: boxes of ``side_fraction`` of each side (BCP: 2/3, in 2D and 3D), at random positions."""
+    sides = torch.tensor([float(int(length * side_fraction)) for length in shape], device=device).expand(n, -1)
+    return box_masks(n, shape, sides, device)
 
 
-def cutmix_boxes(n: int, height: int, width: int, device: torch.device) -> torch.Tensor:
-    """(n, H, W) bool: with probability ``CUTMIX_PROBABILITY`` a box of random area and aspect ratio, else none."""
-    area = torch.empty(n, device=device).uniform_(*CUTMIX_AREA) * height * width
-    log_aspect = torch.empty(n, device=device).uniform_(math.log(CUTMIX_ASPECT[0]), math.log(CUTMIX_ASPECT[1]))
-    aspect = log_aspect.exp()  # height / width of the box
-    box_h = (area * aspect).sqrt().round().clamp(1, height)
-    box_w = (area / aspect).sqrt().round().clamp(1, width)
-    boxes = box_masks(n, height, width, box_h, box_w, device)
-    return boxes & (torch.rand(n, device=device) < CUTMIX_PROBABILITY)[:, None, None]
+def cutmix_boxes(n: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(n, *shape) bool: with probability ``CUTMIX_PROBABILITY`` a box of random size and shape, else none.
+
+    The box fills a share ~ U(``CUTMIX_AREA``) of the patch; the ratio of each side to the last axis's side is
+    log-uniform in ``CUTMIX_ASPECT`` (in 2D: CutMix's aspect ratio height / width; in 3D two such ratios)."""
+    volume = torch.empty(n, device=device).uniform_(*CUTMIX_AREA)
+    for length in shape:
+        volume = volume * length  # in pixels
+    dims = len(shape)
+    log_aspects = torch.empty(n, dims - 1, device=device).uniform_(math.log(CUTMIX_ASPECT[0]),
+                                                                    math.log(CUTMIX_ASPECT[1]))
+    log_ratios = torch.cat([log_aspects, torch.zeros(n, 1, device=device)], 1)
+    log_ratios = log_ratios - log_ratios.mean(1, keepdim=True)  # sides of product ``volume``
+    sides = (volume.log()[:, None] / dims + log_ratios).exp().round()
+    sides = torch.minimum(sides.clamp(min=1), torch.tensor(shape, dtype=sides.dtype, device=device))
+    boxes = box_masks(n, shape, sides, device)
+    return boxes & (torch.rand(n, device=device) < CUTMIX_PROBABILITY).view((-1,) + (1,) * dims)
 
 
 def paste(base: torch.Tensor, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """``source`` inside the boxes (n, H, W), ``base`` elsewhere; images (n, C, H, W) or labels (n, H, W)."""
-    return torch.where(boxes[:, None] if base.ndim == 4 else boxes, source, base)
+    """``source`` inside the boxes (n, *spatial), ``base`` elsewhere; images (n, C, *spatial) or labels (n, *spatial)."""
+    return torch.where(boxes[:, None] if base.ndim == boxes.ndim + 1 else boxes, source, base)
 
 
 def labeled_copy_paste(batch: Batch, box_fraction: float) -> Batch:
@@ -73,7 +82,7 @@ def labeled_copy_paste(batch: Batch, box_fraction: float) -> Batch:
         raise ValueError("labeled_copy_paste mixes labelled images only")
     n, device = len(batch.images), batch.images.device
     partner = torch.roll(torch.arange(n, device=device), -1)
-    boxes = fixed_boxes(n, *batch.images.shape[-2:], box_fraction, device)
+    boxes = fixed_boxes(n, batch.images.shape[2:], box_fraction, device)
     return Batch(paste(batch.images, batch.images[partner], boxes), paste(batch.labels, batch.labels[partner], boxes),
                  paste(batch.true, batch.true[partner], boxes), n)
 
@@ -90,11 +99,11 @@ def student_batch(batch: Batch, mixing: str, box_fraction: float, strong_intensi
     n_l, n_u = len(labeled), len(unlabeled)
     if mixing == "cutmix":
         partner = torch.roll(torch.arange(n_u, device=unlabeled.device), 1)  # another image of the batch
-        boxes = cutmix_boxes(n_u, *unlabeled.shape[-2:], unlabeled.device)
+        boxes = cutmix_boxes(n_u, unlabeled.shape[2:], unlabeled.device)
         strong, pseudo_labels = paste(strong, strong[partner], boxes), paste(pseudo_labels, pseudo_labels[partner], boxes)
     elif mixing == "copypaste":
-        into_l = fixed_boxes(n_l, *labeled.shape[-2:], box_fraction, labeled.device)  # unlabelled content
-        into_u = fixed_boxes(n_u, *labeled.shape[-2:], box_fraction, labeled.device)  # labelled content
+        into_l = fixed_boxes(n_l, labeled.shape[2:], box_fraction, labeled.device)  # unlabelled content
+        into_u = fixed_boxes(n_u, labeled.shape[2:], box_fraction, labeled.device)  # labelled content
         u_of_l, l_of_u = (torch.arange(n_l, device=labeled.device) % n_u,
                           torch.arange(n_u, device=labeled.device) % n_l)
         # both directions from the unmixed images

@@ -2,7 +2,7 @@
 optional training seed."""
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -33,6 +33,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
       what differs, as for nnU-Net's own variants), e.g. ``{"pseudolabel": {"matching": "inter"}}``.
     * ``uses_unlabeled``: reads images of unlabelled cases (datasets with an ignore label are refused).
     * ``requires_unlabeled``: fail at start when the unlabelled pool is empty.
+    * ``spatial_dims``: the network dimensions the method has a form for (docs/methods.md); other
+      configurations are refused at start.
     * The budget (epochs, iterations, checkpoint interval) comes from the settings; ``run.seed`` >= 0
       seeds the run (``seed_run``).
     """
@@ -42,6 +44,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     variant_settings: dict = {}
     uses_unlabeled = True
     requires_unlabeled = False
+    spatial_dims: Tuple[int, ...] = (2,)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -67,10 +70,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """One-line errors for what this trainer cannot train; returns the resolved settings."""
         name = cls.__name__
         config = plans_manager.get_configuration(configuration)
-        if len(config.patch_size) != 2:
-            raise UserInputError(f"{name} trains 2D networks only, but configuration '{configuration}' is "
-                                 f"{len(config.patch_size)}D: train the 2d configuration "
-                                 f"(nnUNetv2_train DATASET 2d FOLD -tr {name})")
+        if config.previous_stage_name is not None:
+            raise UserInputError(f"{name} does not train nnU-Net's cascade ('{configuration}' needs the predictions of "
+                                 f"'{config.previous_stage_name}'): train 3d_fullres (nnUNetv2_train DATASET "
+                                 f"3d_fullres FOLD -tr {name})")
+        if len(config.patch_size) not in cls.spatial_dims:
+            raise UserInputError(f"{name} has no {len(config.patch_size)}D form yet, and '{configuration}' is "
+                                 f"{len(config.patch_size)}D: train the 2d configuration (nnUNetv2_train DATASET 2d "
+                                 f"FOLD -tr {name})")
         if cls.uses_unlabeled and plans_manager.get_label_manager(dataset_json).has_ignore_label:
             # nnU-Net's loader picks crops from the annotated area of an image when an ignore label
             # exists, which for unlabelled cases would mean reading their hidden labels

@@ -67,7 +67,7 @@ class MaintainersRecipe:
         return f"Dataset{self.dataset_id(run):03d}_{self.benchmark.dataset.split('_', 1)[1]}Recipe"
 
     def fold_folder(self, run) -> Path:
-        return (self.root / "nnUNet_results" / self.dataset_name(run) / f"{BASELINE}__{self.benchmark.plans(run)}__2d"
+        return (self.root / "nnUNet_results" / self.dataset_name(run) / f"{BASELINE}__{self.benchmark.plans(run)}__{self.benchmark.configuration}"
                 / "fold_0")
 
     # -- what to do -------------------------------------------------------------------------------
@@ -81,18 +81,18 @@ class MaintainersRecipe:
                  action=lambda: self.collect_images(run)),
             Step(f"recipe {run.fraction} fold {run.fold}: predict them", work / "predicted.done",
                  ["nnUNetv2_predict", "-i", str(work / "images"), "-o", str(work / "predictions"), "-d",
-                  b.dataset_id, "-c", "2d", "-tr", BASELINE, "-p", plans, "-f", str(run.fold), "-device",
+                  b.dataset_id, "-c", b.configuration, "-tr", BASELINE, "-p", plans, "-f", str(run.fold), "-device",
                   b.device, "-npp", "1", "-nps", "1"], stamp=True, log=work / "predict.log",
                  before=lambda: self.require(model / "checkpoint_final.pth")),
             Step(f"recipe {run.fraction} fold {run.fold}: dataset {self.dataset_name(run)}",
                  self.root / "nnUNet_preprocessed" / self.dataset_name(run) / f"{plans}.json",
                  action=lambda: self.build_dataset(run)),
             Step(f"recipe {run.fraction} fold {run.fold}: preprocess", work / "preprocessed.done",
-                 ["nnUNetv2_preprocess", "-d", new_id, "-plans_name", plans, "-c", "2d", "-np", "2"], stamp=True,
+                 ["nnUNetv2_preprocess", "-d", new_id, "-plans_name", plans, "-c", b.configuration, "-np", "2"], stamp=True,
                  log=work / "preprocess.log", env=env_of_recipe),
             Step(f"train {RECIPE} {run.fraction} fold {run.fold}", self.fold_folder(run) / "validation" /
                  "summary.json",
-                 ["nnUNetv2_train", new_id, "2d", "0", "-tr", BASELINE, "-p", plans, "-device", b.device],
+                 ["nnUNetv2_train", new_id, b.configuration, "0", "-tr", BASELINE, "-p", plans, "-device", b.device],
                  resume_if=(self.fold_folder(run) / "checkpoint_latest.pth",
                             self.fold_folder(run) / "checkpoint_final.pth"),
                  log=b.run_file("logs", run, "log"), env=env_of_recipe),

@@ -68,6 +68,7 @@ def run_record(run, fold_folder: Path, preprocessed: Path, budget, seed: int, de
         "trainer": run.trainer, "fraction": run.fraction, "fold": run.fold, "upper_bound": run.is_upper_bound,
         "plans": fold_folder.parent.name.split("__")[1], "budget_preset": budget.preset,  # TRAINER__PLANS__2d
         "budget_set": list(budget.assignments), "budget_digest": budget.digest, "split_seed": seed,
+        "configuration": budget.configuration, "source_plans": budget.source_plans,
         "baseline_digest": budget.for_baseline().digest,  # the budget of the LabeledOnly it pairs with
         "train_seed": settings["run"]["seed"],  # -1: unseeded
         "split_file": settings["semisup"]["split_file"], "device": device,

@@ -500,6 +500,11 @@ def case_section(records: Sequence[dict]) -> List[str]:
             *(table_row(trainer, cell_text) for trainer, cell_text in rows), ""]
 
 
+def where_trained(record: dict) -> str:
+    """nnU-Net's configuration and plans of a run (records before they were kept: 2d, nnUNetPlans)."""
+    return f"{record.get('configuration', '2d')} of {record.get('source_plans', 'nnUNetPlans')}"
+
+
 def section(group: Sequence[dict], digest: str, folder: Path) -> List[str]:
     """The section of one baseline: its runs and every method run that pairs with it, whatever settings of
     its own each method run adds (a row per trainer and setting)."""
@@ -522,7 +527,7 @@ def section(group: Sequence[dict], digest: str, folder: Path) -> List[str]:
     commits = sorted({r["environment"]["commit"] or r["environment"]["nnunet_contrast"] for r in records})
     validation = sorted({(r["fold"], r["validation_cases"]) for r in records})
     budgets = sorted({(r["budget_digest"], " ".join(r["budget_set"]) or "none") for r in records})
-    return [f"## Budget `{first['budget_preset']}` (digest {digest}), split seed "
+    return [f"## Budget `{first['budget_preset']}` (digest {digest}), {where_trained(first)}, split seed "
             f"{first['split_seed']}, device {first['device']}", "",
             "Extra settings (per plans digest; the baseline trains without those of the self-training and method "
             "sections, which it ignores): " + "; ".join(f"{d}: {text}" for d, text in budgets) + ". "

@@ -1,7 +1,8 @@
 """``nnunet-contrast benchmark``: every trainer against nnU-Net at one budget, through nnU-Net's commands.
 
 For an MSD task folder (``--msd``) it runs, in a work folder and skipping whatever is already done:
-nnU-Net's convert and 2d plan-and-preprocess (once), ``nnunet-contrast add-unlabeled`` (the task's
+nnU-Net's convert and plan-and-preprocess of the configuration (``--configuration``, default 2d; the planner of
+``--plans``, default nnU-Net's) once, ``nnunet-contrast add-unlabeled`` (the task's
 ``imagesTs`` scans that have no label); for a dataset already converted and planned (``--dataset ID``)
 it uses the user's own nnU-Net folders and none of these. Then for each labelled fraction ``nnunet-contrast split`` (one
 split file per fraction, one seed) and ``nnunet-contrast plans`` (the budget plus that split file),
@@ -24,6 +25,7 @@ as the benchmarks before it existed). A run stopped part-way (a checkpoint but n
 nnU-Net's final validation was interrupted) is continued with ``--c``.
 """
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -75,24 +77,39 @@ def baseline_reads(assignment: str) -> bool:
     return key[0] != SETTINGS_KEY or len(key) < 3 or key[1] in BASELINE_SECTIONS
 
 
+DEFAULT_CONFIGURATION, DEFAULT_PLANS = "2d", "nnUNetPlans"
+# the planner (nnUNetv2_plan_and_preprocess -pl) that writes each plans identifier, for --msd
+PLANNERS = {DEFAULT_PLANS: "ExperimentPlanner", "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
+            "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL", "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL"}
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A preset of ``plans/`` plus ``--set`` assignments: the same for every run of a benchmark, except that
-    the baseline (and the recipe built on it) trains in ``for_baseline()``."""
+    """A preset of ``plans/`` plus ``--set`` assignments, in a configuration of nnU-Net's plans of a planner: the
+    same for every run of a benchmark, except that the baseline (and the recipe built on it) trains in
+    ``for_baseline()``."""
     preset: str
     assignments: tuple = ()
+    configuration: str = DEFAULT_CONFIGURATION
+    source_plans: str = DEFAULT_PLANS
 
     def for_baseline(self) -> "Budget":
         """Without the assignments LabeledOnly never reads: one LabeledOnly run pairs with every self-training
         and method setting of the same budget, and is not trained again for each."""
-        return Budget(self.preset, tuple(a for a in self.assignments if baseline_reads(a)))
+        return dataclasses.replace(self, assignments=tuple(a for a in self.assignments if baseline_reads(a)))
 
     @functools.cached_property
     def digest(self) -> str:
+        """Of the preset's content, the assignments and (where not nnU-Net's defaults) the configuration and the
+        plans: every budget trains in plans files and result folders of its own."""
         from nnunet_contrast.settings import load_preset
 
-        content = json.dumps({"preset": load_preset(self.preset), "set": list(self.assignments)}, sort_keys=True)
-        return hashlib.sha256(content.encode()).hexdigest()[:8]
+        content = {"preset": load_preset(self.preset), "set": list(self.assignments)}
+        if self.configuration != DEFAULT_CONFIGURATION:
+            content["configuration"] = self.configuration
+        if self.source_plans != DEFAULT_PLANS:
+            content["plans"] = self.source_plans
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
     def plans_identifier(self, fraction: str, seed: int, train_seed: int = -1) -> str:
         trained = f"_t{train_seed}" if train_seed >= 0 else ""
@@ -127,8 +144,11 @@ class Benchmark:
                                      f"--msd Task04_Hippocampus")
             self.dataset_id = str(int(match.group(1)))
             self.dataset = f"Dataset{int(match.group(1)):03d}_{match.group(2)}"
+            if self.budget.source_plans not in PLANNERS:
+                raise UserInputError(f"--plans {self.budget.source_plans}: with --msd the plans are one of "
+                                     f"{', '.join(PLANNERS)}; plan other plans yourself and pass --dataset ID")
         else:
-            self.dataset = self.planned_dataset(self.existing_dataset)
+            self.dataset = self.planned_dataset(self.existing_dataset, self.budget)
             self.dataset_id = str(int(self.dataset[len("Dataset"):].split("_")[0]))
         self.fractions = list(dict.fromkeys(normalised_fraction(f) for f in self.fractions))
         self.trainers = list(dict.fromkeys([BASELINE, *self.trainers, *[RECIPE] * self.with_recipe]))  # baseline first
@@ -160,25 +180,31 @@ class Benchmark:
         if existing.is_file():
             return json.loads(existing.read_text())
         if self.msd is None:
-            return default_folds(case_identifiers(configuration_data_folder(self.dataset, load_plans(self.dataset))))
+            plans = load_plans(self.dataset, self.budget.source_plans, self.configuration)
+            return default_folds(case_identifiers(configuration_data_folder(self.dataset, plans, self.configuration)))
         cases = [p.name[:-len(".nii.gz")] for p in (self.msd / "imagesTr").glob("*.nii.gz") if not p.name.startswith(".")]
         if not cases:
             raise UserInputError(f"--msd {self.msd} has no training images (imagesTr/*.nii.gz): pass an MSD task folder")
         return default_folds(cases)
 
     @staticmethod
-    def planned_dataset(dataset: str) -> str:
-        """The name of a dataset of the user's nnU-Net folders that has a preprocessed 2d configuration."""
+    def planned_dataset(dataset: str, budget: Budget) -> str:
+        """The name of a dataset of the user's nnU-Net folders whose plans have the budget's configuration,
+        preprocessed."""
         from nnunet_contrast.nnunet_env import dataset_name, require_path_variables
 
         require_path_variables()
-        name = dataset_name(dataset)
-        plans = Path(os.environ["nnUNet_preprocessed"]) / name / "nnUNetPlans.json"
+        name, configuration = dataset_name(dataset), budget.configuration
+        plans = Path(os.environ["nnUNet_preprocessed"]) / name / f"{budget.source_plans}.json"
         configurations = json.loads(plans.read_text()).get("configurations", {}) if plans.is_file() else {}
-        data = "2d" in configurations and (plans.parent / configurations["2d"].get("data_identifier", "")).is_dir()
+        data = configuration in configurations and \
+            (plans.parent / configurations[configuration].get("data_identifier", "")).is_dir()
         if not data:
-            raise UserInputError(f"--dataset {dataset}: {name} has no preprocessed 2d configuration: run "
-                                 f"nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first")
+            planner = f" -pl {PLANNERS[budget.source_plans]}" if budget.source_plans in PLANNERS and \
+                budget.source_plans != DEFAULT_PLANS else ""
+            raise UserInputError(f"--dataset {dataset}: {name} has no preprocessed {configuration} configuration in "
+                                 f"{plans.name}: run nnUNetv2_plan_and_preprocess -d {dataset}{planner} "
+                                 f"-c {configuration} first")
         return name
 
     # -- where things are -------------------------------------------------------------------------
@@ -199,6 +225,10 @@ class Benchmark:
     def split_name(self, fraction: str) -> str:
         return f"splits_semisup_seed{self.seed}_l{fraction}.json"
 
+    @property
+    def configuration(self) -> str:
+        return self.budget.configuration
+
     def budget_of(self, run: Run) -> Budget:
         """The baseline's and the recipe's runs train in the budget without the settings they ignore."""
         return self.budget.for_baseline() if run.trainer in BASELINE_TRAINERS else self.budget
@@ -214,7 +244,7 @@ class Benchmark:
         if run.trainer == RECIPE:
             return self.recipe.fold_folder(run)
         plans = self.plans(run)
-        return (self.nnunet_folder("nnUNet_results") / self.dataset / f"{run.trainer}__{plans}__2d" /
+        return (self.nnunet_folder("nnUNet_results") / self.dataset / f"{run.trainer}__{plans}__{self.configuration}" /
                 f"fold_{run.fold}")
 
     def run_file(self, folder: str, run: Run, suffix: str) -> Path:
@@ -247,16 +277,27 @@ class Benchmark:
             return []
         unlabeled = self.workdir / "unlabeled"
         stamps = self.workdir / "stamps" / self.dataset  # these commands' outputs exist before they finish
+        source, configuration = self.budget.source_plans, self.configuration
+        planner = [] if source == DEFAULT_PLANS else ["-pl", PLANNERS[source]]
+        source_option = [] if source == DEFAULT_PLANS else ["-p", source]
         steps = [
             Step("convert the MSD task", stamps / "converted",
                  ["nnUNetv2_convert_MSD_dataset", "-i", str(self.msd), "-np", "2"], stamp=True),
-            Step("plan and preprocess 2d", stamps / "preprocessed",
-                 ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, "-c", "2d", "-np", "2"], stamp=True)]
+            Step(f"plan and preprocess {configuration}", stamps / self.stamp_name("preprocessed"),
+                 ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, *planner, "-c", configuration, "-np", "2"],
+                 stamp=True)]
         if self.unlabeled_scans():
-            steps.append(Step("add the unlabelled scans", stamps / "unlabeled_added",
-                              ["nnunet-contrast", "add-unlabeled", "-d", self.dataset_id, "-i", str(unlabeled)],
+            steps.append(Step("add the unlabelled scans", stamps / self.stamp_name("unlabeled_added"),
+                              ["nnunet-contrast", "add-unlabeled", "-d", self.dataset_id, "-i", str(unlabeled),
+                               *source_option, "-c", configuration],
                               before=lambda: self.collect_unlabeled(unlabeled), stamp=True))
         return steps
+
+    def stamp_name(self, done: str) -> str:
+        """A preparation step's stamp, one per plans and configuration (nnU-Net's defaults: as before both existed)."""
+        if (self.budget.source_plans, self.configuration) == (DEFAULT_PLANS, DEFAULT_CONFIGURATION):
+            return done
+        return f"{done}_{self.budget.source_plans}_{self.configuration}"
 
     def fraction_steps(self, fraction: str) -> List[Step]:
         """The split file, then a plans file per budget its runs train in."""
@@ -271,7 +312,8 @@ class Benchmark:
         plans = budget.plans_identifier(fraction, self.seed, self.train_seed)
         sets = [a for s in budget.assignments for a in ("--set", s)]
         return Step(f"plans {plans}", self.preprocessed / f"{plans}.json",
-                    ["nnunet-contrast", "plans", "-d", self.dataset_id, "--preset", budget.preset, *sets,
+                    ["nnunet-contrast", "plans", "-d", self.dataset_id, "-p", budget.source_plans, "-c",
+                     budget.configuration, "--preset", budget.preset, *sets,
                      "--set", f"nnunet_contrast.semisup.split_file={split}",
                      "--set", f"nnunet_contrast.run.seed={self.train_seed}", "-o", plans])
 
@@ -282,7 +324,7 @@ class Benchmark:
             return self.recipe.steps(run) + [record]
         fold = self.fold_folder(run)
         train = Step(f"train {run.trainer} {run.fraction} fold {run.fold}", fold / "validation" / "summary.json",
-                     ["nnUNetv2_train", self.dataset_id, "2d", str(run.fold), "-tr", run.trainer, "-p",
+                     ["nnUNetv2_train", self.dataset_id, self.configuration, str(run.fold), "-tr", run.trainer, "-p",
                       self.plans(run), "-device", self.device],
                      resume_if=(fold / "checkpoint_latest.pth", fold / "checkpoint_final.pth"),
                      log=self.run_file("logs", run, "log"))

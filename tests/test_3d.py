@@ -1,0 +1,62 @@
+"""nnU-Net's 3d_fullres configuration on the embedded sample: the trainers with a 3D form (docs/methods.md, "In
+3D") train and predict through nnU-Net's commands on the 3D PlainConvUNet nnU-Net plans; the methods
+without one refuse in one line before writing anything."""
+import pytest
+
+from conftest import (TEST_SETTINGS, corrupt_images, losses_with_hidden_labels_corrupted, make_trainer,
+                      self_training_losses, split_of_fold0)
+from nnunet_contrast.training.schedule import PSEUDO_LABEL
+
+PLANS_3D = "nnUNetPlans_test3d"
+ALL_PIXELS_3D = "nnUNetPlans_test3d_all"
+# the test budget; the sample's 3D batch (2 patches of 40 x 56 x 40) instead of the 2D one's 4
+SETTINGS_3D = [s for s in TEST_SETTINGS if not s.startswith("batch_size=")] + ["batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def preprocessed_3d(hippocampus):
+    """3d_fullres preprocessed by nnU-Net, the added unlabelled scan with it, and the test plans for it."""
+    hippocampus.run("nnUNetv2_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "1")
+    hippocampus.run("nnunet-contrast", "add-unlabeled", "-d", "4", "-i", hippocampus.unlabeled_input,
+                    "-c", "3d_fullres")
+    for name, extra in ((PLANS_3D, []), (ALL_PIXELS_3D, ["nnunet_contrast.selftraining.confidence_threshold=0"])):
+        sets = [a for s in SETTINGS_3D + extra for a in ("--set", s)]
+        hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-c", "3d_fullres", "-o", name, *sets)
+    return hippocampus
+
+
+def test_self_training_trains_and_predicts_3d_fullres(preprocessed_3d):
+    data = preprocessed_3d
+    trained = data.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerSelfTraining", "-p", PLANS_3D,
+                       "-device", "cpu")
+    assert "Entering stage 'selftrain'" in trained.stdout and "pseudo-labels kept (selftrain)" in trained.stdout
+    predictions = data.root / "pred_3d"
+    data.run("nnUNetv2_predict", "-i", data.heldout, "-o", predictions, "-d", "4", "-c", "3d_fullres",
+             "-tr", "nnUNetTrainerSelfTraining", "-p", PLANS_3D, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1")
+    assert sorted(p.name for p in predictions.glob("*.nii.gz")) == ["hippocampus_065.nii.gz", "hippocampus_067.nii.gz"]
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerLabeledOnly", "nnUNetTrainerLabeledOnlyTwiceIterations",
+                                     "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste"])
+def test_trainers_with_a_3d_form_build_nnunets_3d_network(preprocessed_3d, trainer):
+    built = make_trainer(trainer, PLANS_3D, configuration="3d_fullres")
+    built.initialize()
+    assert type(built.network).__name__ == "PlainConvUNet" and built.network.encoder.conv_op.__name__ == "Conv3d"
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste"])
+def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preprocessed_3d, tmp_path, trainer):
+    split = split_of_fold0(preprocessed_3d)
+    reference, hidden, changed = losses_with_hidden_labels_corrupted(
+        preprocessed_3d, tmp_path, lambda: self_training_losses(trainer, ALL_PIXELS_3D, "selftrain", "3d_fullres"),
+        split["unlabeled"], lambda folder, saved: corrupt_images(folder, split["unlabeled"], saved), "3d_fullres")
+    assert hidden == reference
+    assert reference[PSEUDO_LABEL] > 0 and changed[PSEUDO_LABEL] != reference[PSEUDO_LABEL]
+
+
+def test_a_method_without_a_3d_form_refuses_3d_fullres_in_one_line(preprocessed_3d):
+    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerSupConLocal",
+                                 "-p", PLANS_3D, "-device", "cpu", check=False)
+    assert result.returncode != 0
+    assert "nnUNetTrainerSupConLocal has no 3D form yet" in result.stderr and "train the 2d configuration" in result.stderr
+    assert not (preprocessed_3d.results / f"nnUNetTrainerSupConLocal__{PLANS_3D}__3d_fullres").exists()
