@@ -96,6 +96,36 @@ def hippocampus(tmp_path_factory):
             os.environ[key] = value
 
 
+PLANS_3D = "nnUNetPlans_test3d"
+ALL_PIXELS_3D = "nnUNetPlans_test3d_all"  # every pseudo-label kept
+RESENC_PLANS, RESENC_PLANS_3D = "nnUNetResEncUNetMPlans_test", "nnUNetResEncUNetMPlans_test3d"  # the ResEnc M planner's
+# the test budget; the sample's 3D batch (2 patches of 40 x 56 x 40) instead of the 2D one's 4
+SETTINGS_3D = [s for s in TEST_SETTINGS if not s.startswith("batch_size=")] + ["batch_size=2"]
+
+
+def sets(settings):
+    return [a for s in settings for a in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def preprocessed_3d(hippocampus):
+    """3d_fullres preprocessed by nnU-Net, the added unlabelled scan with it, and the test plans for it: nnU-Net's
+    default planner's, and the ResEnc M planner's (which preprocesses as the default one)."""
+    hippocampus.run("nnUNetv2_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "1")
+    hippocampus.run("nnunet-contrast", "add-unlabeled", "-d", "4", "-i", hippocampus.unlabeled_input,
+                    "-c", "3d_fullres")
+    for name, extra in ((PLANS_3D, []), (ALL_PIXELS_3D, ["nnunet_contrast.selftraining.confidence_threshold=0"])):
+        hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-c", "3d_fullres", "-o", name, *sets(SETTINGS_3D + extra))
+    # nnU-Net's planners call torch.set_num_threads(nnUNet_n_proc_DA), which refuses the tests' 0
+    run_cmd(["nnUNetv2_plan_experiment", "-d", "4", "-pl", "nnUNetPlannerResEncM"], {**hippocampus.env,
+                                                                                   "nnUNet_n_proc_DA": "1"})
+    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", "nnUNetResEncUNetMPlans", "-o", RESENC_PLANS,
+                    *sets(TEST_SETTINGS))
+    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", "nnUNetResEncUNetMPlans", "-c", "3d_fullres",
+                    "-o", RESENC_PLANS_3D, *sets(SETTINGS_3D))
+    return hippocampus
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread avoids oversubscription slow-downs on a busy 2-core machine."""

@@ -1,28 +1,11 @@
-"""nnU-Net's 3d_fullres configuration on the embedded sample: the trainers with a 3D form (docs/methods.md, "In
-3D") train and predict through nnU-Net's commands on the 3D PlainConvUNet nnU-Net plans; the methods
+"""nnU-Net's 3d_fullres configuration on the embedded sample: the trainers with a 3D form (docs/methods.md,
+"Configurations") train and predict through nnU-Net's commands on the 3D PlainConvUNet nnU-Net plans; the methods
 without one refuse in one line before writing anything."""
 import pytest
 
-from conftest import (TEST_SETTINGS, corrupt_images, losses_with_hidden_labels_corrupted, make_trainer,
+from conftest import (ALL_PIXELS_3D, PLANS_3D, corrupt_images, losses_with_hidden_labels_corrupted, make_trainer,
                       self_training_losses, split_of_fold0)
 from nnunet_contrast.training.schedule import PSEUDO_LABEL
-
-PLANS_3D = "nnUNetPlans_test3d"
-ALL_PIXELS_3D = "nnUNetPlans_test3d_all"
-# the test budget; the sample's 3D batch (2 patches of 40 x 56 x 40) instead of the 2D one's 4
-SETTINGS_3D = [s for s in TEST_SETTINGS if not s.startswith("batch_size=")] + ["batch_size=2"]
-
-
-@pytest.fixture(scope="module")
-def preprocessed_3d(hippocampus):
-    """3d_fullres preprocessed by nnU-Net, the added unlabelled scan with it, and the test plans for it."""
-    hippocampus.run("nnUNetv2_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "1")
-    hippocampus.run("nnunet-contrast", "add-unlabeled", "-d", "4", "-i", hippocampus.unlabeled_input,
-                    "-c", "3d_fullres")
-    for name, extra in ((PLANS_3D, []), (ALL_PIXELS_3D, ["nnunet_contrast.selftraining.confidence_threshold=0"])):
-        sets = [a for s in SETTINGS_3D + extra for a in ("--set", s)]
-        hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-c", "3d_fullres", "-o", name, *sets)
-    return hippocampus
 
 
 def test_self_training_trains_and_predicts_3d_fullres(preprocessed_3d):
