@@ -2,7 +2,9 @@
 sample: every trainer builds its network, taps, heads and second decoder on the ResidualEncoderUNet and takes a
 step of each of its stages, in 2d and, where it has a 3D form, in 3d_fullres. The EMA teacher on these networks:
 test_ema_teacher.py."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +46,23 @@ def test_every_trainer_runs_each_stage_on_resenc_2d(preprocessed_3d, trainer):
 def test_trainers_with_a_3d_form_run_each_stage_on_resenc_3d_fullres(preprocessed_3d, trainer):
     terms = every_stage_once(trainer, RESENC_PLANS_3D, "3d_fullres")
     assert all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
+
+
+def test_nnunets_predictor_averages_ideals_two_decoders_on_resenc(preprocessed_3d):
+    """What nnUNetv2_predict does with an IDEAL checkpoint of ResEnc plans: nnU-Net's predictor builds the network
+    through the trainer class (encoder, nnU-Net's decoder and the second decoder) and loads the checkpoint."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    trainer = ready_trainer("nnUNetTrainerIDEAL", RESENC_PLANS, "2d")
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    for name, content in (("plans.json", trainer.plans_manager.plans), ("dataset.json", trainer.dataset_json)):
+        (Path(trainer.output_folder_base) / name).write_text(json.dumps(content))
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), perform_everything_on_device=False,
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(trainer.output_folder_base, (0,), "checkpoint_final.pth")
+    assert type(predictor.network).__name__ == "DualDecoderUNet"
+    assert type(predictor.network.encoder).__name__ == "ResidualEncoder"
+    image = torch.randn(1, 3, 60, 45)
+    logits = predictor.predict_sliding_window_return_logits(image)
+    assert logits.shape == (3, 3, 60, 45) and torch.isfinite(logits).all()
+    trainer.on_train_end()
