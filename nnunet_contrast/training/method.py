@@ -349,10 +349,15 @@ class MethodTrainer(EmaTeaching, SemiSupervisedTrainer):
         over ranks (``nnunet_contrast.distributed``): heads and sub-modules run outside DDP's forward."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.network.no_sync() if isinstance(self.network, DistributedDataParallel) else dummy_context():
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            with self.autocast_context():
                 loss, logged = compute_loss()
             self.backward_and_step(loss)
         return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in logged.items()}}
+
+    def autocast_context(self):
+        """nnU-Net's mixed precision: autocast on CUDA (float16, with its GradScaler), none elsewhere. The
+        tests run our steps under the CPU's autocast (bfloat16) through this hook."""
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """nnU-Net's update (gradient scaling on CUDA, clipping at 12) over the optimizer's parameters."""
