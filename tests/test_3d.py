@@ -20,7 +20,8 @@ def test_self_training_trains_and_predicts_3d_fullres(preprocessed_3d):
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerLabeledOnly", "nnUNetTrainerLabeledOnlyTwiceIterations",
-                                     "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste"])
+                                     "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
+                                     "nnUNetTrainerGlobalContrast", "nnUNetTrainerGlobalContrastSelfTraining"])
 def test_trainers_with_a_3d_form_build_nnunets_3d_network(preprocessed_3d, trainer):
     built = make_trainer(trainer, PLANS_3D, configuration="3d_fullres")
     built.initialize()

@@ -1,6 +1,7 @@
 """Unit tests of the pure pieces: heads, feature taps, two-view augmentation, settings, split,
 plans presets, start-up hook, unlabelled file naming."""
 import json
+import math
 import os
 
 import pytest
@@ -364,6 +365,27 @@ def test_rotation_is_rigid_on_non_square_images():
     column = rotated[0, 0, :, 9:11].sum(1)
     assert rotated[0, 0, :, 9:11].sum() > 0.8 * rotated.sum()  # all mass in the centre columns
     assert 18 <= int((column > 0.5).sum()) <= 22                # 20 px long, not 40
+
+
+def test_3d_views_are_rigid_in_voxel_space_and_rotate_about_z_as_2d_views_do():
+    import torch.nn.functional as F
+    from nnunet_contrast.data.views import affine_theta, affine_theta_3d
+
+    def warp(x, theta):
+        return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    none, one, no_shift = torch.zeros(1, 3), torch.ones(1), torch.zeros(1, 3)
+    x = torch.rand(1, 1, 8, 12, 10)
+    torch.testing.assert_close(warp(x, affine_theta_3d(none, one, one, no_shift, 8, 12, 10)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(warp(x, affine_theta_3d(none, one, -one, no_shift, 8, 12, 10)), x.flip(-1), atol=1e-5,
+                               rtol=0)
+    about_z = affine_theta_3d(torch.tensor([[0.0, 0.0, 0.3]]), one * 1.1, -one, no_shift, 4, 40, 20)
+    in_plane = affine_theta(torch.tensor([0.3]), one * 1.1, -one, torch.zeros(1, 2), 40, 20)
+    torch.testing.assert_close(about_z[:, :2, :2], in_plane[:, :, :2])
+    bar = torch.zeros(1, 1, 4, 40, 20)
+    bar[..., 19:21, :] = 1.0  # along the width (20 px), rotated by 90 degrees about z: along the height, 20 px long
+    rotated = warp(bar, affine_theta_3d(torch.tensor([[0.0, 0.0, math.pi / 2]]), one, one, no_shift, 4, 40, 20))
+    assert rotated[..., 9:11].sum() > 0.8 * rotated.sum() and 18 <= int((rotated[0, 0, 1, :, 9:11].sum(1) > 0.5).sum()) <= 22
+    assert spatial_view(torch.rand(2, 1, 8, 12, 10)).shape == (2, 1, 8, 12, 10)
 
 
 # ----------------------------------------------------------------------------- demo arguments

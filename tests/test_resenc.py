@@ -15,7 +15,8 @@ from nnunet_contrast.commands.cli import project_trainers
 # every piece a trainer adds to nnU-Net: its method's stages and heads (the `...SelfTraining` variants put the
 # self-training stage, which SelfTraining has, after the same stages)
 TRAINERS_2D = [t for t in project_trainers() if not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining"]
-TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste"]
+TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
+               "nnUNetTrainerGlobalContrast"]
 
 
 def every_stage_once(trainer_name: str, plans: str, configuration: str) -> dict:

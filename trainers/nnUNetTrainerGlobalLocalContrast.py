@@ -15,6 +15,7 @@ and the added unlabelled images.
 Variant: ``nnUNetTrainerGlobalContrast`` (SimCLR-style G^R pretraining only, then fine-tuning).
 """
 import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch import nn
 
 from nnunet_contrast.data.pixel_selection import region_vectors
@@ -96,7 +97,9 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
             if batch_size < world_size():
                 raise UserInputError(f"pretrain_batch_size ({batch_size}) is split over {world_size()} GPUs: set it "
                                      f"to at least {world_size()} ({where})")
-            return self.build_image_loader(dataset, rank_share(batch_size), SliceInfoDataLoader)
+            volumes = len(self.configuration_manager.patch_size) == 3  # G^R of GlobalContrast in 3D: patches
+            return self.build_image_loader(dataset, rank_share(batch_size),
+                                           nnUNetDataLoader if volumes else SliceInfoDataLoader)
         if batch_size < 2 * partitions:  # a single volume per batch would leave G^D / L^D without negatives
             raise UserInputError(f"partition batches need at least 2 volumes: set pretrain_batch_size "
                                  f"({batch_size}) to at least {2 * partitions}, 2 x partitions ({where})")
@@ -132,8 +135,9 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
 
 class nnUNetTrainerGlobalContrast(nnUNetTrainerGlobalLocalContrast):
     """Global-only baseline ("Global" of Hu et al. Table 1): SimCLR (G^R) pretraining of the
-    encoder, then nnU-Net fine-tuning; no local stage."""
+    encoder, then nnU-Net fine-tuning; no local stage. In 3D the views are of nnU-Net's 3D patches."""
     variant_settings = {"globallocal": {"global_strategy": "GR", "local_epochs": 0}}
+    spatial_dims = (2, 3)
 
 
 class nnUNetTrainerGlobalLocalContrastSelfTraining(nnUNetTrainerGlobalLocalContrast):

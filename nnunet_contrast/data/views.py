@@ -1,4 +1,4 @@
-"""Two-view augmentation on batches of 2D images, in torch (any device).
+"""Two-view augmentation on batches of 2D images or 3D volumes, in torch (any device).
 
 nnU-Net's data loader already augments each sample once; contrastive methods need two views of
 the same image. ``intensity_view`` changes intensities only (pixel labels stay aligned, as the
@@ -36,7 +36,7 @@ def _uniform(n: int, spread: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def intensity_view(x: torch.Tensor, aug: ViewAugmentation = ViewAugmentation()) -> torch.Tensor:
-    """Random brightness, contrast, gamma and noise per image. x: (B, C, H, W) -> same shape."""
+    """Random brightness, contrast, gamma and noise per image. x: (B, C, *spatial) -> same shape."""
     x = x.float()
     b = x.shape[0]
     dims = tuple(range(1, x.ndim))
@@ -62,25 +62,50 @@ def affine_theta(angle, zoom, flip, shift, height: int, width: int) -> torch.Ten
                         torch.stack([sin * flip * width / height, cos, shift[:, 1]], 1)], 1)
 
 
+def rotation_3d(angles: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) rotations: about the x, then y, then z axis by ``angles`` (B, 3) radians."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+
+    def matrix(rows):
+        return torch.stack([torch.stack(row, 1) for row in rows], 1)
+    rx = matrix([[one, zero, zero], [zero, cos[:, 0], -sin[:, 0]], [zero, sin[:, 0], cos[:, 0]]])
+    ry = matrix([[cos[:, 1], zero, sin[:, 1]], [zero, one, zero], [-sin[:, 1], zero, cos[:, 1]]])
+    rz = matrix([[cos[:, 2], -sin[:, 2], zero], [sin[:, 2], cos[:, 2], zero], [zero, zero, one]])
+    return rz @ ry @ rx
+
+
+def affine_theta_3d(angles, zoom, flip, shift, depth: int, height: int, width: int) -> torch.Tensor:
+    """(B, 3, 4) matrices for ``F.affine_grid`` on (D, H, W) volumes: a flip of the x (width) axis, rotations
+    ``angles`` (B, 3) about x, y and z, zoom and shift; rigid in voxel space as ``affine_theta`` in 2D
+    (S^-1 R F S / zoom, S the half sizes in affine_grid's x, y, z order)."""
+    sizes = torch.tensor([width, height, depth], dtype=angles.dtype, device=angles.device)
+    flips = torch.stack([flip, torch.ones_like(flip), torch.ones_like(flip)], 1)
+    linear = rotation_3d(angles) * flips[:, None, :] * sizes[None, None, :] / sizes[None, :, None] / zoom[:, None, None]
+    return torch.cat([linear, shift[:, :, None]], 2)
+
+
 def random_affine_grid(x: torch.Tensor, aug: ViewAugmentation) -> torch.Tensor:
-    """Sampling grid of a random flip + rotation + scale + shift per image of x: (B, C, H, W)."""
-    b = x.shape[0]
-    angle = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(aug.rotation_degrees)
+    """Sampling grid of a random flip + rotation + scale + shift per image of x: (B, C, H, W), or (B, C, D, H, W)
+    with a rotation about each axis."""
+    b, dims = x.shape[0], x.ndim - 2
+    angle = (torch.rand(b, *([3] if dims == 3 else []), device=x.device) * 2 - 1) * math.radians(aug.rotation_degrees)
     zoom = _uniform(b, aug.scale, angle)
     flip = torch.where(torch.rand(b, device=x.device) < aug.flip_p, -1.0, 1.0)
-    shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * aug.translate * 2
-    theta = affine_theta(angle, zoom, flip, shift, *x.shape[-2:])
+    shift = (torch.rand(b, dims, device=x.device) * 2 - 1) * aug.translate * 2
+    theta = affine_theta(angle, zoom, flip, shift, *x.shape[-2:]) if dims == 2 else \
+        affine_theta_3d(angle, zoom, flip, shift, *x.shape[-3:])
     return F.affine_grid(theta, list(x.shape), align_corners=False)
 
 
 def spatial_view(x: torch.Tensor, aug: ViewAugmentation = ViewAugmentation()) -> torch.Tensor:
-    """Random flip, rotation, zoom and shift, then intensity changes. x: (B, C, H, W)."""
+    """Random flip, rotation, zoom and shift, then intensity changes. x: (B, C, H, W) or (B, C, D, H, W)."""
     grid = random_affine_grid(x.float(), aug)
     warped = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return intensity_view(warped, aug)
 
 
 def two_views(x: torch.Tensor, spatial: bool, aug: ViewAugmentation = ViewAugmentation()):
-    """Two independently augmented views of the batch x: (B, C, H, W)."""
+    """Two independently augmented views of the batch x: (B, C, *spatial)."""
     view = spatial_view if spatial else intensity_view
     return view(x, aug), view(x, aug)
