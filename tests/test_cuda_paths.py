@@ -1,6 +1,6 @@
 """What a CUDA run does differently, emulated on the CPU: nnU-Net compiles the network (``torch.compile`` in its
-``initialize`` when ``_do_i_compile``) and our steps run under autocast. One trainer of each kind of stage step
-takes one real step of each of its stages with nnU-Net's compile path forced and the CPU's autocast (bfloat16)
+``initialize`` when ``_do_i_compile``) and our steps run under autocast. Three trainers whose steps reach into the network
+take one real step of each of their stages with nnU-Net's compile path forced and the CPU's autocast (bfloat16)
 in our steps. (That each loss computes in float32 from float16 and bfloat16 inputs: the loss tests.)
 
 The compiler backend is ``aot_eager`` by default: TorchDynamo traces the network and AOTAutograd builds its
@@ -19,12 +19,10 @@ from conftest import TEST_PLANS, make_trainer, seed_everything
 from nnunet_contrast.training.schedule import ENCODER, NETWORK
 
 BACKEND = os.environ.get("NNUNET_CONTRAST_COMPILE_BACKEND", "aot_eager")
-# one trainer per kind of stage step: global and local contrast with nnU-Net's step (SupConLocal), partition
-# batches (GlobalLocal), a joint step with a snapshot's pseudo-labels (PseudoLabelContrast), sub-patches through
-# the network (CrossLevel), dense contrast and two decoders (IDEAL), the student's mixed batch and the EMA teacher
-# (SelfTraining); the other trainers' steps are these with other settings
-TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerPseudoLabelContrast",
-            "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining"]
+# the trainers whose steps reach into the compiled network: feature taps and heads (SupConLocal: global, local
+# and nnU-Net's step), a second decoder on the shared encoder (IDEAL), the EMA teacher's copy of the network and
+# the student's mixed batch (SelfTraining); the other trainers use the same taps
+TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining"]
 
 
 def compiled_trainer(name: str, monkeypatch):

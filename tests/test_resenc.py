@@ -14,7 +14,11 @@ from nnunet_contrast.commands.cli import project_trainers
 
 # every piece a trainer adds to nnU-Net: its method's stages and heads (the `...SelfTraining` variants put the
 # self-training stage, which SelfTraining has, after the same stages)
-TRAINERS_2D = [t for t in project_trainers() if not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining"]
+# (CopyPaste, GlobalContrast and PseudoLabelContrastInter reach the network as SelfTraining, GlobalLocalContrast and
+# PseudoLabelContrast do: other settings of the same steps)
+SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast", "nnUNetTrainerPseudoLabelContrastInter")
+TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining")
+               and t not in SAME_STEPS]
 TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
                "nnUNetTrainerGlobalContrast"]
 
