@@ -137,8 +137,7 @@ def one_thread():
 
 # ----------------------------------------------------------------------------- in-process trainers
 def make_plans(hippocampus, name, *settings):
-    sets = [a for s in settings for a in ("--set", s)]
-    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", TEST_PLANS, "-o", name, *sets)
+    hippocampus.run("nnunet-contrast", "plans", "-d", "4", "-p", TEST_PLANS, "-o", name, *sets(settings))
     return name
 
 

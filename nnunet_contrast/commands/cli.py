@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-i", "--input", required=True, help="folder of CASE_XXXX<file_ending> images, as nnU-Net names them")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
-    p.add_argument("-c", "--configurations", nargs="+", default=["2d"], metavar="CONFIGURATION",
+    p.add_argument("-c", "--configurations", nargs="+", default=[DEFAULT_CONFIGURATION], metavar="CONFIGURATION",
                    help="configurations to preprocess them for, as for nnUNetv2_preprocess (default 2d; e.g. 2d "
                         "3d_fullres)")
     p.set_defaults(func=cmd_add_unlabeled)
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="new plans identifier, e.g. nnUNetPlans_cpu")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier, e.g. nnUNetResEncUNetMPlans "
                                                                 "(default nnUNetPlans)")
-    p.add_argument("-c", "--configuration", default="2d",
+    p.add_argument("-c", "--configuration", default=DEFAULT_CONFIGURATION,
                    help="configuration the presets and --set go into, as nnU-Net names it (default 2d; e.g. "
                         "3d_fullres); the others are copied as they are")
     p.add_argument("--force", action="store_true", help="replace an existing, different plans file of that name")

@@ -34,13 +34,15 @@ CUTMIX_PROBABILITY, CUTMIX_AREA, CUTMIX_ASPECT = 0.5, (0.02, 0.4), (0.3, 1 / 0.3
 def box_masks(n: int, shape: Sequence[int], sides: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(n, *shape) bool: one box per image, of ``sides`` (n, d) pixels along each of the d axes of ``shape``, at a
     random position inside."""
-    inside = torch.ones((n,) + (1,) * len(shape), dtype=torch.bool, device=device)
+    per_image = (-1,) + (1,) * len(shape)  # an image's value against the positions of every axis
+    inside = torch.ones((n,) + per_image[1:], dtype=torch.bool, device=device)
     for axis, length in enumerate(shape):
         side = sides[:, axis]
         start = (torch.rand(n, device=device) * (length - side + 1)).floor()
-        positions = torch.arange(length, device=device).view((1,) + (1,) * axis + (length,) + (1,) * (len(shape) - axis - 1))
-        reshaped = (-1,) + (1,) * len(shape)
-        inside = inside & (positions >= start.view(reshaped)) & (positions < (start + side).view(reshaped))
+        along_axis = [1] * (len(shape) + 1)
+        along_axis[axis + 1] = length
+        positions = torch.arange(length, device=device).view(along_axis)
+        inside = inside & (positions >= start.view(per_image)) & (positions < (start + side).view(per_image))
     return inside
 
 

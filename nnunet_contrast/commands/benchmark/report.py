@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from nnunet_contrast.commands.benchmark.records import is_term_curve, load_records
 from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, BASELINE_SECTIONS, BASELINE_TRAINERS,
-                                                   baseline_reads)
+                                                   DEFAULT_CONFIGURATION, DEFAULT_PLANS, baseline_reads)
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.nnunet_env import write_text_atomic
 from nnunet_contrast.plotting import pyplot, save_figure
@@ -501,8 +501,8 @@ def case_section(records: Sequence[dict]) -> List[str]:
 
 
 def where_trained(record: dict) -> str:
-    """nnU-Net's configuration and plans of a run (records before they were kept: 2d, nnUNetPlans)."""
-    return f"{record.get('configuration', '2d')} of {record.get('source_plans', 'nnUNetPlans')}"
+    """nnU-Net's configuration and plans of a run (records from before they were kept: nnU-Net's defaults)."""
+    return f"{record.get('configuration', DEFAULT_CONFIGURATION)} of {record.get('source_plans', DEFAULT_PLANS)}"
 
 
 def section(group: Sequence[dict], digest: str, folder: Path) -> List[str]:

@@ -83,6 +83,14 @@ PLANNERS = {DEFAULT_PLANS: "ExperimentPlanner", "nnUNetResEncUNetMPlans": "nnUNe
             "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL", "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL"}
 
 
+def planner_option(source_plans: str) -> List[str]:
+    """``nnUNetv2_plan_and_preprocess``'s ``-pl`` for the planner that writes ``source_plans`` (none for
+    nnU-Net's default planner, or for plans of a planner not in ``PLANNERS``)."""
+    if source_plans == DEFAULT_PLANS or source_plans not in PLANNERS:
+        return []
+    return ["-pl", PLANNERS[source_plans]]
+
+
 @dataclass(frozen=True)
 class Budget:
     """A preset of ``plans/`` plus ``--set`` assignments, in a configuration of nnU-Net's plans of a planner: the
@@ -200,8 +208,7 @@ class Benchmark:
         data = configuration in configurations and \
             (plans.parent / configurations[configuration].get("data_identifier", "")).is_dir()
         if not data:
-            planner = f" -pl {PLANNERS[budget.source_plans]}" if budget.source_plans in PLANNERS and \
-                budget.source_plans != DEFAULT_PLANS else ""
+            planner = " ".join(["", *planner_option(budget.source_plans)])
             raise UserInputError(f"--dataset {dataset}: {name} has no preprocessed {configuration} configuration in "
                                  f"{plans.name}: run nnUNetv2_plan_and_preprocess -d {dataset}{planner} "
                                  f"-c {configuration} first")
@@ -278,18 +285,17 @@ class Benchmark:
         unlabeled = self.workdir / "unlabeled"
         stamps = self.workdir / "stamps" / self.dataset  # these commands' outputs exist before they finish
         source, configuration = self.budget.source_plans, self.configuration
-        planner = [] if source == DEFAULT_PLANS else ["-pl", PLANNERS[source]]
-        source_option = [] if source == DEFAULT_PLANS else ["-p", source]
         steps = [
             Step("convert the MSD task", stamps / "converted",
                  ["nnUNetv2_convert_MSD_dataset", "-i", str(self.msd), "-np", "2"], stamp=True),
             Step(f"plan and preprocess {configuration}", stamps / self.stamp_name("preprocessed"),
-                 ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, *planner, "-c", configuration, "-np", "2"],
+                 ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, *planner_option(source), "-c", configuration,
+                  "-np", "2"],
                  stamp=True)]
         if self.unlabeled_scans():
             steps.append(Step("add the unlabelled scans", stamps / self.stamp_name("unlabeled_added"),
                               ["nnunet-contrast", "add-unlabeled", "-d", self.dataset_id, "-i", str(unlabeled),
-                               *source_option, "-c", configuration],
+                               "-p", source, "-c", configuration],
                               before=lambda: self.collect_unlabeled(unlabeled), stamp=True))
         return steps
 
