@@ -108,11 +108,15 @@ class Budget:
 
     @functools.cached_property
     def digest(self) -> str:
-        """Of the preset's content, the assignments and (where not nnU-Net's defaults) the configuration and the
-        plans: every budget trains in plans files and result folders of its own."""
-        from nnunet_contrast.settings import load_preset
+        """Of the preset's blocks that the configuration reads, the assignments and (where not nnU-Net's defaults)
+        the configuration and the plans: every budget trains in plans files and result folders of its own, and a
+        preset's block of another configuration leaves the digests of the records trained before it."""
+        from nnunet_contrast.settings import BASE_CONFIGURATION, load_preset
 
-        content = {"preset": load_preset(self.preset), "set": list(self.assignments)}
+        preset = load_preset(self.preset)
+        read = (BASE_CONFIGURATION, self.configuration)
+        preset["configurations"] = {c: b for c, b in preset.get("configurations", {}).items() if c in read}
+        content = {"preset": preset, "set": list(self.assignments)}
         if self.configuration != DEFAULT_CONFIGURATION:
             content["configuration"] = self.configuration
         if self.source_plans != DEFAULT_PLANS:
