@@ -207,6 +207,25 @@ def stage_terms(trainer, stage_name: str, batch: dict, **given) -> dict:
     return trainer.stage_loss(stage, inputs)[1]
 
 
+def every_stage_once(trainer_name: str, plans: str, configuration: str, networks=("PlainConvUNet",)) -> dict:
+    """Each loss term of each stage of the trainer on a batch of the stage's own loader (stage -> term -> value),
+    all seeds fixed, the teacher (if any) a copy of the network, which is one of ``networks``."""
+    trainer = ready_trainer(trainer_name, plans, configuration)
+    assert type(trainer.network).__name__ in networks
+    if not hasattr(trainer, "schedule"):  # LabeledOnly: nnU-Net's own training
+        return {}
+    if hasattr(trainer, "start_teacher"):
+        trainer.start_teacher()
+    terms = {}
+    for stage in trainer.schedule.stages:
+        seed_everything(1)
+        batch = next(trainer.stage_loader(stage))
+        with torch.no_grad():
+            terms[stage.name] = {k: v.item() for k, v in stage_terms(trainer, stage.name, batch).items()}
+    trainer.on_train_end()
+    return terms
+
+
 def self_training_losses(trainer_name, plans, stage, configuration="2d"):
     """Every term of ``stage`` on the same batches, all seeds fixed, the teacher a copy of the network."""
     trainer = ready_trainer(trainer_name, plans, configuration)

@@ -5,14 +5,15 @@ nnUNetv2_train 4 3d_fullres and nnUNetv2_predict -c 3d_fullres with SelfTraining
 not here: the suite's time limit."""
 import pytest
 
-from conftest import (ALL_PIXELS_3D, PLANS_3D, corrupt_images, losses_with_hidden_labels_corrupted, make_trainer,
-                      self_training_losses, split_of_fold0)
+from conftest import (ALL_PIXELS_3D, PLANS_3D, corrupt_images, corrupt_labels, every_stage_once,
+                      losses_with_hidden_labels_corrupted, make_trainer, self_training_losses, split_of_fold0)
 from nnunet_contrast.training.schedule import PSEUDO_LABEL
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerLabeledOnly", "nnUNetTrainerLabeledOnlyTwiceIterations",
                                      "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
-                                     "nnUNetTrainerGlobalContrast", "nnUNetTrainerGlobalContrastSelfTraining"])
+                                     "nnUNetTrainerGlobalContrast", "nnUNetTrainerGlobalContrastSelfTraining",
+                                     "nnUNetTrainerSupConLocal", "nnUNetTrainerSupConLocalSelfTraining"])
 def test_trainers_with_a_3d_form_build_nnunets_3d_network(preprocessed_3d, trainer):
     built = make_trainer(trainer, PLANS_3D, configuration="3d_fullres")
     built.initialize()
@@ -29,9 +30,20 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preproce
     assert reference[PSEUDO_LABEL] > 0 and changed[PSEUDO_LABEL] != reference[PSEUDO_LABEL]
 
 
+def test_labels_of_unlabelled_cases_never_reach_supconlocals_3d_losses(preprocessed_3d, tmp_path):
+    """Its global stage reads unlabelled volumes; the local stage and fine-tuning read only the labelled ones."""
+    split = split_of_fold0(preprocessed_3d)
+    reference, hidden, changed = losses_with_hidden_labels_corrupted(
+        preprocessed_3d, tmp_path, lambda: every_stage_once("nnUNetTrainerSupConLocal", PLANS_3D, "3d_fullres"),
+        split["unlabeled"], lambda folder, saved: corrupt_labels(folder, split["labeled"], saved), "3d_fullres")
+    assert hidden == reference
+    assert reference["local"]["local_contrast"] > 0  # cubes with anchors, so the control below can show a change
+    assert changed["local"] != reference["local"] and changed["finetune"] != reference["finetune"]
+
+
 def test_a_method_without_a_3d_form_refuses_3d_fullres_in_one_line(preprocessed_3d):
-    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerSupConLocal",
+    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerIDEAL",
                                  "-p", PLANS_3D, "-device", "cpu", check=False)
     assert result.returncode != 0
-    assert "nnUNetTrainerSupConLocal has no 3D form yet" in result.stderr and "train the 2d configuration" in result.stderr
-    assert not (preprocessed_3d.results / f"nnUNetTrainerSupConLocal__{PLANS_3D}__3d_fullres").exists()
+    assert "nnUNetTrainerIDEAL has no 3D form yet" in result.stderr and "train the 2d configuration" in result.stderr
+    assert not (preprocessed_3d.results / f"nnUNetTrainerIDEAL__{PLANS_3D}__3d_fullres").exists()

@@ -439,7 +439,7 @@ def test_module_drops_negative_and_ignored_labels(mode, form):
 # --------------------------------------------------------------------------------------------------
 # 4. edge cases, every mode and form
 # --------------------------------------------------------------------------------------------------
-def _zero_loss_checks(labels, mode, form, **kwargs):
+def _zero_loss_checks(labels, mode, form, reference=None, **kwargs):
     torch.manual_seed(31)
     feats = torch.randn(labels.shape[0], 3, *labels.shape[1:], dtype=torch.float64, requires_grad=True)
     params = dict(stride=2, block_size=3, chunk_size=4)
@@ -447,8 +447,8 @@ def _zero_loss_checks(labels, mode, form, **kwargs):
     value = SupConLocalLoss(0.1, mode=mode, form=form, **params)(feats, labels)
     assert torch.isfinite(value)
     assert value.item() == 0.0
-    assert loop_module(feats.detach(), labels, mode, 0.1, form, stride=params["stride"],
-                       block_size=params["block_size"], ignore_label=params.get("ignore_label")).item() == 0.0
+    assert (reference or loop_module)(feats.detach(), labels, mode, 0.1, form, stride=params["stride"],
+                                      block_size=params["block_size"], ignore_label=params.get("ignore_label")).item() == 0.0
     value.backward()
     assert feats.grad is not None and torch.isfinite(feats.grad).all()
     assert torch.count_nonzero(feats.grad) == 0
@@ -513,6 +513,75 @@ def test_edge_low_temperature_large_features(mode, form):
 
 
 # --------------------------------------------------------------------------------------------------
+# 4b. voxel form (3D maps): a loop over voxels and cubes
+# --------------------------------------------------------------------------------------------------
+def collect_voxels(features, labels, depths, rows, cols, ignore_label=None):
+    """Voxels (of every view) at depths x rows x cols, minus negative / ignored labels."""
+    return [(features[v, :, d, r, c], int(labels[v, d, r, c])) for v in range(features.shape[0])
+            for d in depths for r in rows for c in cols if _valid(int(labels[v, d, r, c]), ignore_label)]
+
+
+def loop_module_3d(features, labels, mode, tau, form, stride=1, block_size=16, ignore_label=None):
+    """What SupConLocalLoss should compute on (V, C, D, H, W) maps: blocks are block_size^3 cubes."""
+    depth, height, width = labels.shape[-3:]
+    if mode in ("full", "exact", "stride"):
+        step = stride if mode == "stride" else 1
+        pixels = collect_voxels(features, labels, range(0, depth, step), range(0, height, step),
+                                range(0, width, step), ignore_label)
+        return loop_supcon_mean(pixels, tau, form)
+    cube_losses = []
+    for front in range(0, depth, block_size):
+        for top in range(0, height, block_size):
+            for left in range(0, width, block_size):
+                voxels = collect_voxels(features, labels, range(front, min(front + block_size, depth)),
+                                        range(top, min(top + block_size, height)),
+                                        range(left, min(left + block_size, width)), ignore_label)
+                total, count = loop_supcon_sum(voxels, tau, form)
+                if count:
+                    cube_losses.append(total / count)
+    return sum(cube_losses, torch.zeros((), dtype=torch.float64)) / max(len(cube_losses), 1)
+
+
+def make_volumes(seed, views=2, channels=3, shape=(3, 5, 4), n_classes=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(views, channels, *shape, generator=g, dtype=torch.float64),
+            torch.randint(0, n_classes, (views, *shape), generator=g))
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode, kwargs", [("full", {}), ("exact", {"chunk_size": 7}), ("stride", {"stride": 2}),
+                                          ("block", {"block_size": 2}), ("block", {"block_size": 3})])
+def test_module_on_volumes_matches_the_voxel_loop(mode, kwargs, form):
+    # 3 x 5 x 4 maps: border cubes are smaller than block_size; a voxel ignored, one padded
+    feats, labels = make_volumes(seed=41)
+    labels[0, 1, 2, 3], labels[1, 0, 0, 0] = 255, -1
+    params = {"stride": 2, "block_size": 3, "chunk_size": 5, **kwargs}
+    loss = SupConLocalLoss(0.1, mode=mode, form=form, ignore_label=255, **params)
+    lib_value, lib_grads = grad_of(lambda f: loss(f, labels[:, None]), feats)
+    ref_value, ref_grads = grad_of(lambda f: loop_module_3d(f, labels, mode, 0.1, form, params["stride"],
+                                                            params["block_size"], ignore_label=255), feats)
+    assert_matches(lib_value, ref_value, lib_grads, ref_grads)
+    assert torch.count_nonzero(lib_grads[0][0, :, 1, 2, 3]) == 0 and lib_value.abs() > 0
+
+
+def test_cubes_are_not_the_squares_of_each_slice():
+    """Sensitivity check: a cube pools voxels of neighbouring slices, which 2D blocks of each slice do not."""
+    feats, labels = make_volumes(seed=42, shape=(2, 4, 4))
+    cubes = SupConLocalLoss(0.1, mode="block", block_size=2)(feats, labels)
+    slices = SupConLocalLoss(0.1, mode="block", block_size=2)(feats[:, :, 0], labels[:, 0])
+    assert not torch.allclose(cubes, slices, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+def test_edge_volumes_without_foreground_or_with_one_voxel(mode, form):
+    labels = torch.zeros(2, 3, 4, 5, dtype=torch.long)
+    _zero_loss_checks(labels, mode, form, loop_module_3d)
+    labels[1, 0, 0, 0] = 2  # one voxel of a class: no positive, no anchor
+    _zero_loss_checks(labels, mode, form, loop_module_3d)
+
+
+# --------------------------------------------------------------------------------------------------
 # 5. input validation
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs", [
@@ -531,7 +600,8 @@ def test_module_rejects_bad_arguments(kwargs):
     ((2, 3, 4, 5), (3, 4, 5)),       # view mismatch
     ((2, 3, 4, 5), (2, 20)),         # flat labels
     ((3, 4, 5), (3, 4, 5)),          # 3-D features
-    ((2, 3, 4, 5, 6), (2, 4, 5, 6)), # 3-D maps
+    ((2, 3, 4, 5, 6, 2), (2, 4, 5, 6, 2)),  # 4 spatial axes
+    ((2, 3, 4, 5, 6), (2, 4, 5, 7)),  # 3-D maps, spatial mismatch
     ((2, 3, 4, 5), (2, 1, 4, 6)),    # channel-axis labels, spatial mismatch
 ])
 def test_module_rejects_bad_shapes(mode, shapes):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESENC_PLANS, RESENC_PLANS_3D, ready_trainer, seed_everything, stage_terms
+from conftest import RESENC_PLANS, RESENC_PLANS_3D, every_stage_once, ready_trainer
 from nnunet_contrast.commands.cli import project_trainers
 
 # every piece a trainer adds to nnU-Net: its method's stages and heads (the `...SelfTraining` variants put the
@@ -20,36 +20,21 @@ SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast", "nnUNetTr
 TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining")
                and t not in SAME_STEPS]
 TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
-               "nnUNetTrainerGlobalContrast"]
+               "nnUNetTrainerGlobalContrast", "nnUNetTrainerSupConLocal"]
 
 
-def every_stage_once(trainer_name: str, plans: str, configuration: str) -> dict:
-    """Each loss term of each stage of the trainer on a batch of the stage's own loader (stage -> term -> value)."""
-    trainer = ready_trainer(trainer_name, plans, configuration)
-    assert type(trainer.network).__name__ in ("ResidualEncoderUNet", "DualDecoderUNet")
-    if not hasattr(trainer, "schedule"):  # LabeledOnly: nnU-Net's own training
-        return {}
-    if hasattr(trainer, "start_teacher"):
-        trainer.start_teacher()
-    terms = {}
-    for stage in trainer.schedule.stages:
-        seed_everything(1)
-        batch = next(trainer.stage_loader(stage))
-        with torch.no_grad():
-            terms[stage.name] = {k: v.item() for k, v in stage_terms(trainer, stage.name, batch).items()}
-    trainer.on_train_end()
-    return terms
+RESENC = ("ResidualEncoderUNet", "DualDecoderUNet")
 
 
 @pytest.mark.parametrize("trainer", TRAINERS_2D)
 def test_every_trainer_runs_each_stage_on_resenc_2d(preprocessed_3d, trainer):
-    terms = every_stage_once(trainer, RESENC_PLANS, "2d")
+    terms = every_stage_once(trainer, RESENC_PLANS, "2d", RESENC)
     assert all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
 
 
 @pytest.mark.parametrize("trainer", TRAINERS_3D)
 def test_trainers_with_a_3d_form_run_each_stage_on_resenc_3d_fullres(preprocessed_3d, trainer):
-    terms = every_stage_once(trainer, RESENC_PLANS_3D, "3d_fullres")
+    terms = every_stage_once(trainer, RESENC_PLANS_3D, "3d_fullres", RESENC)
     assert all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
 
 

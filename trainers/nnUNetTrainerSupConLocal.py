@@ -5,7 +5,7 @@ One nnU-Net run in three stages (lengths in ``nnunet_contrast.supconlocal`` of t
 1. ``global``: NT-Xent (Eq. 1) on the encoder's pooled bottleneck of two spatially and
    intensity-augmented views of labelled and unlabelled images (labels unused);
 2. ``local``: supervised local contrast (Eq. 2-3) on the last decoder stage of two
-   intensity-only views of labelled images (block division, stride or exact);
+   intensity-only views of labelled images (block division, stride or exact; over voxels in 3D);
 3. ``finetune``: nnU-Net's own supervised training on the labelled cases.
 """
 import torch
@@ -25,6 +25,7 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
     presets = ("base", "supconlocal_hu2021")
     method_key = "supconlocal"
     head_names = ("global", "local")
+    spatial_dims = (2, 3)
 
     def build_schedule(self):
         s, adam = self.method_settings, self.pretrain_optimizer()
@@ -49,7 +50,8 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
         s = self.method_settings
         return nn.ModuleDict({
             "global": self.global_head(),
-            "local": DenseProjectionHead(decoder_channels(self.network), s.local_head_hidden, s.local_head_dim),
+            "local": DenseProjectionHead(decoder_channels(self.network), s.local_head_hidden, s.local_head_dim,
+                                         dims=self.patch_dims),
         })
 
     def global_contrast_loss(self, inputs: StepInputs) -> torch.Tensor:

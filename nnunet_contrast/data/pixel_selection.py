@@ -2,11 +2,12 @@
 
 Separated from the losses (as in pytorch-metric-learning):
 * Hu et al. 2021 (Sec. 2.3): ``flatten_valid``, ``stride_pixels`` and ``block_pixels`` turn
-  (V, C, H, W) features and (V, H, W) labels into flat (N, C) features and (N,) labels;
+  (V, C, *spatial) features and (V, *spatial) labels, 2D or 3D, into flat (N, C) features and (N,) labels;
 * Chaitanya et al. 2023: ``sample_class_pixels`` draws anchor pixels per class and image;
 * Chaitanya et al. 2020: ``region_corners`` and ``region_vectors`` cut the 13 local regions;
 * Basak et al. 2023: ``sample_positions`` draws the positions of the dense loss.
 """
+import itertools
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -16,8 +17,8 @@ Anchors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def flatten_valid(features: torch.Tensor, labels: torch.Tensor, ignore_label: Optional[int] = None) -> Pixels:
-    """All pixels of the maps, minus negative labels (nnU-Net's padding) and ``ignore_label``."""
-    feats = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    """All pixels (voxels) of the maps, minus negative labels (nnU-Net's padding) and ``ignore_label``."""
+    feats = features.movedim(1, -1).reshape(-1, features.shape[1])
     labs = labels.reshape(-1).long()
     keep = labs >= 0
     if ignore_label is not None:
@@ -28,20 +29,20 @@ def flatten_valid(features: torch.Tensor, labels: torch.Tensor, ignore_label: Op
 def stride_pixels(features: torch.Tensor, labels: torch.Tensor, stride: int,
                   ignore_label: Optional[int] = None) -> Pixels:
     """Every ``stride``-th pixel along each spatial axis (paper: s = 4), from all views."""
-    return flatten_valid(features[:, :, ::stride, ::stride], labels[:, ::stride, ::stride], ignore_label)
+    every = (slice(None, None, stride),) * (labels.ndim - 1)
+    return flatten_valid(features[(slice(None), slice(None), *every)], labels[(slice(None), *every)], ignore_label)
 
 
 def block_pixels(features: torch.Tensor, labels: torch.Tensor, block_size: int,
                  ignore_label: Optional[int] = None) -> Iterator[Pixels]:
-    """The pixels of each ``block_size`` x ``block_size`` block position, across all views.
+    """The pixels of each block position (``block_size`` along every spatial axis: a square in 2D, a cube
+    in 3D), across all views, the positions in row-major order.
 
     Maps whose size is not a multiple of ``block_size`` get smaller blocks at the border.
     """
-    height, width = labels.shape[-2:]
-    for top in range(0, height, block_size):
-        for left in range(0, width, block_size):
-            rows, cols = slice(top, top + block_size), slice(left, left + block_size)
-            yield flatten_valid(features[:, :, rows, cols], labels[:, rows, cols], ignore_label)
+    for corner in itertools.product(*(range(0, side, block_size) for side in labels.shape[1:])):
+        block = tuple(slice(start, start + block_size) for start in corner)
+        yield flatten_valid(features[(slice(None), slice(None), *block)], labels[(slice(None), *block)], ignore_label)
 
 
 def sample_class_pixels(labels: torch.Tensor, classes: Sequence[int], per_class: int,

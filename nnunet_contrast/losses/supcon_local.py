@@ -100,9 +100,9 @@ class SupConLocalLoss(nn.Module):
 
     Args:
         temperature: ``tau`` (paper: 0.1).
-        mode: which pixels enter the loss:
-            ``"block"`` (paper default): the maps are cut into ``block_size`` x ``block_size``
-            blocks; the loss is computed among the pixels of one block position across the whole
+        mode: which pixels (voxels in 3D) enter the loss:
+            ``"block"`` (paper default): the maps are cut into blocks of ``block_size`` along every
+            spatial axis; the loss is computed among the pixels of one block position across the whole
             batch and averaged over blocks that hold an anchor;
             ``"stride"``: every ``stride``-th pixel per axis, one loss over the batch;
             ``"exact"``: every pixel, computed in anchor chunks (memory linear in pixels);
@@ -114,7 +114,8 @@ class SupConLocalLoss(nn.Module):
         gather_distributed: under DDP, every rank's selected pixels are candidates (module docstring).
 
     Shapes:
-        features: (V, C, H, W) embeddings of V views; labels: (V, H, W) or (V, 1, H, W).
+        features: (V, C, H, W) or (V, C, D, H, W) embeddings of V views; labels: (V, *spatial) or
+        (V, 1, *spatial).
     """
 
     def __init__(self, temperature: float = 0.1, mode: str = "block", stride: int = 4,
@@ -136,11 +137,11 @@ class SupConLocalLoss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if labels.ndim == 4 and labels.shape[1] == 1:
+        if labels.ndim == features.ndim and labels.shape[1] == 1:
             labels = labels[:, 0]
-        if features.ndim != 4 or labels.shape != (features.shape[0], *features.shape[2:]):
-            raise ValueError(f"SupConLocalLoss: expected features (V, C, H, W) and labels (V, H, W), got "
-                             f"{tuple(features.shape)} and {tuple(labels.shape)}")
+        if features.ndim not in (4, 5) or labels.shape != (features.shape[0], *features.shape[2:]):
+            raise ValueError(f"SupConLocalLoss: expected features (V, C, *spatial) and labels (V, *spatial) of 2 "
+                             f"or 3 spatial axes, got {tuple(features.shape)} and {tuple(labels.shape)}")
         if self.mode == "block":
             return self._mean_over_groups(block_pixels(features, labels, self.block_size, self.ignore_label))
         stride = self.stride if self.mode == "stride" else 1

@@ -7,6 +7,13 @@ from torch import nn
 from nnunet_contrast.network.subpatches import stride_factors
 
 
+def convolution(dims: int):
+    """nn.Conv2d or nn.Conv3d, for maps of ``dims`` spatial axes."""
+    if dims not in (2, 3):
+        raise ValueError(f"a projection head has a 2D or 3D form, not {dims}D")
+    return nn.Conv3d if dims == 3 else nn.Conv2d
+
+
 class GlobalProjectionHead(nn.Module):
     """h1 of Hu et al.: global average pool -> Linear -> ReLU -> Linear -> L2 norm.
 
@@ -26,15 +33,17 @@ class GlobalProjectionHead(nn.Module):
 class DenseProjectionHead(nn.Module):
     """h2 of Hu et al. (g2 of Chaitanya et al. 2020, h_phi of Chaitanya et al. 2023): two point-wise
     (1x1) convolutions with a ReLU between, then an L2 norm per pixel unless ``normalize=False``
-    (the class-mean and region losses normalise means and flattened regions themselves).
+    (the class-mean and region losses normalise means and flattened regions themselves). ``dims``: 2 or 3,
+    the maps' spatial axes.
 
-    Shapes: (B, C, H, W) -> (B, out_dim, H, W).
+    Shapes: (B, C, *spatial) -> (B, out_dim, *spatial).
     """
 
-    def __init__(self, in_channels: int, hidden_dim: int = 256, out_dim: int = 128, normalize: bool = True):
+    def __init__(self, in_channels: int, hidden_dim: int = 256, out_dim: int = 128, normalize: bool = True,
+                 dims: int = 2):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(hidden_dim, out_dim, 1))
+        conv = convolution(dims)
+        self.net = nn.Sequential(conv(in_channels, hidden_dim, 1), nn.ReLU(inplace=True), conv(hidden_dim, out_dim, 1))
         self.normalize = normalize
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """What a subclass decides from the settings alone, before nnU-Net creates the output folder (so
         that a one-line refusal leaves nothing behind)."""
 
+    @property
+    def patch_dims(self) -> int:
+        """The spatial axes of the configuration's patches: 2 or 3."""
+        return len(self.configuration_manager.patch_size)
+
     # ----------------------------------------------------------------- settings
     def apply_budget(self, budget: Budget) -> None:
         self.num_epochs = budget.num_epochs
