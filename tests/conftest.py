@@ -43,6 +43,28 @@ TEST_SETTINGS = [
 ]
 
 
+PLANNED = {"PlainConvUNet": "sample_nnUNetPlans.json", "ResidualEncoderUNet": "sample_nnUNetResEncUNetMPlans.json"}
+
+
+def planned_network(architecture: str, configuration: str) -> torch.nn.Module:
+    """The network nnU-Net's trainer builds for ``configuration`` of the sample's plans (deep supervision on),
+    without preprocessing anything. The plans in ``tests/data`` are nnU-Net 2.8.1's own, made from the embedded
+    sample with ``nnUNetv2_extract_fingerprint -d 4`` and ``nnUNetv2_plan_experiment -d 4 [-pl nnUNetPlannerResEncM]``."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data = Path(__file__).parent / "data"
+    plans = PlansManager(json.loads((data / PLANNED[architecture]).read_text()))
+    dataset_json = json.loads((data / "sample_dataset.json").read_text())
+    config = plans.get_configuration(configuration)
+    network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
+                                     config.network_arch_init_kwargs_req_import, 1,
+                                     plans.get_label_manager(dataset_json).num_segmentation_heads,
+                                     allow_init=True, deep_supervision=True)
+    assert type(network).__name__ == architecture
+    return network
+
+
 def run_cmd(args, env, check=True, **kwargs):
     """Run a console script of this environment; returns the CompletedProcess (text output)."""
     result = subprocess.run([command_path(args[0])] + [str(a) for a in args[1:]], env=env, text=True,
@@ -207,7 +229,10 @@ def stage_terms(trainer, stage_name: str, batch: dict, **given) -> dict:
     return trainer.stage_loss(stage, inputs)[1]
 
 
-def every_stage_once(trainer_name: str, plans: str, configuration: str, networks=("PlainConvUNet",)) -> dict:
+PLAIN = ("PlainConvUNet", "DualDecoderUNet")  # nnU-Net's default plans' U-Net, and IDEAL's with its second decoder
+
+
+def every_stage_once(trainer_name: str, plans: str, configuration: str, networks=PLAIN) -> dict:
     """Each loss term of each stage of the trainer on a batch of the stage's own loader (stage -> term -> value),
     all seeds fixed, the teacher (if any) a copy of the network, which is one of ``networks``."""
     trainer = ready_trainer(trainer_name, plans, configuration)

@@ -5,7 +5,7 @@ nnUNetv2_train 4 3d_fullres and nnUNetv2_predict -c 3d_fullres with SelfTraining
 not here: the suite's time limit."""
 import pytest
 
-from conftest import (ALL_PIXELS_3D, PLANS_3D, corrupt_images, corrupt_labels, every_stage_once,
+from conftest import (ALL_PIXELS_3D, PLAIN, PLANS_3D, corrupt_images, corrupt_labels, every_stage_once,
                       losses_with_hidden_labels_corrupted, make_trainer, self_training_losses, split_of_fold0)
 from nnunet_contrast.training.schedule import PSEUDO_LABEL
 
@@ -13,11 +13,15 @@ from nnunet_contrast.training.schedule import PSEUDO_LABEL
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerLabeledOnly", "nnUNetTrainerLabeledOnlyTwiceIterations",
                                      "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
                                      "nnUNetTrainerGlobalContrast", "nnUNetTrainerGlobalContrastSelfTraining",
-                                     "nnUNetTrainerSupConLocal", "nnUNetTrainerSupConLocalSelfTraining"])
+                                     "nnUNetTrainerSupConLocal", "nnUNetTrainerSupConLocalSelfTraining",
+                                     "nnUNetTrainerPseudoLabelContrast", "nnUNetTrainerPseudoLabelContrastInter",
+                                     "nnUNetTrainerPseudoLabelContrastSelfTraining",
+                                     "nnUNetTrainerPseudoLabelContrastInterSelfTraining",
+                                     "nnUNetTrainerIDEAL", "nnUNetTrainerIDEALSelfTraining"])
 def test_trainers_with_a_3d_form_build_nnunets_3d_network(preprocessed_3d, trainer):
     built = make_trainer(trainer, PLANS_3D, configuration="3d_fullres")
     built.initialize()
-    assert type(built.network).__name__ == "PlainConvUNet" and built.network.encoder.conv_op.__name__ == "Conv3d"
+    assert type(built.network).__name__ in PLAIN and built.network.encoder.conv_op.__name__ == "Conv3d"
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste"])
@@ -30,20 +34,28 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preproce
     assert reference[PSEUDO_LABEL] > 0 and changed[PSEUDO_LABEL] != reference[PSEUDO_LABEL]
 
 
-def test_labels_of_unlabelled_cases_never_reach_supconlocals_3d_losses(preprocessed_3d, tmp_path):
-    """Its global stage reads unlabelled volumes; the local stage and fine-tuning read only the labelled ones."""
+@pytest.mark.parametrize("trainer, labelled_terms", [
+    # SupConLocal's global stage reads unlabelled volumes, its local stage and fine-tuning the labelled ones
+    ("nnUNetTrainerSupConLocal", {"local": "local_contrast", "finetune": "segmentation"}),
+    # PseudoLabelContrast's joint stage: nnU-Net's loss on labelled volumes, the contrast on both (pseudo-labels)
+    ("nnUNetTrainerPseudoLabelContrast", {"warmup": "segmentation", "joint": "contrast"}),
+    # IDEAL's dense stage reads both without labels; its fine-tuning: nnU-Net's loss on labelled volumes, CPS on both
+    ("nnUNetTrainerIDEAL", {"finetune": "segmentation"}),
+])
+def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d, tmp_path, trainer, labelled_terms):
     split = split_of_fold0(preprocessed_3d)
     reference, hidden, changed = losses_with_hidden_labels_corrupted(
-        preprocessed_3d, tmp_path, lambda: every_stage_once("nnUNetTrainerSupConLocal", PLANS_3D, "3d_fullres"),
+        preprocessed_3d, tmp_path, lambda: every_stage_once(trainer, PLANS_3D, "3d_fullres"),
         split["unlabeled"], lambda folder, saved: corrupt_labels(folder, split["labeled"], saved), "3d_fullres")
     assert hidden == reference
-    assert reference["local"]["local_contrast"] > 0  # cubes with anchors, so the control below can show a change
-    assert changed["local"] != reference["local"] and changed["finetune"] != reference["finetune"]
+    for stage, term in labelled_terms.items():  # control: the labelled volumes' labels do count
+        assert reference[stage][term] > 0 and changed[stage][term] != reference[stage][term], (stage, term)
 
 
 def test_a_method_without_a_3d_form_refuses_3d_fullres_in_one_line(preprocessed_3d):
-    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerIDEAL",
+    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerGlobalLocalContrast",
                                  "-p", PLANS_3D, "-device", "cpu", check=False)
     assert result.returncode != 0
-    assert "nnUNetTrainerIDEAL has no 3D form yet" in result.stderr and "train the 2d configuration" in result.stderr
-    assert not (preprocessed_3d.results / f"nnUNetTrainerIDEAL__{PLANS_3D}__3d_fullres").exists()
+    assert "nnUNetTrainerGlobalLocalContrast has no 3D form yet" in result.stderr
+    assert "train the 2d configuration" in result.stderr
+    assert not (preprocessed_3d.results / f"nnUNetTrainerGlobalLocalContrast__{PLANS_3D}__3d_fullres").exists()

@@ -2,37 +2,17 @@
 planner, 2d and 3d_fullres, with deep supervision). Those networks list one tensor under several
 ``state_dict`` names; a toy network has no such aliases and cannot show an update applied once per name.
 
-The plans in ``tests/data`` are nnU-Net 2.8.1's own, made from the embedded sample with
-``nnUNetv2_extract_fingerprint -d 4`` and ``nnUNetv2_plan_experiment -d 4 [-pl nnUNetPlannerResEncM]``."""
-import json
-from pathlib import Path
-
+The plans in ``tests/data`` are nnU-Net 2.8.1's own (conftest.planned_network)."""
 import pytest
 import torch
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from conftest import PLANNED, planned_network
 from nnunet_contrast.training.thresholds import FixedThreshold
 from nnunet_contrast.training.pseudo_labels import EmaTeacher
 
-DATA = Path(__file__).parent / "data"
-PLANS = {"PlainConvUNet": "sample_nnUNetPlans.json", "ResidualEncoderUNet": "sample_nnUNetResEncUNetMPlans.json"}
 
 
-def planned_network(architecture: str, configuration: str) -> torch.nn.Module:
-    """The network nnU-Net's trainer builds for ``configuration`` of the sample's plans (deep supervision on)."""
-    plans = PlansManager(json.loads((DATA / PLANS[architecture]).read_text()))
-    dataset_json = json.loads((DATA / "sample_dataset.json").read_text())
-    config = plans.get_configuration(configuration)
-    network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
-                                     config.network_arch_init_kwargs_req_import, 1,
-                                     plans.get_label_manager(dataset_json).num_segmentation_heads,
-                                     allow_init=True, deep_supervision=True)
-    assert type(network).__name__ == architecture
-    return network
-
-
-@pytest.mark.parametrize("architecture", sorted(PLANS))
+@pytest.mark.parametrize("architecture", sorted(PLANNED))
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
 def test_one_update_averages_every_tensor_once(architecture, configuration):
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ MedIA, Eq. 3-4):
    (e^s(z,p) + sum_n e^s(z,n))); anchors without a positive or a negative skipped; mean over
    anchors per (image, class), over classes per image, over images.
 """
+import itertools
 import math
 import random
 
@@ -110,19 +111,32 @@ def loop_region_local(r0, r1, tau, groups=None):
     return total / count
 
 
+def positions(shape):
+    """Every pixel (2D) or voxel (3D) position of a map of ``shape``, in row-major order."""
+    return list(itertools.product(*(range(side) for side in shape)))
+
+
+def position_of(flat_index, shape):
+    """The position of a row-major flat index into a map of ``shape``."""
+    position = []
+    for side in reversed(shape):
+        flat_index, coordinate = divmod(flat_index, side)
+        position.insert(0, coordinate)
+    return tuple(position)
+
+
 def loop_class_means(embeddings, labels, num_classes):
-    """(B, K) lists of mean vectors (None when absent), built pixel by pixel."""
-    batch, channels, height, width = embeddings.shape
+    """(B, K) lists of mean vectors (None when absent), built pixel by pixel (voxel by voxel in 3D)."""
+    batch, channels = embeddings.shape[:2]
     out = []
     for b in range(batch):
         row = []
         for k in range(num_classes):
             acc, count = torch.zeros(channels, dtype=F64), 0
-            for y in range(height):
-                for x in range(width):
-                    if int(labels[b, y, x]) == k:
-                        acc = acc + embeddings[b, :, y, x]
-                        count += 1
+            for where in positions(labels.shape[1:]):
+                if int(labels[(b, *where)]) == k:
+                    acc = acc + embeddings[(b, slice(None), *where)]
+                    count += 1
             row.append(acc / count if count else None)
         out.append(row)
     return out
@@ -131,12 +145,11 @@ def loop_class_means(embeddings, labels, num_classes):
 def loop_class_mean_terms(embeddings, labels, anchors, num_classes, tau, matching="intra",
                           background_negative=False, background=0, partners=None):
     """{(image, class): [loss of each valid anchor]}."""
-    width = embeddings.shape[3]
     means = loop_class_means(embeddings, labels, num_classes)
     images, pixels, labs = ([int(v) for v in t] for t in anchors)
     per_group = {}  # (image, class) -> list of anchor losses
     for b, pix, c in zip(images, pixels, labs):
-        z = embeddings[b, :, pix // width, pix % width]
+        z = embeddings[(b, slice(None), *position_of(pix, labels.shape[1:]))]
         sources = [b] if matching == "intra" else [b, int(partners[b])]
         candidates = []  # (class, mean vector)
         for src in sources:
@@ -519,6 +532,30 @@ def test_class_mean_ignored_labels(matching):
     as_bg = labels.clamp(min=0)
     other = loop_class_mean_loss(emb, as_bg, anchors, 4, 0.1, matching, True, partners=torch.tensor([1, 0]))
     assert not torch.allclose(value.double(), other, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("matching,background_negative", MATCHING_CASES)
+def test_class_mean_on_volumes_matches_the_voxel_loop(matching, background_negative):
+    """The voxel form: class means over every voxel of a volume, anchors indexing the flattened D*H*W."""
+    emb = randn(11, 2, 3, 3, 4, 5)
+    labels = torch.randint(0, 4, (2, 3, 4, 5), generator=torch.Generator().manual_seed(11))
+    labels[1, 2, 3, 4] = -1  # padding: in no mean, never an anchor
+    anchors = uneven_anchors(labels, [1, 2, 3], 11)
+    _, (grad,) = check_class_mean(emb, labels, anchors, 4, 0.1, matching, background_negative, torch.tensor([1, 0]))
+    assert torch.count_nonzero(grad[1, :, 2, 3, 4]) == 0 and torch.count_nonzero(grad[:, :, 2]) > 0
+
+
+def test_class_mean_on_volumes_without_foreground_or_with_one_voxel():
+    emb = randn(12, 2, 3, 2, 3, 3)
+    labels = torch.zeros(2, 2, 3, 3, dtype=torch.long)
+    loss = ClassMeanContrastLoss(0.1)
+    for setup in (lambda: None, lambda: labels.__setitem__((0, 1, 2, 2), 1)):
+        setup()  # no foreground; then one voxel of class 1 (its own class mean, no negative: skipped)
+        anchors = sample_class_pixels(labels, [1, 2], 3, torch.Generator().manual_seed(0))
+        value, (grad,) = grad_of(lambda e: loss(e, labels, anchors, 3), emb)
+        assert_finite(value, [grad])
+        assert value.item() == 0.0 and torch.count_nonzero(grad) == 0
+    assert len(anchors[0]) == 3 and set(anchors[1].tolist()) == {1 * 9 + 2 * 3 + 2}
 
 
 def test_class_mean_rejects_bad_arguments():

@@ -13,6 +13,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from conftest import PLANNED, planned_network
 from nnunet_contrast.network.dual_decoder import (BilinearUpsampling, DualDecoderUNet, bilinear_decoder_like,
                                           mean_probability_logits)
 from nnunet_contrast.network.heads import CellProjectionHead
@@ -425,6 +426,32 @@ def test_bilinear_upsampling(stride, expected):
     assert out.shape == (1, 6, *expected)
     reference = up.conv(nn.functional.interpolate(x, size=expected, mode="bilinear", align_corners=False))
     torch.testing.assert_close(out, reference)
+
+
+def test_trilinear_upsampling_in_3d():
+    torch.manual_seed(0)
+    up = BilinearUpsampling(4, 6, (2, 2, 1))
+    x = rand(9, 1, 4, 3, 5, 2)
+    assert isinstance(up.conv, nn.Conv3d)
+    reference = up.conv(nn.functional.interpolate(x, size=(6, 10, 2), mode="trilinear", align_corners=False))
+    torch.testing.assert_close(up(x), reference)
+
+
+@pytest.mark.parametrize("architecture", sorted(PLANNED))
+def test_dual_decoder_on_nnunets_3d_networks_is_the_mean_probability(architecture):
+    """The second decoder of nnU-Net's 3D PlainConvUNet and ResidualEncoderUNet: trilinear upsampling by each
+    transposed convolution's own (anisotropic) stride, every deep-supervision output the mean of both softmaxes."""
+    unet = planned_network(architecture, "3d_fullres")
+    model = DualDecoderUNet(unet, InitWeights_He(1e-2)).eval()
+    for up, transposed in zip(model.decoder_bilinear.transpconvs, unet.decoder.transpconvs):
+        assert up.mode == "trilinear" and up.stride == tuple(transposed.stride) and isinstance(up.conv, nn.Conv3d)
+    x = rand(10, 1, 1, 16, 24, 16)
+    with torch.no_grad():
+        outputs, (first, second) = model(x), model.forward_both(x)
+    assert tuple(outputs[0].shape) == (1, 3, 16, 24, 16) and len(outputs) == len(first) == len(second) > 2
+    for out, a, b in zip(outputs, first, second):
+        assert a.shape == b.shape == out.shape and not torch.allclose(a, b)
+        assert_mean_of_softmax(out, a, b)
 
 
 def test_mean_probability_logits_matches_naive_and_is_stable():

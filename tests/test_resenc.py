@@ -20,7 +20,8 @@ SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast", "nnUNetTr
 TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining")
                and t not in SAME_STEPS]
 TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
-               "nnUNetTrainerGlobalContrast", "nnUNetTrainerSupConLocal"]
+               "nnUNetTrainerGlobalContrast", "nnUNetTrainerSupConLocal", "nnUNetTrainerPseudoLabelContrast",
+               "nnUNetTrainerIDEAL"]
 
 
 RESENC = ("ResidualEncoderUNet", "DualDecoderUNet")
@@ -38,12 +39,14 @@ def test_trainers_with_a_3d_form_run_each_stage_on_resenc_3d_fullres(preprocesse
     assert all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
 
 
-def test_nnunets_predictor_averages_ideals_two_decoders_on_resenc(preprocessed_3d):
+@pytest.mark.parametrize("plans, configuration, image_shape", [(RESENC_PLANS, "2d", (3, 60, 45)),
+                                                              (RESENC_PLANS_3D, "3d_fullres", (36, 50, 35))])
+def test_nnunets_predictor_averages_ideals_two_decoders_on_resenc(preprocessed_3d, plans, configuration, image_shape):
     """What nnUNetv2_predict does with an IDEAL checkpoint of ResEnc plans: nnU-Net's predictor builds the network
     through the trainer class (encoder, nnU-Net's decoder and the second decoder) and loads the checkpoint."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    trainer = ready_trainer("nnUNetTrainerIDEAL", RESENC_PLANS, "2d")
+    trainer = ready_trainer("nnUNetTrainerIDEAL", plans, configuration)
     trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
     for name, content in (("plans.json", trainer.plans_manager.plans), ("dataset.json", trainer.dataset_json)):
         (Path(trainer.output_folder_base) / name).write_text(json.dumps(content))
@@ -52,7 +55,6 @@ def test_nnunets_predictor_averages_ideals_two_decoders_on_resenc(preprocessed_3
     predictor.initialize_from_trained_model_folder(trainer.output_folder_base, (0,), "checkpoint_final.pth")
     assert type(predictor.network).__name__ == "DualDecoderUNet"
     assert type(predictor.network.encoder).__name__ == "ResidualEncoder"
-    image = torch.randn(1, 3, 60, 45)
-    logits = predictor.predict_sliding_window_return_logits(image)
-    assert logits.shape == (3, 3, 60, 45) and torch.isfinite(logits).all()
+    logits = predictor.predict_sliding_window_return_logits(torch.randn(1, *image_shape))
+    assert logits.shape == (3, *image_shape) and torch.isfinite(logits).all()
     trainer.on_train_end()

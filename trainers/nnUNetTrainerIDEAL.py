@@ -7,7 +7,7 @@ One nnU-Net run in two stages (settings in ``nnunet_contrast.ideal`` of the plan
    position of the query view against the same position of the key view (no gradient through
    the key path), the key view's other positions as negatives; Adam.
 2. ``finetune``: the network is ``DualDecoderUNet`` (nnU-Net's transposed-conv decoder and a
-   bilinear one on the shared encoder, both with deep supervision), trained with nnU-Net's SGD and
+   bilinear one, trilinear in 3D, on the shared encoder, both with deep supervision), trained with nnU-Net's SGD and
    poly schedule on ``L_SSF``: nnU-Net's loss of each decoder on the labelled batch, plus
    ``lambda_cps`` x cross pseudo-supervision on the unlabelled batch (each decoder learns the other's
    argmax). Inference (``nnUNetv2_predict``) sees one output: the mean of both decoders' softmax.
@@ -39,6 +39,7 @@ class nnUNetTrainerIDEAL(MethodTrainer):
     head_names = ("dense",)
     own_parts = (DECODER,)
     requires_unlabeled = True
+    spatial_dims = (2, 3)
 
     def build_schedule(self):
         s, budget = self.method_settings, self.settings.budget
@@ -70,7 +71,7 @@ class nnUNetTrainerIDEAL(MethodTrainer):
     def build_heads(self) -> nn.ModuleDict:
         s = self.method_settings
         return nn.ModuleDict({"dense": DenseProjectionHead(decoder_channels(self.network), s.head_hidden,
-                                                           s.embedding_dim)})
+                                                           s.embedding_dim, dims=self.patch_dims)})
 
     def parameters_of(self, part: Part):
         if part == DECODER:
@@ -88,7 +89,7 @@ class nnUNetTrainerIDEAL(MethodTrainer):
         return self.dense_loss(queries[:, positions], keys[:, positions])
 
     def dense_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H*W, D): the head on the last stage of nnU-Net's decoder, one vector per pixel."""
+        """(B, positions, D): the head on the last stage of nnU-Net's decoder, one vector per pixel (voxel)."""
         features = decoder_block_features(self.network, images, decoder_stage_count(self.network))
         return self.heads["dense"](features).flatten(2).transpose(1, 2)
 

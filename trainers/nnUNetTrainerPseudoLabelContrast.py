@@ -43,6 +43,7 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
     method_key = "pseudolabel"
     head_names = ("local",)
     requires_unlabeled = True
+    spatial_dims = (2, 3)
 
     @classmethod
     def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
@@ -74,7 +75,7 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
     def build_heads(self) -> nn.ModuleDict:
         s = self.method_settings
         return nn.ModuleDict({"local": DenseProjectionHead(decoder_channels(self.network), s.head_hidden,
-                                                           s.embedding_dim, normalize=False)})
+                                                           s.embedding_dim, normalize=False, dims=self.patch_dims)})
 
     def new_snapshot(self) -> PseudoLabeler:
         return PseudoLabeler(self.network, self.method_settings.min_flip_agreement)

@@ -50,8 +50,8 @@ def sample_class_pixels(labels: torch.Tensor, classes: Sequence[int], per_class:
     """``per_class`` random pixels (with replacement) of each class in ``classes`` in each image
     where it occurs (Chaitanya et al. 2023: |S_c(x)| = 3). Absent classes give no pixel.
 
-    labels: (B, H, W). Returns (image, pixel, label) index tensors of equal length; ``pixel``
-    indexes the flattened H*W map.
+    labels: (B, *spatial), 2D or 3D. Returns (image, pixel, label) index tensors of equal length; ``pixel``
+    indexes the flattened spatial axes.
     """
     flat = labels.reshape(labels.shape[0], -1).long()
     empty = torch.zeros(0, dtype=torch.long, device=labels.device)

@@ -28,7 +28,7 @@ MATCHINGS = ("intra", "inter")
 
 
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, D, H, W) embeddings, (B, H, W) labels -> (B, K, D) mean embedding per image and class,
+    """(B, D, *spatial) embeddings, (B, *spatial) labels -> (B, K, D) mean embedding per image and class,
     and (B, K) whether the class occurs. Labels < 0 or >= K are ignored."""
     flat = embeddings.flatten(2).float()                                   # (B, D, HW)
     labs = labels.reshape(labels.shape[0], -1).long()
@@ -46,8 +46,9 @@ class ClassMeanContrastLoss(nn.Module):
         background: the background label.
 
     Shapes:
-        embeddings: (B, D, H, W); labels: (B, H, W) integers (true labels or pseudo-labels).
-        anchors: (image, pixel, label) index tensors of equal length; pixel indexes H*W.
+        embeddings: (B, D, H, W), or (B, D, Z, H, W) in 3D (pixels are voxels); labels: (B, *spatial)
+        integers (true labels or pseudo-labels).
+        anchors: (image, pixel, label) index tensors of equal length; pixel indexes the flattened spatial axes.
         partners: (B,) partner image of each image, required for ``"inter"``.
         Returns a float32 scalar; 0 (with a graph) when no anchor has a negative.
     """
@@ -64,9 +65,9 @@ class ClassMeanContrastLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, anchors, num_classes: int,
                 partners: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if embeddings.ndim != 4 or labels.shape != (embeddings.shape[0], *embeddings.shape[2:]):
-            raise ValueError(f"ClassMeanContrastLoss: expected embeddings (B, D, H, W) and labels (B, H, W), got "
-                             f"{tuple(embeddings.shape)} and {tuple(labels.shape)}")
+        if embeddings.ndim not in (4, 5) or labels.shape != (embeddings.shape[0], *embeddings.shape[2:]):
+            raise ValueError(f"ClassMeanContrastLoss: expected embeddings (B, D, *spatial) and labels (B, *spatial) "
+                             f"of 2 or 3 spatial axes, got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
         if self.matching == "inter" and (partners is None or tuple(partners.shape) != (embeddings.shape[0],)):
             raise ValueError("ClassMeanContrastLoss: inter-image matching needs partners of shape (B,)")
         with torch.autocast(device_type=embeddings.device.type, enabled=False):  # float32 under AMP

@@ -1,5 +1,5 @@
 """IDEAL's fine-tuning network (Basak et al. 2023): nnU-Net's planned U-Net with a second decoder
-that upsamples by bilinear interpolation instead of transposed convolutions.
+that upsamples by bilinear interpolation (trilinear in 3D) instead of transposed convolutions.
 
 ``DualDecoderUNet`` is what ``nnUNetTrainerIDEAL.build_network_architecture`` returns, so nnU-Net's
 training, validation, ``nnUNetv2_predict``, ensembling and ``find_best_configuration`` use it as
@@ -15,21 +15,25 @@ from typing import List, Tuple, Union
 import torch
 from torch import nn
 
+from nnunet_contrast.network.heads import convolution
+
 Output = Union[torch.Tensor, List[torch.Tensor]]
 
 
 class BilinearUpsampling(nn.Module):
-    """Bilinear interpolation by ``stride``, then a 1x1 convolution to ``out_channels`` (the
-    transposed convolution it replaces changes the channel count too)."""
+    """Bilinear (2D) or trilinear (3D) interpolation by ``stride``, one factor per spatial axis, then a
+    1x1 convolution to ``out_channels`` (the transposed convolution it replaces changes the channel count
+    too). A single number is a 2D stride."""
 
     def __init__(self, in_channels: int, out_channels: int, stride):
         super().__init__()
         self.stride = tuple(int(s) for s in stride) if isinstance(stride, (list, tuple)) else (int(stride),) * 2
-        self.conv = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv = convolution(len(self.stride))(in_channels, out_channels, 1)
+        self.mode = "trilinear" if len(self.stride) == 3 else "bilinear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = [side * s for side, s in zip(x.shape[2:], self.stride)]
-        return self.conv(nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return self.conv(nn.functional.interpolate(x, size=size, mode=self.mode, align_corners=False))
 
 
 def bilinear_decoder_like(decoder: nn.Module, initialize) -> nn.Module:
@@ -55,7 +59,7 @@ def mean_probability_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class DualDecoderUNet(nn.Module):
     """Args:
-        unet: one of nnU-Net's U-Nets (``.encoder``, ``.decoder`` a ``UNetDecoder``), 2D.
+        unet: one of nnU-Net's U-Nets (``.encoder``, ``.decoder`` a ``UNetDecoder``), 2D or 3D.
         initialize: weight initialisation for the second decoder (nnU-Net's He init).
 
     ``encoder`` and ``decoder`` stay those of ``unet`` (nnU-Net's ``set_deep_supervision_enabled``
