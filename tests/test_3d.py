@@ -17,7 +17,8 @@ from nnunet_contrast.training.schedule import PSEUDO_LABEL
                                      "nnUNetTrainerPseudoLabelContrast", "nnUNetTrainerPseudoLabelContrastInter",
                                      "nnUNetTrainerPseudoLabelContrastSelfTraining",
                                      "nnUNetTrainerPseudoLabelContrastInterSelfTraining",
-                                     "nnUNetTrainerIDEAL", "nnUNetTrainerIDEALSelfTraining"])
+                                     "nnUNetTrainerIDEAL", "nnUNetTrainerIDEALSelfTraining",
+                                     "nnUNetTrainerCrossLevel", "nnUNetTrainerCrossLevelSelfTraining"])
 def test_trainers_with_a_3d_form_build_nnunets_3d_network(preprocessed_3d, trainer):
     built = make_trainer(trainer, PLANS_3D, configuration="3d_fullres")
     built.initialize()
@@ -41,6 +42,8 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preproce
     ("nnUNetTrainerPseudoLabelContrast", {"warmup": "segmentation", "joint": "contrast"}),
     # IDEAL's dense stage reads both without labels; its fine-tuning: nnU-Net's loss on labelled volumes, CPS on both
     ("nnUNetTrainerIDEAL", {"finetune": "segmentation"}),
+    # CrossLevel: nnU-Net's loss on labelled volumes, the contrast and consistency over sub-volumes of both
+    ("nnUNetTrainerCrossLevel", {"contrast": "segmentation", "consistency": "segmentation"}),
 ])
 def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d, tmp_path, trainer, labelled_terms):
     split = split_of_fold0(preprocessed_3d)

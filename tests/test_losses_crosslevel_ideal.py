@@ -16,6 +16,7 @@ computes in float32, hence the tolerances.
 3. Cross pseudo-supervision (IDEAL L_SSF): L = CE(p1, argmax p2) + CE(p2, argmax p1), each CE the
    mean over pixels, no gradient through the argmax targets.
 """
+import itertools
 import math
 
 import pytest
@@ -72,20 +73,20 @@ def loop_softmax(v):
 
 
 def loop_patch_image(patch, image, detach_image=True):
-    """sum over cells a of mean over (b, class, y, x) of (softmax(patch) - softmax(image))^2."""
-    batch, cells, classes, height, width = patch.shape
+    """sum over cells a of mean over (b, class, pixel or voxel) of (softmax(patch) - softmax(image))^2."""
+    batch, cells, classes = patch.shape[:3]
+    where = list(itertools.product(*(range(side) for side in patch.shape[3:])))
     image = image.detach() if detach_image else image
     total = _zero()
     for a in range(cells):
         acc = _zero()
         for b in range(batch):
-            for y in range(height):
-                for x in range(width):
-                    p = loop_softmax(patch[b, a, :, y, x])
-                    t = loop_softmax(image[b, a, :, y, x])
-                    for c in range(classes):
-                        acc = acc + (p[c] - t[c]) ** 2
-        total = total + acc / (batch * classes * height * width)
+            for position in where:
+                p = loop_softmax(patch[(b, a, slice(None), *position)])
+                t = loop_softmax(image[(b, a, slice(None), *position)])
+                for c in range(classes):
+                    acc = acc + (p[c] - t[c]) ** 2
+        total = total + acc / (batch * classes * len(where))
     return total
 
 
@@ -289,7 +290,8 @@ def test_dense_infonce_low_precision_inputs_give_float32(dtype):
 # 2. Patch-image consistency
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed,shape", [(0, (1, 1, 2, 2, 2)), (1, (2, 4, 3, 2, 3)), (2, (3, 2, 1, 3, 1)),
-                                        (3, (1, 9, 4, 1, 2)), (4, (2, 3, 2, 3, 3))])
+                                        (3, (1, 9, 4, 1, 2)), (4, (2, 3, 2, 3, 3)),
+                                        (5, (2, 8, 3, 2, 3, 2)), (6, (1, 27, 2, 1, 2, 1))])  # 3D cells
 def test_patch_image_matches_loop(seed, shape):
     patch, image = randn(seed, *shape, scale=2.0), randn(seed + 50, *shape, scale=2.0)
     loss = PatchImageConsistencyLoss()
@@ -347,7 +349,8 @@ def test_patch_image_sums_over_cells_and_averages_the_rest():
     ((2, 3, 2, 4, 4), (2, 4, 2, 4, 4)),
     ((2, 3, 2, 4, 4), (1, 3, 2, 4, 4)),
     ((3, 2, 4, 4), (3, 2, 4, 4)),
-    ((1, 2, 3, 2, 4, 4), (1, 2, 3, 2, 4, 4)),
+    ((1, 2, 3, 2, 4, 4, 2), (1, 2, 3, 2, 4, 4, 2)),  # 4D cells
+    ((1, 2, 3, 2, 4, 4), (1, 2, 3, 2, 4, 5)),  # 3D cells of other sizes
 ])
 def test_patch_image_rejects_shape_mismatch(shapes):
     with pytest.raises(ValueError):

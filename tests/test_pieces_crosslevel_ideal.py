@@ -5,6 +5,7 @@ projection head, the position sampler, and the dual-decoder U-Net.
 Expectations are computed independently of the library: explicit slicing loops, hand-written
 lists, gradients of single outputs w.r.t. the input, the decoders' own softmax.
 """
+import itertools
 import re
 
 import pytest
@@ -148,11 +149,52 @@ def test_wrong_input_size_raises(shape):
         grid.sub_patches(torch.zeros(shape))
 
 
-def test_grid_is_2d_only():
-    with pytest.raises(ValueError):
-        SubPatchGrid((8, 8, 8), 2, (2, 2, 2))
-    with pytest.raises(ValueError):
-        SubPatchGrid((8, 8), 2, (2, 2, 2))
+def test_grid_is_2d_or_3d_with_a_stride_per_axis():
+    for patch, stride in (((8, 8, 8, 8), (2, 2, 2, 2)), ((8, 8), (2, 2, 2)), ((8, 8, 8), (2, 2)), ((8,), (2,))):
+        with pytest.raises(ValueError, match="2D or 3D"):
+            SubPatchGrid(patch, 2, stride)
+
+
+GRIDS_3D = [((40, 56, 40), 2, (8, 16, 8)), ((6, 9, 3), 3, (1, 2, 1)), ((8, 8, 8), 2, (4, 4, 4))]
+
+
+@pytest.mark.parametrize("patch,n,stride", GRIDS_3D)
+def test_3d_grid_cuts_row_major_cubes_and_pads_and_crops_them(patch, n, stride):
+    grid = SubPatchGrid(patch, n, stride)
+    cell = tuple(side // n for side in patch)
+    assert grid.cells == n ** 3 and grid.cell == cell
+    images = rand(12, 2, 3, *patch) + 10.0  # no zero in the image itself
+    cells, subs = grid.cut(images), grid.sub_patches(images)
+    assert cells.shape == (2, n ** 3, 3, *cell) and subs.shape == (2 * n ** 3, 3, *grid.padded)
+    for size, side, s in zip(grid.padded, cell, stride):
+        assert size % s == 0 and side <= size <= side + s
+    front, top, left = (p for p, _ in grid.padding)
+    for b in range(2):
+        for index, (i, j, k) in enumerate(itertools.product(range(n), repeat=3)):  # row-major
+            expected = images[b, :, i * cell[0]:(i + 1) * cell[0], j * cell[1]:(j + 1) * cell[1],
+                              k * cell[2]:(k + 1) * cell[2]]
+            assert torch.equal(cells[b, index], expected), (i, j, k)
+            sub = subs[b * n ** 3 + index]
+            inside = (slice(None), slice(front, front + cell[0]), slice(top, top + cell[1]), slice(left, left + cell[2]))
+            assert torch.equal(sub[inside], expected)
+            outside = sub.clone()
+            outside[inside] = 0
+            assert torch.count_nonzero(outside) == 0
+    assert torch.equal(grid.crop(subs), cells)
+
+
+def test_3d_grid_of_one_strided_cell_grows_along_the_smallest_stride():
+    grid = SubPatchGrid((16, 32, 16), 2, (8, 16, 4))  # cells of 8 x 16 x 8 would leave a 1 x 1 x 2 bottleneck: fine
+    assert grid.padded == (8, 16, 8)
+    grid = SubPatchGrid((16, 32, 16), 2, (8, 16, 8))  # 1 x 1 x 1: one stride more along the first smallest axis
+    assert grid.padded == (16, 16, 8) and grid.padding[0] == (4, 4)
+
+
+def test_3d_auto_grid_on_hippocampus_patch():
+    # nnU-Net's Hippocampus 3D patch: n divides 40, 56 and 40; cells of at least one stride (8, 16, 8) per side
+    assert valid_grids((40, 56, 40)) == [2, 4, 8]
+    grid = SubPatchGrid((40, 56, 40), 0, (8, 16, 8))
+    assert grid.n == 2 and grid.cell == (20, 28, 20) and "2 x 2 x 2 sub-patches of 20 x 28 x 20 voxels" in grid.describe()
 
 
 # ----------------------------------------------------------------------------- stride_factors
@@ -227,6 +269,22 @@ def test_cell_head_on_one_cell_equals_full_map_at_that_cell(cell, n):
                 single = net(x[..., i * ch:(i + 1) * ch, j * cw:(j + 1) * cw])
                 assert single.shape == (2, 6, 1, 1)
                 torch.testing.assert_close(single[..., 0, 0], full[..., i, j], rtol=1e-5, atol=1e-6)
+
+
+def test_cell_head_in_3d_sees_one_cube_per_output():
+    cell, n = (4, 6, 2), 2
+    torch.manual_seed(3)
+    net = CellProjectionHead(2, cell, hidden_dim=8, out_dim=6)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
+    assert len(convs) == 3 and tuple(torch.tensor([c.stride for c in convs]).prod(0).tolist()) == cell
+    x = rand(13, 2, 2, *(n * side for side in cell))
+    with torch.no_grad():
+        full = net(x)
+        assert full.shape == (2, 6, n, n, n)
+        torch.testing.assert_close(full.norm(dim=1), torch.ones(2, n, n, n))
+        for i, j, k in itertools.product(range(n), repeat=3):
+            cube = x[..., i * cell[0]:(i + 1) * cell[0], j * cell[1]:(j + 1) * cell[1], k * cell[2]:(k + 1) * cell[2]]
+            torch.testing.assert_close(net(cube)[..., 0, 0, 0], full[..., i, j, k], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- sample_positions

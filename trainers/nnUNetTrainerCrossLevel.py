@@ -33,6 +33,7 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
     method_key = "crosslevel"
     head_names = ("cell",)
     requires_unlabeled = True
+    spatial_dims = (2, 3)
 
     def build_schedule(self):
         """Both phases read labelled and unlabelled batches and share nnU-Net's SGD and poly schedule
@@ -55,7 +56,7 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
         settings = super().check_supported(plans_manager, configuration, dataset_json)
         patch_size = plans_manager.get_configuration(configuration).patch_size
         try:
-            SubPatchGrid(patch_size, settings.method.grid, (1, 1))
+            SubPatchGrid(patch_size, settings.method.grid, (1,) * len(patch_size))
         except ValueError as error:
             raise UserInputError(f"{cls.__name__}: {error}: set nnunet_contrast.crosslevel.grid in the plans to one "
                                  f"of them, or 0 to choose automatically") from None
@@ -73,7 +74,8 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
         """The sub-patch grid of the planned patch and the network's total stride (once the network exists)."""
         if self._grid is None:
             s = self.method_settings
-            self._grid = SubPatchGrid(self.configuration_manager.patch_size, s.grid, total_stride(self.network),
+            self._grid = SubPatchGrid(self.configuration_manager.patch_size, s.grid,
+                                      total_stride(self.network, self.patch_dims),
                                       s.min_cell_strides)
         return self._grid
 

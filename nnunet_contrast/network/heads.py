@@ -56,8 +56,9 @@ class CellProjectionHead(nn.Module):
     ReLUs between, then an L2 norm per output pixel. Their strides multiply to ``cell_size``, so each
     output pixel sees exactly one ``cell_size`` cell of the input (non-overlapping receptive fields):
     a full patch of n x n cells gives the n x n x D grid p(Z), a cell on its own the 1 x 1 x D p(z_i).
+    A 3D ``cell_size`` gives 3D convolutions and the n x n x n grid.
 
-    Shapes: (B, C, n*cH, n*cW) -> (B, out_dim, n, n).
+    Shapes: (B, C, n*cH, n*cW) -> (B, out_dim, n, n); in 3D (B, C, n*cD, n*cH, n*cW) -> (B, out_dim, n, n, n).
     """
 
     def __init__(self, in_channels: int, cell_size, hidden_dim: int = 128, out_dim: int = 128):
@@ -66,7 +67,7 @@ class CellProjectionHead(nn.Module):
         channels = [in_channels, hidden_dim, hidden_dim, out_dim]
         layers = []
         for i, stride in enumerate(strides):
-            layers.append(nn.Conv2d(channels[i], channels[i + 1], stride, stride))
+            layers.append(convolution(len(cell_size))(channels[i], channels[i + 1], stride, stride))
             if i < len(strides) - 1:
                 layers.append(nn.ReLU(inplace=True))
         self.net = nn.Sequential(*layers)

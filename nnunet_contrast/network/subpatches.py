@@ -1,11 +1,13 @@
-"""The ``n x n`` sub-patch grid of Zhao et al. 2022 on nnU-Net's planned patch.
+"""The ``n x n`` sub-patch grid of Zhao et al. 2022 on nnU-Net's planned patch (``n x n x n`` in 3D).
 
 An image of the planned patch size ``(H, W)`` is cut into ``n x n`` cells of ``(H/n, W/n)``
-pixels. Each cell, run through the network on its own, is zero-padded (centred; nnU-Net's images
-are normalised to mean 0, and nnU-Net pads with 0 too) to the next multiple of the network's total
-stride (one stride more along one axis where that would leave a 1 x 1 bottleneck, which nnU-Net's
-instance normalisation cannot train on), and its outputs are cropped back to the cell.
+pixels; a 3D patch ``(D, H, W)`` into ``n^3`` cells of ``(D/n, H/n, W/n)`` voxels. Each cell, run through
+the network on its own, is zero-padded (centred; nnU-Net's images are normalised to mean 0, and nnU-Net
+pads with 0 too) to the next multiple of the network's total stride (one stride more along one axis where
+that would leave a bottleneck of a single value, which nnU-Net's instance normalisation cannot train on),
+and its outputs are cropped back to the cell. Cells are numbered in row-major order.
 """
+import itertools
 import math
 from typing import List, Sequence, Tuple
 
@@ -33,29 +35,35 @@ def auto_grid(patch_size: Sequence[int], total_stride: Sequence[int] = (1, 1), p
     return max(roomy or below) if below else 0
 
 
+def times(sides: Sequence[int]) -> str:
+    return " x ".join(map(str, sides))
+
+
 class SubPatchGrid:
     """Args:
-        patch_size: (H, W), nnU-Net's planned patch.
+        patch_size: (H, W) or (D, H, W), nnU-Net's planned patch.
         n: cells per side (0: ``auto_grid``).
-        total_stride: (sH, sW), the product of the network's pooling strides.
+        total_stride: the product of the network's pooling strides, one per axis of the patch.
         min_strides: ``auto_grid``'s smallest cell, in total strides per side.
     """
 
     def __init__(self, patch_size: Sequence[int], n: int, total_stride: Sequence[int], min_strides: int = 1):
         patch_size, total_stride = tuple(int(s) for s in patch_size), tuple(int(s) for s in total_stride)
-        if len(patch_size) != 2 or len(total_stride) != 2:
-            raise ValueError(f"SubPatchGrid is 2D: got patch size {patch_size} and total stride {total_stride}")
+        if len(patch_size) not in (2, 3) or len(total_stride) != len(patch_size):
+            raise ValueError(f"SubPatchGrid is 2D or 3D, with one stride per axis: got patch size {patch_size} and "
+                             f"total stride {total_stride}")
         n = auto_grid(patch_size, total_stride, min_strides=min_strides) if n == 0 else n
         if n not in valid_grids(patch_size):
-            raise ValueError(f"a grid of {n} x {n} sub-patches does not fit the patch size {list(patch_size)}: n must "
-                             f"be at least 2 and divide both sides; valid here: {valid_grids(patch_size) or 'none'}")
+            raise ValueError(f"a grid of {times([n] * len(patch_size))} sub-patches does not fit the patch size "
+                             f"{list(patch_size)}: n must be at least 2 and divide every side; valid here: "
+                             f"{valid_grids(patch_size) or 'none'}")
         self.n, self.patch_size, self.total_stride = n, patch_size, total_stride
         self.cell = tuple(side // n for side in patch_size)
         padded = [math.ceil(c / s) * s for c, s in zip(self.cell, total_stride)]
         if all(p == s for p, s in zip(padded, total_stride)):
-            # a 1 x 1 bottleneck: instance normalisation needs more than one value per channel, so the
-            # sub-patch grows by one stride along the axis of the smaller stride (the cheaper one)
-            axis = 0 if total_stride[0] <= total_stride[1] else 1
+            # a bottleneck of one value: instance normalisation needs more than one value per channel, so
+            # the sub-patch grows by one stride along the axis of the smallest stride (the cheapest one)
+            axis = total_stride.index(min(total_stride))
             padded[axis] += total_stride[axis]
         self.padded = tuple(padded)
         # (before, after) padding per axis, centred
@@ -63,32 +71,34 @@ class SubPatchGrid:
 
     @property
     def cells(self) -> int:
-        return self.n * self.n
+        return self.n ** len(self.patch_size)
 
     def cut(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, n*n, C, H/n, W/n), cells in row-major order."""
-        b, c, height, width = maps.shape
-        if (height, width) != self.patch_size:
-            raise ValueError(f"SubPatchGrid: maps of {height} x {width}, but the grid is for {list(self.patch_size)}")
-        (ch, cw), n = self.cell, self.n
-        return maps.reshape(b, c, n, ch, n, cw).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, ch, cw)
+        """(B, C, *patch) -> (B, cells, C, *cell), cells in row-major order."""
+        if tuple(maps.shape[2:]) != self.patch_size:
+            raise ValueError(f"SubPatchGrid: maps of {times(maps.shape[2:])}, but the grid is for "
+                             f"{list(self.patch_size)}")
+        b, c, dims = maps.shape[0], maps.shape[1], len(self.patch_size)
+        split = maps.reshape(b, c, *itertools.chain.from_iterable((self.n, side) for side in self.cell))
+        # (B, C, n, c1, n, c2[, n, c3]) -> (B, n, n[, n], C, c1, c2[, c3])
+        order = [0, *range(2, 2 + 2 * dims, 2), 1, *range(3, 3 + 2 * dims, 2)]
+        return split.permute(order).reshape(b, self.cells, c, *self.cell)
 
     def sub_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B*n*n, C, pH, pW) sub-patches, padded to a multiple of the stride."""
+        """(B, C, *patch) images -> (B*cells, C, *padded) sub-patches, padded to a multiple of the stride."""
         cells = self.cut(images).flatten(0, 1)
-        (top, bottom), (left, right) = self.padding
-        return F.pad(cells, (left, right, top, bottom))
+        return F.pad(cells, [side for axis in reversed(self.padding) for side in axis])  # last axis first
 
     def crop(self, outputs: torch.Tensor) -> torch.Tensor:
-        """(B*n*n, C, pH, pW) outputs of the padded sub-patches -> (B, n*n, C, H/n, W/n)."""
-        (top, _), (left, _) = self.padding
-        (ch, cw) = self.cell
-        cropped = outputs[:, :, top:top + ch, left:left + cw]
+        """(B*cells, C, *padded) outputs of the padded sub-patches -> (B, cells, C, *cell)."""
+        window = tuple(slice(before, before + side) for (before, _), side in zip(self.padding, self.cell))
+        cropped = outputs[(slice(None), slice(None), *window)]
         return cropped.reshape(-1, self.cells, *cropped.shape[1:])
 
     def describe(self) -> str:
-        return (f"{self.n} x {self.n} sub-patches of {self.cell[0]} x {self.cell[1]} pixels (padded to "
-                f"{self.padded[0]} x {self.padded[1]}) on the {self.patch_size[0]} x {self.patch_size[1]} patch")
+        unit = "voxels" if len(self.cell) == 3 else "pixels"
+        return (f"{times([self.n] * len(self.cell))} sub-patches of {times(self.cell)} {unit} (padded to "
+                f"{times(self.padded)}) on the {times(self.patch_size)} patch")
 
 
 def stride_factors(size: int, parts: int = 3) -> Tuple[int, ...]:
