@@ -1,6 +1,7 @@
-"""nnU-Net's 3d_fullres configuration on the embedded sample: the trainers with a 3D form (docs/methods.md,
-"Configurations") build nnU-Net's 3D PlainConvUNet and self-train without reading the labels of unlabelled cases
-(a step of each stage in 3D: test_resenc.py); the methods without one refuse in one line before writing anything.
+"""nnU-Net's 3d_fullres configuration on the embedded sample: every trainer has a 3D form (docs/methods.md,
+"Configurations"), builds nnU-Net's 3D PlainConvUNet (IDEAL: with its second decoder) and trains each stage without
+reading the labels of unlabelled cases (a step of each stage on ResEnc 3D: test_resenc.py); the 2D-only settings
+(G^D, L^D) refuse in one line before nnU-Net writes anything.
 nnUNetv2_train 4 3d_fullres and nnUNetv2_predict -c 3d_fullres with SelfTraining ran by hand on the sample (2026-12-06),
 not here: the suite's time limit."""
 import pytest
@@ -18,7 +19,8 @@ from nnunet_contrast.training.schedule import PSEUDO_LABEL
                                      "nnUNetTrainerPseudoLabelContrastSelfTraining",
                                      "nnUNetTrainerPseudoLabelContrastInterSelfTraining",
                                      "nnUNetTrainerIDEAL", "nnUNetTrainerIDEALSelfTraining",
-                                     "nnUNetTrainerCrossLevel", "nnUNetTrainerCrossLevelSelfTraining"])
+                                     "nnUNetTrainerCrossLevel", "nnUNetTrainerCrossLevelSelfTraining",
+                                     "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalLocalContrastSelfTraining"])
 def test_trainers_with_a_3d_form_build_nnunets_3d_network(preprocessed_3d, trainer):
     built = make_trainer(trainer, PLANS_3D, configuration="3d_fullres")
     built.initialize()
@@ -44,6 +46,8 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preproce
     ("nnUNetTrainerIDEAL", {"finetune": "segmentation"}),
     # CrossLevel: nnU-Net's loss on labelled volumes, the contrast and consistency over sub-volumes of both
     ("nnUNetTrainerCrossLevel", {"contrast": "segmentation", "consistency": "segmentation"}),
+    # GlobalLocalContrast's G^R and L^R read the images of every case and no label; fine-tuning the labelled ones
+    ("nnUNetTrainerGlobalLocalContrast", {"finetune": "segmentation"}),
 ])
 def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d, tmp_path, trainer, labelled_terms):
     split = split_of_fold0(preprocessed_3d)
@@ -55,10 +59,15 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d
         assert reference[stage][term] > 0 and changed[stage][term] != reference[stage][term], (stage, term)
 
 
-def test_a_method_without_a_3d_form_refuses_3d_fullres_in_one_line(preprocessed_3d):
-    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerGlobalLocalContrast",
-                                 "-p", PLANS_3D, "-device", "cpu", check=False)
+def test_partitions_of_slices_are_refused_in_3d_in_one_line(preprocessed_3d):
+    """G^D / L^D need a 2D slice's position in its volume; in 3D the refusal names G^R / L^R, before nnU-Net
+    writes anything."""
+    trainer, plans = "nnUNetTrainerGlobalLocalContrast", "nnUNetPlans_test3d_gd"
+    preprocessed_3d.run("nnunet-contrast", "plans", "-d", "4", "-c", "3d_fullres", "-p", PLANS_3D, "-o", plans,
+                        "--set", "nnunet_contrast.globallocal.global_strategy=GD")
+    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", trainer, "-p", plans, "-device", "cpu",
+                                 check=False)
     assert result.returncode != 0
-    assert "nnUNetTrainerGlobalLocalContrast has no 3D form yet" in result.stderr
-    assert "train the 2d configuration" in result.stderr
-    assert not (preprocessed_3d.results / f"nnUNetTrainerGlobalLocalContrast__{PLANS_3D}__3d_fullres").exists()
+    assert f"{trainer}: global_strategy=GD group 2D slices by their position in the volume" in result.stderr
+    assert "set nnunet_contrast.globallocal.global_strategy=GR and local_strategy=LR in the plans" in result.stderr
+    assert not (preprocessed_3d.results / f"{trainer}__{plans}__3d_fullres").exists()

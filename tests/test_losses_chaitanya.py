@@ -617,7 +617,7 @@ def test_sample_class_pixels_empty_and_invalid():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("height,width,size", [(20, 20, 3), (32, 24, 5), (64, 64, 13), (17, 30, 4)])
 def test_region_corners_large_maps(height, width, size):
-    corners = region_corners(height, width, size)
+    corners = region_corners((height, width), size)
     assert len(corners) == 13 and len(set(corners)) == 13
     free_h, free_w = height - size, width - size
     for top, left in corners:
@@ -633,7 +633,7 @@ def test_region_corners_large_maps(height, width, size):
 
 @pytest.mark.parametrize("height,width,size,count", [(3, 3, 3, 1), (4, 4, 3, 4), (3, 5, 3, 3), (5, 5, 3, 9)])
 def test_region_corners_small_maps_drop_duplicates(height, width, size, count):
-    corners = region_corners(height, width, size)
+    corners = region_corners((height, width), size)
     assert len(corners) == len(set(corners)) == count
     for top, left in corners:
         assert 0 <= top and top + size <= height and 0 <= left and left + size <= width
@@ -642,7 +642,7 @@ def test_region_corners_small_maps_drop_duplicates(height, width, size, count):
 @pytest.mark.parametrize("height,width", [(2, 5), (5, 2), (2, 2)])
 def test_region_corners_map_too_small(height, width):
     with pytest.raises(ValueError):
-        region_corners(height, width, 3)
+        region_corners((height, width), 3)
     with pytest.raises(ValueError):
         region_vectors(torch.zeros(1, 1, height, width), 3)
 
@@ -652,7 +652,7 @@ def test_region_corners_map_too_small(height, width):
 def test_region_vectors_content(maps, channels, height, width, size):
     feats = randn(maps, maps, channels, height, width)
     vectors = region_vectors(feats, size)
-    corners = region_corners(height, width, size)
+    corners = region_corners((height, width), size)
     assert vectors.shape == (maps, len(corners), channels * size * size)
     for m in range(maps):
         for a, (top, left) in enumerate(corners):
@@ -660,6 +660,27 @@ def test_region_vectors_content(maps, channels, height, width, size):
                 for i in range(size):
                     for j in range(size):
                         assert vectors[m, a, c * size * size + i * size + j] == feats[m, c, top + i, left + j]
+
+
+@pytest.mark.parametrize("shape,size,count", [((9, 11, 10), 3, 35), ((3, 3, 3), 3, 1), ((4, 3, 5), 3, 6)])
+def test_region_corners_and_vectors_in_3d(shape, size, count):
+    """3 x 3 x 3 cubes at 0, 1/2, 1 of the free range along each axis, plus 2 x 2 x 2 at 1/4, 3/4."""
+    corners = region_corners(shape, size)
+    free = [side - size for side in shape]
+    assert len(corners) == len(set(corners)) == count
+    assert all(0 <= c <= f for corner in corners for c, f in zip(corner, free))
+    fractions = list(itertools.product((0, .5, 1), repeat=3)) + list(itertools.product((.25, .75), repeat=3))
+    for at in fractions:  # each grid point has its region (to within rounding)
+        assert any(all(abs(c - a * f) <= 0.5 for c, a, f in zip(corner, at, free)) for corner in corners), at
+    assert corners[0] == (0, 0, 0) and tuple(free) in corners
+    feats = randn(1, 2, 2, *shape)
+    vectors = region_vectors(feats, size)
+    assert vectors.shape == (2, count, 2 * size ** 3)
+    for m in range(2):
+        for a, (z, y, x) in enumerate(corners):
+            for c in range(2):
+                for i, j, k in itertools.product(range(size), repeat=3):
+                    assert vectors[m, a, c * size ** 3 + i * size * size + j * size + k] == feats[m, c, z + i, y + j, x + k]
 
 
 # --------------------------------------------------------------------------------------------------

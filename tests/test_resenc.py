@@ -21,7 +21,7 @@ TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") 
                and t not in SAME_STEPS]
 TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
                "nnUNetTrainerGlobalContrast", "nnUNetTrainerSupConLocal", "nnUNetTrainerPseudoLabelContrast",
-               "nnUNetTrainerIDEAL", "nnUNetTrainerCrossLevel"]
+               "nnUNetTrainerIDEAL", "nnUNetTrainerCrossLevel", "nnUNetTrainerGlobalLocalContrast"]
 
 
 RESENC = ("ResidualEncoderUNet", "DualDecoderUNet")

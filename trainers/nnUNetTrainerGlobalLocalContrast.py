@@ -8,7 +8,8 @@ One nnU-Net run in three stages (settings in ``nnunet_contrast.globallocal`` of 
    ``GD`` (also same-partition slices of other volumes; batches of volumes x partitions);
 2. ``local``: the encoder frozen, the first ``decoder_blocks`` decoder stages and the head g2 learn
    the local loss ``LR`` or ``LD`` over 13 ``region_size`` x ``region_size`` regions of two
-   intensity-only views;
+   intensity-only views (in 3D: ``LR`` over 35 cubes; ``GD`` and ``LD`` are 2D only, the preset's
+   3d_fullres block sets ``GR``);
 3. ``finetune``: nnU-Net's own supervised training on the labelled cases.
 Both pretraining stages read images of all training cases (labelled and unlabelled, labels unused)
 and the added unlabelled images.
@@ -40,6 +41,21 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
     method_key = "globallocal"
     head_names = ("global", "local")
     own_parts = (DECODER_BLOCKS,)
+    spatial_dims = (2, 3)
+
+    @classmethod
+    def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
+        """G^D and L^D group 2D slices by their position in the volume; a 3D patch has no such position (on
+        Hippocampus it holds the whole volume), so in 3D only G^R and L^R (docs/methods.md, Configurations)."""
+        settings = super().check_supported(plans_manager, configuration, dataset_json)
+        s = settings.method
+        partitioned = [f"{name}={value}" for name, value in (("global_strategy", s.global_strategy),
+                                                              ("local_strategy", s.local_strategy)) if value in ("GD", "LD")]
+        if len(plans_manager.get_configuration(configuration).patch_size) == 3 and partitioned:
+            raise UserInputError(f"{cls.__name__}: {' and '.join(partitioned)} group 2D slices by their position in the "
+                                 f"volume, which '{configuration}' patches do not have: set "
+                                 f"nnunet_contrast.globallocal.global_strategy=GR and local_strategy=LR in the plans")
+        return settings
 
     def build_schedule(self):
         s, adam = self.method_settings, self.pretrain_optimizer()
@@ -64,7 +80,8 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         if "local" in self.schedule.names:  # a run without a local stage ignores its settings
             s = self.method_settings
             heads["local"] = DenseProjectionHead(decoder_channels(self.network, self.local_blocks - 1),
-                                                 s.local_head_hidden, s.local_head_dim, normalize=False)
+                                                 s.local_head_hidden, s.local_head_dim, normalize=False,
+                                                 dims=self.patch_dims)
         return heads
 
     @property
@@ -137,7 +154,6 @@ class nnUNetTrainerGlobalContrast(nnUNetTrainerGlobalLocalContrast):
     """Global-only baseline ("Global" of Hu et al. Table 1): SimCLR (G^R) pretraining of the
     encoder, then nnU-Net fine-tuning; no local stage. In 3D the views are of nnU-Net's 3D patches."""
     variant_settings = {"globallocal": {"global_strategy": "GR", "local_epochs": 0}}
-    spatial_dims = (2, 3)
 
 
 class nnUNetTrainerGlobalLocalContrastSelfTraining(nnUNetTrainerGlobalLocalContrast):

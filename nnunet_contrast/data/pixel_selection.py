@@ -4,7 +4,7 @@ Separated from the losses (as in pytorch-metric-learning):
 * Hu et al. 2021 (Sec. 2.3): ``flatten_valid``, ``stride_pixels`` and ``block_pixels`` turn
   (V, C, *spatial) features and (V, *spatial) labels, 2D or 3D, into flat (N, C) features and (N,) labels;
 * Chaitanya et al. 2023: ``sample_class_pixels`` draws anchor pixels per class and image;
-* Chaitanya et al. 2020: ``region_corners`` and ``region_vectors`` cut the 13 local regions;
+* Chaitanya et al. 2020: ``region_corners`` and ``region_vectors`` cut the 13 local regions (35 in 3D);
 * Basak et al. 2023: ``sample_positions`` draws the positions of the dense loss.
 """
 import itertools
@@ -68,23 +68,28 @@ def sample_class_pixels(labels: torch.Tensor, classes: Sequence[int], per_class:
     return (image.repeat_interleave(per_class), pixel.reshape(-1), wanted[which].repeat_interleave(per_class))
 
 
-def region_corners(height: int, width: int, size: int) -> List[Tuple[int, int]]:
-    """Top-left corners of the 13 local regions of Chaitanya et al. 2020 on a (height, width) map:
-    a 3 x 3 grid at 0, 1/2, 1 of the free range plus a 2 x 2 grid at 1/4, 3/4 of it, so that every
-    ``size`` x ``size`` region lies inside the map. Duplicates on small maps are dropped."""
-    if height < size or width < size:
-        raise ValueError(f"a {height}x{width} feature map is smaller than the {size}x{size} local regions: "
-                         f"use a smaller region size or a decoder block of higher resolution")
-    free_h, free_w = height - size, width - size
-    outer = [(round(free_h * a), round(free_w * b)) for a in (0, .5, 1) for b in (0, .5, 1)]
-    inner = [(round(free_h * a), round(free_w * b)) for a in (.25, .75) for b in (.25, .75)]
-    return list(dict.fromkeys(outer + inner))
+def region_corners(shape: Sequence[int], size: int) -> List[Tuple[int, ...]]:
+    """First corners of the local regions of Chaitanya et al. 2020 on a map of ``shape``: in 2D the 13
+    regions, a 3 x 3 grid at 0, 1/2, 1 of the free range plus a 2 x 2 grid at 1/4, 3/4 of it; in 3D the
+    same along every axis, 3^3 + 2^3 = 35 regions; each ``size`` along every axis and inside the map.
+    Duplicates on small maps are dropped."""
+    if any(side < size for side in shape):
+        raise ValueError(f"a {'x'.join(map(str, shape))} feature map is smaller than the "
+                         f"{'x'.join([str(size)] * len(shape))} local regions: use a smaller region size or a "
+                         f"decoder block of higher resolution")
+    free = [side - size for side in shape]
+
+    def grid(fractions):
+        return [tuple(round(f * a) for f, a in zip(free, at)) for at in itertools.product(fractions, repeat=len(shape))]
+
+    return list(dict.fromkeys(grid((0, .5, 1)) + grid((.25, .75))))
 
 
 def region_vectors(features: torch.Tensor, size: int) -> torch.Tensor:
-    """Each of the ``region_corners`` regions of every map, flattened: (M, C, H, W) -> (M, A, C*size*size)."""
-    corners = region_corners(features.shape[-2], features.shape[-1], size)
-    regions = [features[:, :, top:top + size, left:left + size].flatten(1) for top, left in corners]
+    """Each of the ``region_corners`` regions of every map, flattened: (M, C, *spatial) -> (M, A, C*size^d)."""
+    corners = region_corners(features.shape[2:], size)
+    regions = [features[(slice(None), slice(None), *(slice(c, c + size) for c in corner))].flatten(1)
+               for corner in corners]
     return torch.stack(regions, dim=1)
 
 
