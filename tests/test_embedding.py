@@ -6,8 +6,9 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
+from conftest import planned_network
 from nnunet_contrast.commands.embed import collect_embeddings, image_label_pairs, pad_to_multiple, plot_embedding, \
-    sample_pixels, silhouette, slice_features, tsne
+    sample_pixels, silhouette, tsne, voxel_features
 from nnunet_contrast.errors import UserInputError
 
 
@@ -17,12 +18,13 @@ def small_unet():
                          norm_op=torch.nn.InstanceNorm2d, nonlin=torch.nn.LeakyReLU).eval()
 
 
-@pytest.mark.parametrize("shape, multiple", [((1, 2, 7, 9), (4, 4)), ((3, 1, 8, 8), (4, 2)), ((1, 1, 5, 3), (8, 1))])
+@pytest.mark.parametrize("shape, multiple", [((1, 2, 7, 9), (4, 4)), ((3, 1, 8, 8), (4, 2)), ((1, 1, 5, 3), (8, 1)),
+                                             ((1, 1, 5, 7, 3), (4, 8, 2))])
 def test_padding_to_a_multiple_is_undone_by_its_crop(shape, multiple):
     image = torch.randn(shape)
     padded, crop = pad_to_multiple(image, multiple)
-    assert padded.shape[-2] % multiple[0] == 0 and padded.shape[-1] % multiple[1] == 0
-    assert torch.equal(padded[..., crop[0], crop[1]], image)
+    assert all(side % m == 0 for side, m in zip(padded.shape[2:], multiple))
+    assert torch.equal(padded[(slice(None), slice(None), *crop)], image)
 
 
 def test_pixel_sampling_balances_classes_and_skips_negative_labels():
@@ -38,16 +40,33 @@ def test_pixel_sampling_balances_classes_and_skips_negative_labels():
         assert (flat[index] == value).all() and len(set(index.tolist())) == len(index)
 
 
-def test_slice_features_are_normalised_maps_of_each_slice():
+def test_voxel_features_of_a_2d_network_are_normalised_maps_of_each_slice():
     net = small_unet()
     volume = torch.randn(1, 3, 10, 13)                 # C, Z, H, W: odd sizes need padding
-    maps = slice_features(net, volume, -1, (4, 4))
-    assert maps.shape == (3, 4, 10, 13)
-    assert torch.allclose(maps.norm(dim=1), torch.ones(3, 10, 13), atol=1e-5)
-    coarse = slice_features(net, volume, 0, (4, 4))   # a coarser stage is brought to full size
-    assert coarse.shape == (3, 8, 10, 13)
-    single = slice_features(net, volume[:, 1:2], -1, (4, 4))
-    assert torch.allclose(single[0], maps[1], atol=1e-3)  # each slice on its own
+    maps = voxel_features(net, volume, -1, (4, 4))
+    assert maps.shape == (3 * 10 * 13, 4)
+    assert torch.allclose(maps.norm(dim=1), torch.ones(3 * 10 * 13), atol=1e-5)
+    coarse = voxel_features(net, volume, 0, (4, 4))   # a coarser stage is brought to full size
+    assert coarse.shape == (3 * 10 * 13, 8)
+    single = voxel_features(net, volume[:, 1:2], -1, (4, 4))
+    assert torch.allclose(single, maps[10 * 13:2 * 10 * 13], atol=1e-3)  # each slice on its own, in order
+
+
+def test_voxel_features_of_a_3d_network_come_from_the_whole_volume():
+    """nnU-Net's 3D U-Net: the volume padded to its total stride, one pass, the last decoder stage cropped back."""
+    from nnunet_contrast.network.taps import forward_with_decoder_features, total_stride
+
+    net = planned_network("PlainConvUNet", "3d_fullres").eval()
+    stride = total_stride(net, 3)
+    volume = torch.randn(1, 9, 13, 11)
+    features = voxel_features(net, volume, -1, stride)
+    padded, crop = pad_to_multiple(volume[None], stride)
+    assert padded.shape[2:] == tuple(-(-side // s) * s for side, s in zip((9, 13, 11), stride))
+    with torch.no_grad():
+        _, direct = forward_with_decoder_features(net, padded)
+    expected = torch.nn.functional.normalize(direct[(0, slice(None), *crop)], dim=0)       # F, Z, H, W
+    assert features.shape == (9 * 13 * 11, expected.shape[0])
+    torch.testing.assert_close(features[(4 * 13 + 5) * 11 + 6], expected[:, 4, 5, 6])     # voxel (4, 5, 6)
 
 
 def test_embeddings_hold_at_most_the_asked_pixels_of_each_class():

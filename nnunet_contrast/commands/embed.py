@@ -1,10 +1,10 @@
 """``nnunet-contrast embed``: a t-SNE picture of a trained model's pixel embeddings, coloured by class.
 
 As in the papers' embedding figures (Hu et al. 2021 Fig. 3, Chaitanya et al. 2023 Fig. 4): held-out
-images are preprocessed by nnU-Net's own preprocessor, every 2D slice goes through the trained
-network, and the output of one decoder stage (default: the last, which the segmentation layer
-reads) is taken at up to ``pixels_per_class`` randomly chosen pixels of each class (upsampled to
-the image's resolution for a coarser stage). Features are L2-normalised, as the contrastive losses
+images are preprocessed by nnU-Net's own preprocessor, every 2D slice (a 3D model: the whole volume, so it
+must fit the device's memory) goes through the trained network, and the output of one decoder stage
+(default: the last, which the segmentation layer reads) is taken at up to ``pixels_per_class`` randomly
+chosen pixels (voxels) of each class (upsampled to the image's resolution for a coarser stage). Features are L2-normalised, as the contrastive losses
 compare them, before t-SNE. The silhouette score of the classes in the normalised feature space
 (cosine distance) is printed beside the picture: a number for what the picture shows.
 """
@@ -23,12 +23,12 @@ MIN_PIXELS = 5  # per class; t-SNE needs more points than its perplexity
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: Sequence[int]) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
-    """Zero-pad the last two axes of ``image`` (N, C, H, W) up to multiples of ``multiple``;
-    returns the padded image and the slices that crop an output of the same size back."""
-    height, width = image.shape[-2:]
-    pad_h, pad_w = (-height) % multiple[0], (-width) % multiple[1]
-    padded = F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return padded, (slice(pad_h // 2, pad_h // 2 + height), slice(pad_w // 2, pad_w // 2 + width))
+    """Zero-pad the spatial axes of ``image`` (N, C, *spatial), centred, up to multiples of ``multiple`` (one per
+    axis); returns the padded image and the slices that crop an output of the same size back."""
+    sides = image.shape[2:]
+    pads = [(-side) % m for side, m in zip(sides, multiple)]
+    padded = F.pad(image, [p for pad in reversed(pads) for p in (pad // 2, pad - pad // 2)])  # last axis first
+    return padded, tuple(slice(pad // 2, pad // 2 + side) for pad, side in zip(pads, sides))
 
 
 def sample_pixels(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> Dict[int, np.ndarray]:
@@ -44,20 +44,25 @@ def sample_pixels(labels: np.ndarray, per_class: int, rng: np.random.Generator) 
     return chosen
 
 
-def slice_features(network: torch.nn.Module, data: torch.Tensor, stage: int, stride: Sequence[int]) -> torch.Tensor:
-    """Decoder-stage features of each slice of a preprocessed volume (C, Z, H, W) -> (Z, F, H, W)."""
+def voxel_features(network: torch.nn.Module, data: torch.Tensor, stage: int, stride: Sequence[int]) -> torch.Tensor:
+    """Normalised decoder-stage features of every voxel of a preprocessed volume (C, Z, H, W) -> (Z*H*W, F), in
+    the volume's row-major order: slice by slice for a 2D network (``stride`` of 2 axes), the whole volume
+    through a 3D one."""
     from nnunet_contrast.network.taps import forward_with_decoder_features
 
-    padded, crop = pad_to_multiple(data.permute(1, 0, 2, 3), stride)
+    batch = data.permute(1, 0, 2, 3) if len(stride) == 2 else data[None]  # slices, or the volume
+    padded, crop = pad_to_multiple(batch, stride)
+    mode = "bilinear" if len(stride) == 2 else "trilinear"
     maps = []
     for chunk in padded.split(16):  # a few slices at a time: whole volumes may not fit
         with torch.no_grad():
             _, features = forward_with_decoder_features(network, chunk.to(next(network.parameters()).device), stage)
         features = features.float().cpu()
-        if features.shape[-2:] != chunk.shape[-2:]:
-            features = F.interpolate(features, size=chunk.shape[-2:], mode="bilinear", align_corners=False)
-        maps.append(F.normalize(features[..., crop[0], crop[1]], dim=1))
-    return torch.cat(maps)
+        if features.shape[2:] != chunk.shape[2:]:
+            features = F.interpolate(features, size=chunk.shape[2:], mode=mode, align_corners=False)
+        maps.append(F.normalize(features[(slice(None), slice(None), *crop)], dim=1))
+    maps = torch.cat(maps)
+    return maps.movedim(1, -1).reshape(-1, maps.shape[1])
 
 
 def collect_embeddings(network, volumes: List[Tuple[torch.Tensor, np.ndarray]], stage: int, stride: Sequence[int],
@@ -66,8 +71,7 @@ def collect_embeddings(network, volumes: List[Tuple[torch.Tensor, np.ndarray]], 
     rng = np.random.default_rng(seed)
     features, classes = [], []
     for data, seg in volumes:
-        maps = slice_features(network, data, stage, stride)           # Z, F, H, W
-        flat = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).numpy()
+        flat = voxel_features(network, data, stage, stride).numpy()
         for value, index in sample_pixels(seg[0], per_class, rng).items():
             features.append(flat[index])
             classes.append(np.full(index.size, value))
@@ -165,7 +169,8 @@ def embed(model_folder: Path, fold: str, checkpoint: str, images: Path, labels: 
         data, seg, _ = preprocessor.run_case(files, label, predictor.plans_manager, predictor.configuration_manager,
                                              predictor.dataset_json)
         volumes.append((torch.from_numpy(np.asarray(data)).float(), np.asarray(seg)))
-    features, classes = collect_embeddings(network, volumes, stage, total_stride(network), per_class)
+    dims = len(predictor.configuration_manager.patch_size)
+    features, classes = collect_embeddings(network, volumes, stage, total_stride(network, dims), per_class)
     score = silhouette(features, classes)
     names = {int(v): k for k, v in predictor.dataset_json["labels"].items() if isinstance(v, int)}
     title = (f"{predictor.trainer_name}, fold {fold}, decoder stage {stage}: {len(volumes)} images, "
