@@ -230,6 +230,7 @@ def stage_terms(trainer, stage_name: str, batch: dict, **given) -> dict:
 
 
 PLAIN = ("PlainConvUNet", "DualDecoderUNet")  # nnU-Net's default plans' U-Net, and IDEAL's with its second decoder
+RESENC = ("ResidualEncoderUNet", "DualDecoderUNet")  # the ResEnc plans' U-Net, and IDEAL's
 
 
 def every_stage_once(trainer_name: str, plans: str, configuration: str, networks=PLAIN) -> dict:

@@ -4,10 +4,13 @@ reading the labels of unlabelled cases (a step of each stage on ResEnc 3D: test_
 (G^D, L^D) refuse in one line before nnU-Net writes anything.
 nnUNetv2_train 4 3d_fullres and nnUNetv2_predict -c 3d_fullres with SelfTraining ran by hand on the sample (2026-12-06),
 not here: the suite's time limit."""
+import math
+
 import pytest
 
-from conftest import (ALL_PIXELS_3D, PLAIN, PLANS_3D, corrupt_images, corrupt_labels, every_stage_once,
-                      losses_with_hidden_labels_corrupted, make_trainer, self_training_losses, split_of_fold0)
+from conftest import (ALL_PIXELS_3D, PLAIN, PLANS_3D, RESENC, RESENC_PLANS_3D, corrupt_images, corrupt_labels,
+                      every_stage_once, losses_with_hidden_labels_corrupted, make_trainer, self_training_losses,
+                      split_of_fold0)
 from nnunet_contrast.training.schedule import PSEUDO_LABEL
 
 
@@ -50,11 +53,13 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preproce
     ("nnUNetTrainerGlobalLocalContrast", {"finetune": "segmentation"}),
 ])
 def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d, tmp_path, trainer, labelled_terms):
+    """A step of each stage of each method in 3D, on nnU-Net's ResidualEncoderUNet (the ResEnc M plans): finite
+    terms that never read an unlabelled case's label."""
     split = split_of_fold0(preprocessed_3d)
     reference, hidden, changed = losses_with_hidden_labels_corrupted(
-        preprocessed_3d, tmp_path, lambda: every_stage_once(trainer, PLANS_3D, "3d_fullres"),
+        preprocessed_3d, tmp_path, lambda: every_stage_once(trainer, RESENC_PLANS_3D, "3d_fullres", RESENC),
         split["unlabeled"], lambda folder, saved: corrupt_labels(folder, split["labeled"], saved), "3d_fullres")
-    assert hidden == reference
+    assert hidden == reference and all(math.isfinite(v) for terms in reference.values() for v in terms.values())
     for stage, term in labelled_terms.items():  # control: the labelled volumes' labels do count
         assert reference[stage][term] > 0 and changed[stage][term] != reference[stage][term], (stage, term)
 

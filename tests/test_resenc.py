@@ -1,6 +1,6 @@
 """nnU-Net's residual-encoder plans (``nnUNetPlannerResEncM``, recommended by nnU-Net since 2024) on the embedded
 sample: every trainer builds its network, taps, heads and second decoder on the ResidualEncoderUNet and takes a
-step of each of its stages, in 2d and, where it has a 3D form, in 3d_fullres. The EMA teacher on these networks:
+step of each of its stages, in 2d and in 3d_fullres (the methods' 3D steps in test_3d.py's hidden-label test). The EMA teacher on these networks:
 test_ema_teacher.py."""
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESENC_PLANS, RESENC_PLANS_3D, every_stage_once, ready_trainer
+from conftest import RESENC, RESENC_PLANS, RESENC_PLANS_3D, every_stage_once, ready_trainer
 from nnunet_contrast.commands.cli import project_trainers
 
 # every piece a trainer adds to nnU-Net: its method's stages and heads (the `...SelfTraining` variants put the
@@ -19,12 +19,9 @@ from nnunet_contrast.commands.cli import project_trainers
 SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast", "nnUNetTrainerPseudoLabelContrastInter")
 TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining")
                and t not in SAME_STEPS]
+# the methods' stages in 3D on ResEnc: test_3d.py's hidden-label test, which runs each of them there
 TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
-               "nnUNetTrainerGlobalContrast", "nnUNetTrainerSupConLocal", "nnUNetTrainerPseudoLabelContrast",
-               "nnUNetTrainerIDEAL", "nnUNetTrainerCrossLevel", "nnUNetTrainerGlobalLocalContrast"]
-
-
-RESENC = ("ResidualEncoderUNet", "DualDecoderUNet")
+               "nnUNetTrainerGlobalContrast"]
 
 
 @pytest.mark.parametrize("trainer", TRAINERS_2D)
