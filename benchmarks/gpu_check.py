@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from nnunet_contrast.commands.plans import set_options
 from nnunet_contrast.nnunet_env import command_path
 
 CONFIGURATIONS = ("2d", "3d_fullres")
@@ -47,9 +48,8 @@ def prepare(workdir: Path, msd, configurations, iterations: int) -> dict:
             run(["nnUNetv2_preprocess", "-d", "4", "-c", configuration, "-np", "2"], env)
             run(["nnunet-contrast", "add-unlabeled", "-d", "4", "-i", str(workdir / "unlabeled"), "-c", configuration],
                 env)
-        sets = [a for s in budget(iterations) for a in ("--set", s)]
-        run(["nnunet-contrast", "plans", "-d", "4", "-c", configuration, *sets, "-o", f"{PLANS}_{configuration}",
-             "--force"], env)
+        run(["nnunet-contrast", "plans", "-d", "4", "-c", configuration, *set_options(budget(iterations)), "-o",
+             f"{PLANS}_{configuration}", "--force"], env)
     return env
 
 

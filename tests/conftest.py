@@ -15,6 +15,7 @@ import torch
 from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
 from nnunet_contrast.commands.demo import prepare_dataset
+from nnunet_contrast.commands.plans import set_options
 from nnunet_contrast.nnunet_env import command_path
 
 TEST_PLANS = "nnUNetPlans_test"
@@ -126,7 +127,7 @@ SETTINGS_3D = [s for s in TEST_SETTINGS if not s.startswith("batch_size=")] + ["
 
 
 def sets(settings):
-    return [a for s in settings for a in ("--set", s)]
+    return set_options(settings)
 
 
 @pytest.fixture(scope="session")

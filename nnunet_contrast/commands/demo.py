@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from nnunet_contrast.commands.plans import set_options
 from nnunet_contrast.nnunet_env import command_path, nnunet_environment
 from nnunet_contrast.resources import sample_dir
 
@@ -72,8 +73,8 @@ def prepare_dataset(root: Path, labeled: str = "0.25", settings: List[str] = (),
         target = unlabeled if image.name.startswith(UNLABELED_CASE) else heldout
         shutil.copy(image, target / image.name)
     run(["nnunet-contrast", "add-unlabeled", "-d", DATASET, "-i", str(unlabeled)], env)
-    sets = [a for s in settings for a in ("--set", s)]
-    run(["nnunet-contrast", "plans", "-d", DATASET, "--preset", "cpu_budget", *sets, "-o", plans, "--force"], env)
+    run(["nnunet-contrast", "plans", "-d", DATASET, "--preset", "cpu_budget", *set_options(settings), "-o", plans,
+         "--force"], env)
     return env
 
 

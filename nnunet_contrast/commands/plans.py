@@ -10,6 +10,11 @@ from nnunet_contrast.settings import (SETTINGS_KEY, all_preset_names, deep_merge
                                       resolve_settings)
 
 
+def set_options(assignments: Iterable[str]) -> List[str]:
+    """``KEY=VALUE`` assignments as ``nnunet-contrast plans`` takes them: ``--set KEY=VALUE`` each."""
+    return [option for assignment in assignments for option in ("--set", assignment)]
+
+
 def parse_assignment(text: str) -> dict:
     """``a.b.c=VALUE`` -> ``{"a": {"b": {"c": VALUE}}}``; VALUE is JSON, or else a string."""
     if "=" not in text:

@@ -41,6 +41,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from nnunet_contrast.commands.benchmark.recipe import MaintainersRecipe
 from nnunet_contrast.commands.benchmark.steps import ALL_LABELS, BASELINE, RECIPE, Run, Step
+from nnunet_contrast.commands.plans import set_options
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.settings import SETTINGS_KEY
 
@@ -320,12 +321,11 @@ class Benchmark:
 
     def plans_step(self, budget: Budget, fraction: str, split: str) -> Step:
         plans = budget.plans_identifier(fraction, self.seed, self.train_seed)
-        sets = [a for s in budget.assignments for a in ("--set", s)]
         return Step(f"plans {plans}", self.preprocessed / f"{plans}.json",
                     ["nnunet-contrast", "plans", "-d", self.dataset_id, "-p", budget.source_plans, "-c",
-                     budget.configuration, "--preset", budget.preset, *sets,
-                     "--set", f"nnunet_contrast.semisup.split_file={split}",
-                     "--set", f"nnunet_contrast.run.seed={self.train_seed}", "-o", plans])
+                     budget.configuration, "--preset", budget.preset,
+                     *set_options([*budget.assignments, f"nnunet_contrast.semisup.split_file={split}",
+                                   f"nnunet_contrast.run.seed={self.train_seed}"]), "-o", plans])
 
     def run_steps(self, run: Run) -> List[Step]:
         record = Step(f"record {run.trainer} {run.fraction} fold {run.fold}", self.record_path(run),
