@@ -1,7 +1,7 @@
 """nnU-Net's residual-encoder plans (``nnUNetPlannerResEncM``, recommended by nnU-Net since 2024) on the embedded
 sample: every trainer builds its network, taps, heads and second decoder on the ResidualEncoderUNet and takes a
-step of each of its stages, in 2d and in 3d_fullres (the methods' 3D steps in test_3d.py's hidden-label test). The EMA teacher on these networks:
-test_ema_teacher.py."""
+step of each of its stages, in 2d and in 3d_fullres (the methods' 3D steps in test_3d.py's hidden-label test).
+The EMA teacher on these networks: test_ema_teacher.py."""
 import json
 import math
 from pathlib import Path

@@ -48,12 +48,12 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
         """G^D and L^D group 2D slices by their position in the volume; a 3D patch has no such position (on
         Hippocampus it holds the whole volume), so in 3D only G^R and L^R (docs/methods.md, Configurations)."""
         settings = super().check_supported(plans_manager, configuration, dataset_json)
-        s = settings.method
-        partitioned = [f"{name}={value}" for name, value in (("global_strategy", s.global_strategy),
-                                                              ("local_strategy", s.local_strategy)) if value in ("GD", "LD")]
+        strategies = {"global_strategy": settings.method.global_strategy,
+                      "local_strategy": settings.method.local_strategy}
+        partitioned = [f"{name}={value}" for name, value in strategies.items() if value in ("GD", "LD")]
         if len(plans_manager.get_configuration(configuration).patch_size) == 3 and partitioned:
-            raise UserInputError(f"{cls.__name__}: {' and '.join(partitioned)} group 2D slices by their position in the "
-                                 f"volume, which '{configuration}' patches do not have: set "
+            raise UserInputError(f"{cls.__name__}: {' and '.join(partitioned)} group 2D slices by their position in "
+                                 f"the volume, which '{configuration}' patches do not have: set "
                                  f"nnunet_contrast.globallocal.global_strategy=GR and local_strategy=LR in the plans")
         return settings
 

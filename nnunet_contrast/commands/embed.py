@@ -4,8 +4,8 @@ As in the papers' embedding figures (Hu et al. 2021 Fig. 3, Chaitanya et al. 202
 images are preprocessed by nnU-Net's own preprocessor, every 2D slice (a 3D model: the whole volume, so it
 must fit the device's memory) goes through the trained network, and the output of one decoder stage
 (default: the last, which the segmentation layer reads) is taken at up to ``pixels_per_class`` randomly
-chosen pixels (voxels) of each class (upsampled to the image's resolution for a coarser stage). Features are L2-normalised, as the contrastive losses
-compare them, before t-SNE. The silhouette score of the classes in the normalised feature space
+chosen pixels (voxels) of each class (upsampled to the image's resolution for a coarser stage). Features
+are L2-normalised, as the contrastive losses compare them, before t-SNE. The silhouette score of the classes in the normalised feature space
 (cosine distance) is printed beside the picture: a number for what the picture shows.
 """
 import json
