@@ -41,15 +41,10 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preproce
 
 
 @pytest.mark.parametrize("trainer, labelled_terms", [
+    # the 3D loader of labelled and unlabelled batches, as PseudoLabelContrast, IDEAL and CrossLevel read it:
     # SupConLocal's global stage reads unlabelled volumes, its local stage and fine-tuning the labelled ones
     ("nnUNetTrainerSupConLocal", {"local": "local_contrast", "finetune": "segmentation"}),
-    # PseudoLabelContrast's joint stage: nnU-Net's loss on labelled volumes, the contrast on both (pseudo-labels)
-    ("nnUNetTrainerPseudoLabelContrast", {"warmup": "segmentation", "joint": "contrast"}),
-    # IDEAL's dense stage reads both without labels; its fine-tuning: nnU-Net's loss on labelled volumes, CPS on both
-    ("nnUNetTrainerIDEAL", {"finetune": "segmentation"}),
-    # CrossLevel: nnU-Net's loss on labelled volumes, the contrast and consistency over sub-volumes of both
-    ("nnUNetTrainerCrossLevel", {"contrast": "segmentation", "consistency": "segmentation"}),
-    # GlobalLocalContrast's G^R and L^R read the images of every case and no label; fine-tuning the labelled ones
+    # the 3D loader of every case's images: GlobalLocalContrast's G^R and L^R read no label
     ("nnUNetTrainerGlobalLocalContrast", {"finetune": "segmentation"}),
 ])
 def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d, tmp_path, trainer, labelled_terms):

@@ -10,9 +10,10 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from conftest import TEST_PLANS, assert_summary_is_the_dice_of_the_files, make_trainer
 
 TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
-            "nnUNetTrainerPseudoLabelContrastInter", "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalContrast",
-            "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining"]
-# (CopyPaste is SelfTraining with another mixing: its steps, hidden labels and 3D form are tested in-process)
+            "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalContrast", "nnUNetTrainerCrossLevel",
+            "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining"]
+# (CopyPaste is SelfTraining with another mixing, PseudoLabelContrastInter PseudoLabelContrast with another matching:
+# their steps, settings, hidden labels and 3D forms are tested in-process)
 # --c, nnUNetv2_predict and nnUNetv2_evaluate_folder for self-training (heads, the EMA teacher and the random
 # states in the checkpoint); IDEAL's two decoders through nnU-Net's predictor: test_resenc.py
 PREDICTED = ["nnUNetTrainerSelfTraining"]
@@ -66,8 +67,7 @@ def final_checkpoint(hippocampus, trainer):
                       weights_only=False)
 
 
-@pytest.mark.parametrize("trainer, matching", [("nnUNetTrainerPseudoLabelContrast", "intra"),
-                                               ("nnUNetTrainerPseudoLabelContrastInter", "inter")])
+@pytest.mark.parametrize("trainer, matching", [("nnUNetTrainerPseudoLabelContrast", "intra")])
 def test_pseudolabel_warms_up_then_trains_jointly(hippocampus, trained, trainer, matching):
     log = trained[trainer]
     assert "Stage: warmup" in log and "Stage: joint" in log

@@ -1,6 +1,7 @@
 """nnU-Net's residual-encoder plans (``nnUNetPlannerResEncM``, recommended by nnU-Net since 2024) on the embedded
 sample: every trainer builds its network, taps, heads and second decoder on the ResidualEncoderUNet and takes a
-step of each of its stages, in 2d and in 3d_fullres (the methods' 3D steps in test_3d.py's hidden-label test).
+step of each of its stages, in 2d and in 3d_fullres (SupConLocal's and GlobalLocalContrast's 3D steps in
+test_3d.py's hidden-label test).
 The EMA teacher on these networks: test_ema_teacher.py."""
 import json
 import math
@@ -14,14 +15,15 @@ from nnunet_contrast.commands.cli import project_trainers
 
 # every piece a trainer adds to nnU-Net: its method's stages and heads (the `...SelfTraining` variants put the
 # self-training stage, which SelfTraining has, after the same stages)
-# (CopyPaste, GlobalContrast and PseudoLabelContrastInter reach the network as SelfTraining, GlobalLocalContrast and
-# PseudoLabelContrast do: other settings of the same steps)
-SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast", "nnUNetTrainerPseudoLabelContrastInter")
+# (CopyPaste and GlobalContrast reach the network as SelfTraining and GlobalLocalContrast do: other settings of the
+# same steps)
+SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast")
 TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining")
                and t not in SAME_STEPS]
-# the methods' stages in 3D on ResEnc: test_3d.py's hidden-label test, which runs each of them there
+# SupConLocal's and GlobalLocalContrast's 3D steps on ResEnc: test_3d.py's hidden-label test, which runs them there
 TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
-               "nnUNetTrainerGlobalContrast"]
+               "nnUNetTrainerGlobalContrast", "nnUNetTrainerPseudoLabelContrast", "nnUNetTrainerIDEAL",
+               "nnUNetTrainerCrossLevel"]
 
 
 @pytest.mark.parametrize("trainer", TRAINERS_2D)
