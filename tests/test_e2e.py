@@ -10,10 +10,11 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from conftest import TEST_PLANS, assert_summary_is_the_dice_of_the_files, make_trainer
 
 TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
-            "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerGlobalContrast", "nnUNetTrainerCrossLevel",
-            "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining"]
-# (CopyPaste is SelfTraining with another mixing, PseudoLabelContrastInter PseudoLabelContrast with another matching:
-# their steps, settings, hidden labels and 3D forms are tested in-process)
+            "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL",
+            "nnUNetTrainerSelfTraining"]
+# (CopyPaste is SelfTraining with another mixing, PseudoLabelContrastInter PseudoLabelContrast with another matching,
+# GlobalContrast GlobalLocalContrast without its local stage: their steps, schedules, settings, hidden labels and
+# 3D forms are tested in-process)
 # --c, nnUNetv2_predict and nnUNetv2_evaluate_folder for self-training (heads, the EMA teacher and the random
 # states in the checkpoint); IDEAL's two decoders through nnU-Net's predictor: test_resenc.py
 PREDICTED = ["nnUNetTrainerSelfTraining"]
@@ -81,8 +82,7 @@ def test_pseudolabel_warms_up_then_trains_jointly(hippocampus, trained, trainer,
     assert extras["pseudo_labeler"].keys() == checkpoint["network_weights"].keys()
 
 
-@pytest.mark.parametrize("trainer, stages", [("nnUNetTrainerGlobalLocalContrast", ["global", "local", "finetune"]),
-                                             ("nnUNetTrainerGlobalContrast", ["global", "finetune"])])
+@pytest.mark.parametrize("trainer, stages", [("nnUNetTrainerGlobalLocalContrast", ["global", "local", "finetune"])])
 def test_globallocal_runs_its_stages(hippocampus, trained, trainer, stages):
     log = trained[trainer]
     for stage in stages:

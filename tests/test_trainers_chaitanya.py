@@ -231,7 +231,7 @@ def test_globallocal_rejects_a_decoder_block_the_network_lacks(hippocampus):
         make_trainer(GLOBALLOCAL, plans).initialize()
     global_only = make_trainer("nnUNetTrainerGlobalContrast", plans)  # no local stage: the setting is unused
     global_only.initialize()
-    assert set(global_only.heads) == {"global"}
+    assert set(global_only.heads) == {"global"} and list(global_only.schedule.names) == ["global", "finetune"]
 
 
 def test_globallocal_keeps_the_last_decoder_stages_out_of_the_local_stage(hippocampus):
