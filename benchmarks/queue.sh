@@ -23,7 +23,10 @@ keep() {  # copy the records into the repository and commit them (only those pat
     mkdir -p "$repo/$target" && cp -r "$workdir/results" "$repo/$target/" 2>/dev/null || return 0
     "$venv/bin/python" -c "from nnunet_contrast.commands.benchmark.records import write_csv; write_csv('$repo/$target')"
     for attempt in 1 2 3 4 5; do
-        git -C "$repo" add "$target" && git -C "$repo" commit -q -m "$1" -- "$target" && return 0
+        if git -C "$repo" add "$target"; then
+            git -C "$repo" diff --cached --quiet -- "$target" && return 0  # no new record: nothing to commit
+            git -C "$repo" commit -q -m "$1" -- "$target" && return 0
+        fi
         sleep 5  # the index may be locked by a commit of the code work beside this queue
     done
 }
