@@ -33,7 +33,6 @@ class nnUNetTrainerCrossLevel(MethodTrainer):
     method_key = "crosslevel"
     head_names = ("cell",)
     requires_unlabeled = True
-    spatial_dims = (2, 3)
 
     def build_schedule(self):
         """Both phases read labelled and unlabelled batches and share nnU-Net's SGD and poly schedule

@@ -41,7 +41,6 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
     method_key = "globallocal"
     head_names = ("global", "local")
     own_parts = (DECODER_BLOCKS,)
-    spatial_dims = (2, 3)
 
     @classmethod
     def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):
@@ -114,7 +113,7 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
             if batch_size < world_size():
                 raise UserInputError(f"pretrain_batch_size ({batch_size}) is split over {world_size()} GPUs: set it "
                                      f"to at least {world_size()} ({where})")
-            volumes = len(self.configuration_manager.patch_size) == 3  # G^R of GlobalContrast in 3D: patches
+            volumes = self.patch_dims == 3  # G^R in 3D: nnU-Net's 3D patches
             return self.build_image_loader(dataset, rank_share(batch_size),
                                            nnUNetDataLoader if volumes else SliceInfoDataLoader)
         if batch_size < 2 * partitions:  # a single volume per batch would leave G^D / L^D without negatives

@@ -39,7 +39,6 @@ class nnUNetTrainerIDEAL(MethodTrainer):
     head_names = ("dense",)
     own_parts = (DECODER,)
     requires_unlabeled = True
-    spatial_dims = (2, 3)
 
     def build_schedule(self):
         s, budget = self.method_settings, self.settings.budget

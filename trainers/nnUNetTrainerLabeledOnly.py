@@ -11,7 +11,6 @@ from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
 class nnUNetTrainerLabeledOnly(SemiSupervisedTrainer):
     uses_unlabeled = False
-    spatial_dims = (2, 3)
 
 
 class nnUNetTrainerLabeledOnlyTwiceIterations(nnUNetTrainerLabeledOnly):

@@ -43,7 +43,6 @@ class nnUNetTrainerPseudoLabelContrast(MethodTrainer):
     method_key = "pseudolabel"
     head_names = ("local",)
     requires_unlabeled = True
-    spatial_dims = (2, 3)
 
     @classmethod
     def check_supported(cls, plans_manager, configuration: str, dataset_json: dict):

@@ -13,7 +13,6 @@ from nnunet_contrast.training.self_training import self_training_stages
 
 class nnUNetTrainerSelfTraining(MethodTrainer):
     requires_unlabeled = True
-    spatial_dims = (2, 3)
 
     def build_schedule(self):
         return self_training_stages(self.settings.budget, self.settings.selftraining)

@@ -25,7 +25,6 @@ class nnUNetTrainerSupConLocal(GlobalLocalPretraining):
     presets = ("base", "supconlocal_hu2021")
     method_key = "supconlocal"
     head_names = ("global", "local")
-    spatial_dims = (2, 3)
 
     def build_schedule(self):
         s, adam = self.method_settings, self.pretrain_optimizer()

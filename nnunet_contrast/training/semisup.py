@@ -33,8 +33,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
       what differs, as for nnU-Net's own variants), e.g. ``{"pseudolabel": {"matching": "inter"}}``.
     * ``uses_unlabeled``: reads images of unlabelled cases (datasets with an ignore label are refused).
     * ``requires_unlabeled``: fail at start when the unlabelled pool is empty.
-    * ``spatial_dims``: the network dimensions the method has a form for (docs/methods.md); other
-      configurations are refused at start.
+    * ``spatial_dims``: the network dimensions the method has a form for (docs/methods.md; both by default);
+      other configurations are refused at start.
     * The budget (epochs, iterations, checkpoint interval) comes from the settings; ``run.seed`` >= 0
       seeds the run (``seed_run``).
     """
@@ -44,7 +44,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     variant_settings: dict = {}
     uses_unlabeled = True
     requires_unlabeled = False
-    spatial_dims: Tuple[int, ...] = (2,)
+    spatial_dims: Tuple[int, ...] = (2, 3)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
