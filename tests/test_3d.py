@@ -71,3 +71,16 @@ def test_partitions_of_slices_are_refused_in_3d_in_one_line(preprocessed_3d):
     assert f"{trainer}: global_strategy=GD group 2D slices by their position in the volume" in result.stderr
     assert "set nnunet_contrast.globallocal.global_strategy=GR and local_strategy=LR in the plans" in result.stderr
     assert not (preprocessed_3d.results / f"{trainer}__{plans}__3d_fullres").exists()
+
+
+def test_embed_draws_the_voxel_embeddings_of_a_3d_model(preprocessed_3d, tmp_path):
+    """``nnunet-contrast embed -c 3d_fullres`` on a 3D model folder as nnU-Net writes it (plans, dataset and the
+    final checkpoint of an initialised LabeledOnly: the picture needs no trained weights)."""
+    trainer = make_trainer("nnUNetTrainerLabeledOnly", PLANS_3D, configuration="3d_fullres")
+    trainer.on_train_start()
+    trainer.on_train_end()
+    picture = tmp_path / "3d.png"
+    result = preprocessed_3d.run("nnunet-contrast", "embed", "-d", "4", "-tr", "nnUNetTrainerLabeledOnly", "-p",
+                                 PLANS_3D, "-c", "3d_fullres", "-f", "0", "-i", preprocessed_3d.heldout,
+                                 "-l", preprocessed_3d.heldout_labels, "-o", picture, "--pixels", "40")
+    assert picture.read_bytes()[:4] == b"\x89PNG" and "silhouette of the classes" in result.stdout

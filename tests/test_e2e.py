@@ -10,9 +10,8 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from conftest import TEST_PLANS, assert_summary_is_the_dice_of_the_files, make_trainer
 
 TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
-            "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerCrossLevel", "nnUNetTrainerIDEAL",
-            "nnUNetTrainerSelfTraining"]
-# (CopyPaste is SelfTraining with another mixing, PseudoLabelContrastInter PseudoLabelContrast with another matching,
+            "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining"]
+# (CrossLevel runs nnUNetv2_train on RGB images in test_natural_images.py; CopyPaste is SelfTraining with another mixing, PseudoLabelContrastInter PseudoLabelContrast with another matching,
 # GlobalContrast GlobalLocalContrast without its local stage: their steps, schedules, settings, hidden labels and
 # 3D forms are tested in-process)
 # --c, nnUNetv2_predict and nnUNetv2_evaluate_folder for self-training (heads, the EMA teacher and the random
@@ -92,21 +91,6 @@ def test_globallocal_runs_its_stages(hippocampus, trained, trainer, stages):
     assert checkpoint["current_epoch"] == len(stages) + 1  # one epoch per pretraining stage, 2 fine-tuning
     assert checkpoint["logging"]["stage"] == list(range(len(stages))) + [len(stages) - 1]
     assert checkpoint["nnunet_contrast"]["optimizer_stage"] == "finetune"
-
-
-def test_crosslevel_runs_contrast_then_consistency(hippocampus, trained):
-    log = trained["nnUNetTrainerCrossLevel"]
-    assert "Cross-level grid: 4 x 4 sub-patches of 14 x 10 pixels" in log
-    assert "cross_level_contrast_loss (contrast)" in log and "patch_consistency_loss (consistency)" in log
-    # each term logged under its own name, NaN in the epochs of the other
-    contrast, consistency = (checkpoint_curve(hippocampus, "nnUNetTrainerCrossLevel", key)
-                             for key in ("cross_level_contrast_loss", "patch_consistency_loss"))
-    assert contrast[0] == contrast[0] and contrast[1] != contrast[1]
-    assert consistency[0] != consistency[0] and consistency[1] == consistency[1]
-    checkpoint = final_checkpoint(hippocampus, "nnUNetTrainerCrossLevel")
-    assert checkpoint["logging"]["stage"] == [0, 1]
-    assert any(k.startswith("cell.") for k in checkpoint["nnunet_contrast"]["heads"])  # a flat state dict
-    assert not any(k.startswith("cell") for k in checkpoint["network_weights"])
 
 
 def test_ideal_pretrains_then_finetunes_two_decoders(hippocampus, trained):

@@ -1,10 +1,11 @@
 """RGB natural images (the data of Zhao et al.: polyps, skin lesions) in nnU-Net's PNG format
 (NaturalImage2DIO): a small synthetic dataset is planned, split, trained on with the cross-level
-trainer, predicted and evaluated through the real commands (the e2e tier)."""
+trainer (its contrast phase, then its consistency phase), predicted and evaluated through the real commands (the e2e tier)."""
 import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import assert_summary_is_the_dice_of_the_files, run_cmd
@@ -66,16 +67,30 @@ def test_rgb_png_dataset_trains_predicts_evaluates(blobs, trainer):
     assert plans["configurations"]["2d"]["patch_size"] == [SIZE, SIZE]
     result = run_cmd(["nnUNetv2_train", "5", "2d", "0", "-tr", trainer, "-p", "RGBPlans", "-device", "cpu"], env)
     assert "Training done" in result.stdout
+    model = root / "nnUNet_results" / DATASET / f"{trainer}__RGBPlans__2d"
     if trainer == "nnUNetTrainerCrossLevel":
-        # the 64 x 64 plan pools by 16: a 16 x 16 cell alone would leave a 1 x 1 bottleneck
-        assert "Cross-level grid: 4 x 4 sub-patches of 16 x 16 pixels (padded to 32 x 16)" in result.stdout
+        assert_crosslevel_ran_contrast_then_consistency(result.stdout, model)
     predictions = root / f"pred_{trainer}"
     run_cmd(["nnUNetv2_predict", "-i", folders["imagesTs"], "-o", predictions, "-d", "5", "-c", "2d", "-tr", trainer,
              "-p", "RGBPlans", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
     assert sorted(p.name for p in predictions.glob("*.png")) == ["blob_016.png", "blob_017.png"]
-    model = root / "nnUNet_results" / DATASET / f"{trainer}__RGBPlans__2d"
     run_cmd(["nnUNetv2_evaluate_folder", folders["labelsTs"], predictions, "-djfile", model / "dataset.json",
              "-pfile", model / "plans.json"], env)
     summary = json.loads((predictions / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == TEST_CASES
     assert_summary_is_the_dice_of_the_files(summary, lambda path: np.asarray(Image.open(path)))
+
+
+def assert_crosslevel_ran_contrast_then_consistency(log: str, model) -> None:
+    # the 64 x 64 plan pools by 16: a 16 x 16 cell alone would leave a 1 x 1 bottleneck
+    assert "Cross-level grid: 4 x 4 sub-patches of 16 x 16 pixels (padded to 32 x 16)" in log
+    assert "cross_level_contrast_loss (contrast)" in log and "patch_consistency_loss (consistency)" in log
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    # each term logged under its own name, NaN in the epochs of the other
+    contrast, consistency = (checkpoint["logging"][key]
+                             for key in ("cross_level_contrast_loss", "patch_consistency_loss"))
+    assert contrast[0] == contrast[0] and contrast[1] != contrast[1]
+    assert consistency[0] != consistency[0] and consistency[1] == consistency[1]
+    assert checkpoint["logging"]["stage"] == [0, 1]
+    assert any(k.startswith("cell.") for k in checkpoint["nnunet_contrast"]["heads"])  # a flat state dict
+    assert not any(k.startswith("cell") for k in checkpoint["network_weights"])

@@ -1,7 +1,7 @@
 """nnU-Net's residual-encoder plans (``nnUNetPlannerResEncM``, recommended by nnU-Net since 2024) on the embedded
 sample: every trainer builds its network, taps, heads and second decoder on the ResidualEncoderUNet and takes a
 step of each of its stages, in 2d and in 3d_fullres (SupConLocal's and GlobalLocalContrast's 3D steps in
-test_3d.py's hidden-label test).
+test_3d.py's hidden-label test, SelfTraining's in test_cuda_paths.py).
 The EMA teacher on these networks: test_ema_teacher.py."""
 import json
 import math
@@ -20,8 +20,9 @@ from nnunet_contrast.commands.cli import project_trainers
 SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast")
 TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining")
                and t not in SAME_STEPS]
-# SupConLocal's and GlobalLocalContrast's 3D steps on ResEnc: test_3d.py's hidden-label test, which runs them there
-TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining", "nnUNetTrainerCopyPaste",
+# SupConLocal's and GlobalLocalContrast's 3D steps on ResEnc: test_3d.py's hidden-label test, which runs them there;
+# SelfTraining's: test_cuda_paths.py, compiled and under autocast
+TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerCopyPaste",
                "nnUNetTrainerGlobalContrast", "nnUNetTrainerPseudoLabelContrast", "nnUNetTrainerIDEAL",
                "nnUNetTrainerCrossLevel"]
 
