@@ -103,6 +103,13 @@ def test_ideal_pretrains_then_finetunes_two_decoders(hippocampus, trained):
     assert not any(k.startswith("dense") for k in weights)
 
 
+def test_the_final_checkpoint_holds_the_student_by_default(hippocampus, trained):
+    checkpoint = final_checkpoint(hippocampus, "nnUNetTrainerSelfTraining")
+    weights, teacher = checkpoint["network_weights"], checkpoint["nnunet_contrast"]["teacher"]["network"]
+    assert weights.keys() == teacher.keys() and not all(torch.equal(weights[k], teacher[k]) for k in weights)
+    assert "EMA teacher on the validation batches: Dice" in trained["nnUNetTrainerSelfTraining"]
+
+
 @pytest.mark.parametrize("trainer", PREDICTED)
 def test_continue_predict_evaluate(hippocampus, trained, trainer):
     resumed = hippocampus.run("nnUNetv2_train", "4", "2d", "0", "-tr", trainer, "-p", TEST_PLANS, "-device", "cpu",
