@@ -3,9 +3,13 @@ nnU-Net's augmentation) and, for a trainer that reads unlabelled batches, our un
 augmentation, images only). Measured in one process and one thread (``nnUNet_n_proc_DA=0``: nnU-Net's
 single-threaded augmenter) as process time, so that the number does not depend on what else the machine runs.
 
-A GPU taking S seconds per step is fed only if the loader processes (``nnUNet_n_proc_DA``) produce a step's
-batches in S: at least (labelled + unlabelled seconds) / S of them, on cores as fast as this one. The script
-prints that count for the step times given with ``--gpu-step``:
+A GPU taking S seconds per step is fed only if each loader's worker processes make its batch in S. Each loader
+starts ``nnUNet_n_proc_DA`` workers (nnU-Net's training loader, and our unlabelled one beside it), so the script
+prints, for each step time given with ``--gpu-step``, the ``nnUNet_n_proc_DA`` to set (the slowest loader's
+seconds / S) and the cores those workers need (the sum over loaders), on cores as fast as this one. Not counted:
+nnU-Net's validation loader (half as many workers, idle once its queue is full), passing batches between
+processes, and the loaders a method's pretraining stages build for themselves (only the batches of the step
+``get_dataloaders`` prepares: nnU-Net's, and the unlabelled one where the trainer reads it):
 
     python benchmarks/loader_throughput.py -d 4 -c 2d -p nnUNetPlans -tr nnUNetTrainerLabeledOnly \
         nnUNetTrainerSelfTraining --batches 20 --gpu-step 0.05 0.1
@@ -63,7 +67,7 @@ def main():
     torch.set_num_threads(1)
     print(f"{cpu_description(torch)}, 1 thread, torch {torch.__version__}; {args.configuration} of {args.plans}, "
           f"{args.batches} batches per loader")
-    header = " | ".join(f"processes at {s} s/step" for s in args.gpu_step)
+    header = " | ".join(f"nnUNet_n_proc_DA / cores at {s} s/step" for s in args.gpu_step)
     print(f"| trainer | batch | CPU s per batch | CPU s per step | {header} |")
     print("|---|---|---|---|" + "---|" * len(args.gpu_step))
     for name in args.trainers:
@@ -72,7 +76,8 @@ def main():
         step = sum(seconds.values())
         batches = " + ".join(f"{kind} {size}" for kind, (_, size) in loaders.items())
         per_batch = " + ".join(f"{seconds[kind]:.3f}" for kind in loaders)
-        needed = " | ".join(str(math.ceil(step / s)) for s in args.gpu_step)
+        needed = " | ".join(f"{math.ceil(max(seconds.values()) / s)} / {sum(math.ceil(v / s) for v in seconds.values())}"
+                            for s in args.gpu_step)
         print(f"| {name} | {batches} | {per_batch} | {step:.3f} | {needed} |", flush=True)
 
 

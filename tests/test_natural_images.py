@@ -85,6 +85,9 @@ def assert_crosslevel_ran_contrast_then_consistency(log: str, model) -> None:
     # the 64 x 64 plan pools by 16: a 16 x 16 cell alone would leave a 1 x 1 bottleneck
     assert "Cross-level grid: 4 x 4 sub-patches of 16 x 16 pixels (padded to 32 x 16)" in log
     assert "cross_level_contrast_loss (contrast)" in log and "patch_consistency_loss (consistency)" in log
+    assert "Semi-supervised split splits_semisup.json:" in log
+    for name in ["progress.png", "nnunet_contrast_settings.json", "validation/summary.json"]:
+        assert (model / "fold_0" / name).exists(), name
     checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     # each term logged under its own name, NaN in the epochs of the other
     contrast, consistency = (checkpoint["logging"][key]
