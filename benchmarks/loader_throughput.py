@@ -40,6 +40,11 @@ def batch_seconds(loader, batches: int) -> float:
     return (time.process_time() - start) / batches
 
 
+def workers_and_cores(loader_seconds, gpu_step: float) -> str:
+    """``nnUNet_n_proc_DA`` (each loader starts that many workers: the slowest sets it) / the cores they need."""
+    return f"{math.ceil(max(loader_seconds) / gpu_step)} / {sum(math.ceil(v / gpu_step) for v in loader_seconds)}"
+
+
 def step_loaders(dataset: str, configuration: str, plans: str, trainer_name: str, fold: int) -> dict:
     """name -> (loader, batch size) of every batch one training step of the trainer draws."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -58,7 +63,8 @@ def main():
     parser.add_argument("-d", "--dataset", required=True)
     parser.add_argument("-c", "--configuration", default="2d")
     parser.add_argument("-p", "--plans", default="nnUNetPlans")
-    parser.add_argument("-tr", "--trainers", nargs="+", default=["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining"])
+    parser.add_argument("-tr", "--trainers", nargs="+",
+                        default=["nnUNetTrainerLabeledOnly", "nnUNetTrainerSelfTraining"])
     parser.add_argument("-f", "--fold", type=int, default=0)
     parser.add_argument("--batches", type=int, default=20, help="batches timed per loader (default 20)")
     parser.add_argument("--gpu-step", type=float, nargs="*", default=[0.05, 0.1, 0.2],
@@ -76,8 +82,7 @@ def main():
         step = sum(seconds.values())
         batches = " + ".join(f"{kind} {size}" for kind, (_, size) in loaders.items())
         per_batch = " + ".join(f"{seconds[kind]:.3f}" for kind in loaders)
-        needed = " | ".join(f"{math.ceil(max(seconds.values()) / s)} / {sum(math.ceil(v / s) for v in seconds.values())}"
-                            for s in args.gpu_step)
+        needed = " | ".join(workers_and_cores(seconds.values(), s) for s in args.gpu_step)
         print(f"| {name} | {batches} | {per_batch} | {step:.3f} | {needed} |", flush=True)
 
 

@@ -47,16 +47,22 @@ TEST_SETTINGS = [
 PLANNED = {"PlainConvUNet": "sample_nnUNetPlans.json", "ResidualEncoderUNet": "sample_nnUNetResEncUNetMPlans.json"}
 
 
-def planned_network(architecture: str, configuration: str) -> torch.nn.Module:
-    """The network nnU-Net's trainer builds for ``configuration`` of the sample's plans (deep supervision on),
-    without preprocessing anything. The plans in ``tests/data`` are nnU-Net 2.8.1's own, made from the embedded
-    sample with ``nnUNetv2_extract_fingerprint -d 4`` and ``nnUNetv2_plan_experiment -d 4 [-pl nnUNetPlannerResEncM]``."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+def sample_plans(architecture: str = "PlainConvUNet"):
+    """The sample's plans for ``architecture`` (nnU-Net's PlansManager) and its dataset.json, without preprocessing
+    anything. The plans in ``tests/data`` are nnU-Net 2.8.1's own, made from the embedded sample with
+    ``nnUNetv2_extract_fingerprint -d 4`` and ``nnUNetv2_plan_experiment -d 4 [-pl nnUNetPlannerResEncM]``."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     data = Path(__file__).parent / "data"
-    plans = PlansManager(json.loads((data / PLANNED[architecture]).read_text()))
-    dataset_json = json.loads((data / "sample_dataset.json").read_text())
+    return (PlansManager(json.loads((data / PLANNED[architecture]).read_text())),
+            json.loads((data / "sample_dataset.json").read_text()))
+
+
+def planned_network(architecture: str, configuration: str) -> torch.nn.Module:
+    """The network nnU-Net's trainer builds for ``configuration`` of the sample's plans (deep supervision on)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans, dataset_json = sample_plans(architecture)
     config = plans.get_configuration(configuration)
     network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
                                      config.network_arch_init_kwargs_req_import, 1,

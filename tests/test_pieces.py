@@ -8,6 +8,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
+from conftest import sample_plans
 from nnunet_contrast import _autoload
 from nnunet_contrast.data.views import ViewAugmentation, intensity_view, spatial_view, two_views
 from nnunet_contrast.errors import UserInputError
@@ -408,18 +409,12 @@ def test_demo_checks_its_arguments_before_any_work(args, message, tmp_path):
 def test_a_trainer_without_a_3d_form_refuses_3d_plans_in_one_line():
     """``spatial_dims`` (every trainer of this project has both forms today): a method declared 2D-only is
     refused at start, before nnU-Net writes anything, in one line that names the 2d configuration."""
-    from pathlib import Path
-
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
     class TwoDimensionalOnly(SemiSupervisedTrainer):
         spatial_dims = (2,)
 
-    data = Path(__file__).parent / "data"
-    plans = PlansManager(json.loads((data / "sample_nnUNetPlans.json").read_text()))
-    dataset_json = json.loads((data / "sample_dataset.json").read_text())
+    plans, dataset_json = sample_plans()
     assert TwoDimensionalOnly.check_supported(plans, "2d", dataset_json) is not None
     with pytest.raises(UserInputError, match=r"TwoDimensionalOnly has no 3D form yet, and '3d_fullres' is 3D: train "
                                              r"the 2d configuration \(nnUNetv2_train DATASET 2d FOLD -tr "
