@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -173,6 +174,22 @@ def test_a_second_call_skips_finished_runs(tmp_path, msd):
     more = FakeRunner(bigger)
     execute(bigger.steps(), {}, runner=more, out=lambda line: None)
     assert {c[3] for c in train_commands(more.commands)} == {"2"} and len(train_commands(more.commands)) == 5
+
+
+def test_records_copied_into_a_new_work_folder_are_not_trained_again_but_the_recipes_baseline_is(tmp_path, msd):
+    first = make_benchmark(tmp_path, msd, trainers=[BASELINE], fractions=["0.2"], folds=[1], upper_bound=False)
+    execute(first.steps(), {}, runner=FakeRunner(first), out=lambda line: None)
+    moved = make_benchmark(tmp_path / "new", msd, fractions=["0.2"], folds=[1], upper_bound=False)
+    shutil.copytree(first.workdir / "results", moved.workdir / "results")
+    runner = FakeRunner(moved)
+    execute(moved.steps(), {}, runner=runner, out=lambda line: None)
+    assert {c[c.index("-tr") + 1] for c in train_commands(runner.commands)} == set(TRAINERS) - {BASELINE}
+    recipe = make_benchmark(tmp_path / "recipe", msd, trainers=[BASELINE], fractions=["0.2"], folds=[1],
+                            upper_bound=False, with_recipe=True)
+    shutil.copytree(first.workdir / "results", recipe.workdir / "results")
+    printed = []
+    execute(recipe.steps(), {}, runner=refuse, dry_run=True, out=printed.append)
+    assert any(line.startswith("$ nnUNetv2_train") and BASELINE in line for line in printed)
 
 
 @pytest.mark.parametrize("where", ["in training", "in validation"])

@@ -22,7 +22,9 @@ budget preset's content and the ``--set`` arguments, so runs of two budgets, two
 training seeds never share a results folder or a table. The training seed (``--train-seed``, the
 plans' ``nnunet_contrast.run.seed``) is left out of the name when it is -1 (unseeded, as nnU-Net and
 as the benchmarks before it existed). A run stopped part-way (a checkpoint but no validation summary: training or
-nnU-Net's final validation was interrupted) is continued with ``--c``.
+nnU-Net's final validation was interrupted) is continued with ``--c``. A run whose record is in ``results/`` does
+not train again, even without its nnU-Net folder (records of the same processor kind copied into a new work
+folder, as ``benchmarks/queue.sh`` does on a new machine), except a baseline whose model the recipe predicts with.
 """
 import contextlib
 import dataclasses
@@ -332,6 +334,8 @@ class Benchmark:
                       action=lambda: self.write_record(run))
         if run.trainer == RECIPE:
             return self.recipe.steps(run) + [record]
+        if record.done.exists() and not (self.with_recipe and run.trainer == BASELINE):
+            return [record]  # recorded (here, or a record of this kind copied in): the recipe needs the model
         fold = self.fold_folder(run)
         train = Step(f"train {run.trainer} {run.fraction} fold {run.fold}", fold / "validation" / "summary.json",
                      ["nnUNetv2_train", self.dataset_id, self.configuration, str(run.fold), "-tr", run.trainer, "-p",
