@@ -4,6 +4,7 @@ reading the labels of unlabelled cases (a step of each stage on ResEnc 3D: test_
 (G^D, L^D) refuse in one line before nnU-Net writes anything.
 nnUNetv2_train 4 3d_fullres and nnUNetv2_predict -c 3d_fullres with SelfTraining ran by hand on the sample (2026-12-06),
 not here: the suite's time limit."""
+import json
 import math
 
 import pytest
@@ -84,3 +85,23 @@ def test_embed_draws_the_voxel_embeddings_of_a_3d_model(preprocessed_3d, tmp_pat
                                  PLANS_3D, "-c", "3d_fullres", "-f", "0", "-i", preprocessed_3d.heldout,
                                  "-l", preprocessed_3d.heldout_labels, "-o", picture, "--pixels", "40")
     assert picture.read_bytes()[:4] == b"\x89PNG" and "silhouette of the classes" in result.stdout
+
+
+def test_3d_lowres_trains_and_the_cascade_is_refused_in_one_line_naming_3d_fullres(preprocessed_3d):
+    """nnU-Net's planner writes 3d_lowres (a 3D configuration at a coarser spacing; here on 3d_fullres's data, as the
+    sample is too small for the planner to write one) and 3d_cascade_fullres, which needs 3d_lowres's predictions."""
+    folder = preprocessed_3d.preprocessed
+    plans = json.loads((folder / f"{PLANS_3D}.json").read_text())
+    plans["plans_name"] = name = "nnUNetPlans_test3d_cascade"
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "next_stage": "3d_cascade_fullres"}
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    (folder / f"{name}.json").write_text(json.dumps(plans))
+    terms = every_stage_once("nnUNetTrainerSelfTraining", name, "3d_lowres")
+    assert terms.keys() == {"warmup", "selftrain"} and all(math.isfinite(v) for t in terms.values() for v in t.values())
+    trainer = "nnUNetTrainerSelfTraining"
+    result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_cascade_fullres", "0", "-tr", trainer, "-p", name,
+                                 "-device", "cpu", check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith(
+        f"{trainer} does not train nnU-Net's cascade ('3d_cascade_fullres' needs the predictions of '3d_lowres'): "
+        f"train 3d_fullres (nnUNetv2_train DATASET 3d_fullres FOLD -tr {trainer})")
+    assert not (preprocessed_3d.results / f"{trainer}__{name}__3d_cascade_fullres").exists()
