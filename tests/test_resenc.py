@@ -58,3 +58,11 @@ def test_nnunets_predictor_averages_ideals_two_decoders_on_resenc(preprocessed_3
     logits = predictor.predict_sliding_window_return_logits(torch.randn(1, *image_shape))
     assert logits.shape == (3, *image_shape) and torch.isfinite(logits).all()
     trainer.on_train_end()
+
+
+def test_a_joint_methods_self_training_variant_runs_each_stage_on_resenc_2d(preprocessed_3d):
+    """IDEALSelfTraining: the pseudo-label term joins IDEAL's fine-tuning, its EMA teacher a copy of the two-decoder
+    network on the residual encoder (the other variants put SelfTraining's stages, run above, after the method's)."""
+    terms = every_stage_once("nnUNetTrainerIDEALSelfTraining", RESENC_PLANS, "2d", RESENC)
+    assert {"segmentation", "cross_pseudo_supervision", "pseudo_label"} <= terms["finetune"].keys()
+    assert all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
