@@ -39,7 +39,8 @@ run() {  # run DESCRIPTION ARGS...: one benchmark call, then its records kept
 }
 
 mkdir -p "$workdir" || exit 1
-# a new machine of the records' processor kind: its records count as done (runs of this kind repeat to the digit)
+# a new machine of the records' processor kind: its records count as done (runs of this kind repeat to the digit;
+# the benchmark refuses records of another kind)
 [ -d "$workdir/results" ] || cp -r "$repo/docs/benchmark/$records/results" "$workdir/" 2>/dev/null
 while pgrep -f "nnunet-contrast benchmark --workdir" > /dev/null; do sleep 30; done  # one benchmark at a time
 source "$queue"

@@ -192,6 +192,20 @@ def test_records_copied_into_a_new_work_folder_are_not_trained_again_but_the_rec
     assert any(line.startswith("$ nnUNetv2_train") and BASELINE in line for line in printed)
 
 
+def test_a_record_of_another_processor_kind_is_refused_before_anything_runs(tmp_path, msd):
+    first = make_benchmark(tmp_path, msd, trainers=[BASELINE], fractions=["0.2"], folds=[1], upper_bound=False)
+    execute(first.steps(), {}, runner=FakeRunner(first), out=lambda line: None)
+    path = first.record_path(Run(BASELINE, "0.2", 1))
+    record = json.loads(path.read_text())
+    record["environment"]["cpu"] = "AMD EPYC 7B13, torch kernels AVX2"
+    path.write_text(json.dumps(record))
+    again = make_benchmark(tmp_path, msd, fractions=["0.2"], folds=[1], upper_bound=False)
+    with pytest.raises(UserInputError, match=r"was recorded on another processor kind \(AMD EPYC 7B13, torch kernels "
+                                             r"AVX2; this machine: .*\): benchmark this kind in a work folder of its own"):
+        again.steps()
+    assert json.loads(path.read_text()) == record
+
+
 @pytest.mark.parametrize("where", ["in training", "in validation"])
 def test_a_stopped_training_continues_with_c_and_is_recorded_once(tmp_path, msd, where):
     benchmark = make_benchmark(tmp_path, msd, fractions=["0.05"], folds=[0], upper_bound=False)

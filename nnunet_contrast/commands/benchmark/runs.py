@@ -329,12 +329,32 @@ class Benchmark:
                      *set_options([*budget.assignments, f"nnunet_contrast.semisup.split_file={split}",
                                    f"nnunet_contrast.run.seed={self.train_seed}"]), "-o", plans])
 
+    @functools.cached_property
+    def processor_kind(self) -> str:
+        import torch
+
+        from nnunet_contrast.commands.benchmark.records import cpu_description
+
+        return cpu_description(torch)
+
+    def recorded(self, run: Run) -> bool:
+        """Whether ``run`` has its record here; one of another processor kind is refused (a seeded run repeats on
+        its own kind only, and training it here would overwrite that record)."""
+        path = self.record_path(run)
+        if not path.exists():
+            return False
+        theirs = json.loads(path.read_text())["environment"]["cpu"]
+        if theirs != self.processor_kind:
+            raise UserInputError(f"{path} was recorded on another processor kind ({theirs}; this machine: "
+                                 f"{self.processor_kind}): benchmark this kind in a work folder of its own")
+        return True
+
     def run_steps(self, run: Run) -> List[Step]:
         record = Step(f"record {run.trainer} {run.fraction} fold {run.fold}", self.record_path(run),
                       action=lambda: self.write_record(run))
         if run.trainer == RECIPE:
             return self.recipe.steps(run) + [record]
-        if record.done.exists() and not (self.with_recipe and run.trainer == BASELINE):
+        if self.recorded(run) and not (self.with_recipe and run.trainer == BASELINE):
             return [record]  # recorded (here, or a record of this kind copied in): the recipe needs the model
         fold = self.fold_folder(run)
         train = Step(f"train {run.trainer} {run.fraction} fold {run.fold}", fold / "validation" / "summary.json",
