@@ -96,9 +96,9 @@ def test_3d_lowres_trains_and_the_cascade_is_refused_in_one_line_naming_3d_fullr
     plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "next_stage": "3d_cascade_fullres"}
     plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
     (folder / f"{name}.json").write_text(json.dumps(plans))
-    terms = every_stage_once("nnUNetTrainerSelfTraining", name, "3d_lowres")
-    assert terms.keys() == {"warmup", "selftrain"} and all(math.isfinite(v) for t in terms.values() for v in t.values())
     trainer = "nnUNetTrainerSelfTraining"
+    terms = every_stage_once(trainer, name, "3d_lowres")
+    assert terms.keys() == {"warmup", "selftrain"} and all(math.isfinite(v) for t in terms.values() for v in t.values())
     result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_cascade_fullres", "0", "-tr", trainer, "-p", name,
                                  "-device", "cpu", check=False)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith(

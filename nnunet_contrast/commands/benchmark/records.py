@@ -114,6 +114,11 @@ def environment() -> dict:
             "nnunet_contrast": version("nnunet-contrast"), "commit": source_commit()}
 
 
+def kind(record: dict) -> str:
+    """The processor kind the run trained on (``cpu_description``)."""
+    return record["environment"]["cpu"]
+
+
 def cpu_description(torch) -> str:
     """The processor model and the instruction set torch's CPU kernels use (e.g. AVX512): a seeded run
     repeats to the digit on one kind of processor, not across kinds (docs/BENCHMARKS.md)."""

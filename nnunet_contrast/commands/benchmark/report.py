@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from nnunet_contrast.commands.benchmark.records import is_term_curve, load_records
+from nnunet_contrast.commands.benchmark.records import is_term_curve, kind, load_records
 from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, BASELINE_SECTIONS, BASELINE_TRAINERS,
                                                    DEFAULT_CONFIGURATION, DEFAULT_PLANS, baseline_reads)
 from nnunet_contrast.errors import UserInputError
@@ -41,11 +41,6 @@ def report_records(workdir: Path, also: Iterable[Path] = ()) -> List[dict]:
                                  "folder of a benchmark")
         records += [dict(r, source=folder) for r in found]
     return records
-
-
-def kind(record: dict) -> str:
-    """The processor the run trained on."""
-    return record["environment"]["cpu"]
 
 
 def kind_names(records: Sequence[dict]) -> Dict[str, str]:

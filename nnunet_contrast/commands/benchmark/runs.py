@@ -343,7 +343,9 @@ class Benchmark:
         path = self.record_path(run)
         if not path.exists():
             return False
-        theirs = json.loads(path.read_text())["environment"]["cpu"]
+        from nnunet_contrast.commands.benchmark.records import kind
+
+        theirs = kind(json.loads(path.read_text()))
         if theirs != self.processor_kind:
             raise UserInputError(f"{path} was recorded on another processor kind ({theirs}; this machine: "
                                  f"{self.processor_kind}): benchmark this kind in a work folder of its own")
