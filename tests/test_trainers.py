@@ -10,6 +10,7 @@ from conftest import (TEST_PLANS, assert_resume_matches_uninterrupted, corrupt_l
                       make_plans, make_trainer,
                       ready_trainer, seed_everything, split_of_fold0, stage_terms, train_then_resume)
 from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.training.schedule import Data
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
 
@@ -163,6 +164,36 @@ def test_a_seeded_run_draws_the_same_weights_and_batches_twice(hippocampus, monk
     assert same_draws(first_draws(seeded, monkeypatch), first_draws(seeded, monkeypatch))
     unseeded = make_plans(hippocampus, "nnUNetPlans_unseeded", "nnunet_contrast.run.seed=-1")
     assert not same_draws(first_draws(unseeded, monkeypatch), first_draws(unseeded, monkeypatch))  # control
+
+
+def first_pretraining_batches(trainer_name, plans, monkeypatch, stages_done: int = 0):
+    """The first batch of each pretraining stage's own loader, with worker processes; ``stages_done``: those of
+    the first stages are not built, as in a run resumed after them."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    trainer = ready_trainer(trainer_name, plans)  # the self-training variant builds its unlabelled loader here
+    try:
+        own = [s for s in trainer.schedule.stages if s.data in (Data.ALL_IMAGES, Data.PARTITIONS)]
+        return [next(trainer.stage_loader(stage))["data"] for stage in own[stages_done:]]
+    finally:
+        for loader in (trainer.dataloader_train, trainer.dataloader_val):
+            loader._finish()
+        for loader in trainer.extra_loaders() + [trainer.dataloader_unlabeled]:
+            if loader is not None:
+                loader.finish()
+
+
+def test_a_method_and_its_self_training_variant_and_a_resumed_run_draw_the_same_pretraining_batches(
+        hippocampus, monkeypatch):
+    seeded = make_plans(hippocampus, "nnUNetPlans_seeded_pretraining", "nnunet_contrast.run.seed=3")
+    plain = first_pretraining_batches("nnUNetTrainerGlobalLocalContrast", seeded, monkeypatch)
+    assert len(plain) == 2  # G^D's partition batches, then L^R's random slices
+    variant = first_pretraining_batches("nnUNetTrainerGlobalLocalContrastSelfTraining", seeded, monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(plain, variant, strict=True))
+    resumed_in_local_stage = first_pretraining_batches("nnUNetTrainerGlobalLocalContrast", seeded, monkeypatch, 1)
+    assert torch.equal(resumed_in_local_stage[0], plain[1])
+    other_seed = make_plans(hippocampus, "nnUNetPlans_seeded_pretraining4", "nnunet_contrast.run.seed=4")
+    assert not torch.equal(first_pretraining_batches("nnUNetTrainerGlobalLocalContrast", other_seed, monkeypatch,
+                                                     1)[0], plain[1])  # a control: the batches follow the seed
 
 
 # ----------------------------------------------------------------------------- bad split files

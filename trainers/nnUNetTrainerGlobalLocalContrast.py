@@ -30,6 +30,7 @@ from nnunet_contrast.network.taps import (check_unet, decoder_block_features, de
                                           decoder_channels, decoder_stage_count)
 from nnunet_contrast.training.global_local import GlobalLocalPretraining
 from nnunet_contrast.training.schedule import ENCODER, Data, Head, Part, Stage, Term, Views
+from nnunet_contrast.training.seeding import stage_stream
 from nnunet_contrast.training.self_training import SELF_TRAINING_VARIANT
 from nnunet_contrast.training.step import StepInputs
 
@@ -114,7 +115,7 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
                 raise UserInputError(f"pretrain_batch_size ({batch_size}) is split over {world_size()} GPUs: set it "
                                      f"to at least {world_size()} ({where})")
             volumes = self.patch_dims == 3  # G^R in 3D: nnU-Net's 3D patches
-            return self.build_image_loader(dataset, rank_share(batch_size),
+            return self.build_image_loader(dataset, rank_share(batch_size), stage_stream(data),
                                            nnUNetDataLoader if volumes else SliceInfoDataLoader)
         if batch_size < 2 * partitions:  # a single volume per batch would leave G^D / L^D without negatives
             raise UserInputError(f"partition batches need at least 2 volumes: set pretrain_batch_size "
@@ -125,7 +126,8 @@ class nnUNetTrainerGlobalLocalContrast(GlobalLocalPretraining):
             # (a batch that is no multiple of partitions goes to the loader as it is, which says so)
             if batch_size % partitions == 0:
                 batch_size = rank_share(batch_size // partitions) * partitions
-            return self.build_image_loader(dataset, batch_size, PartitionDataLoader, partitions=partitions)
+            return self.build_image_loader(dataset, batch_size, stage_stream(data), PartitionDataLoader,
+                                           partitions=partitions)
         except ValueError as error:  # too few slices per volume, too few volumes, not a multiple of partitions
             raise UserInputError(f"{error} ({where})") from None
 

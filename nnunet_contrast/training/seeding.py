@@ -6,11 +6,24 @@ seeds this process and runs its loaders in worker processes with seeds of their 
 come back in a fixed order (batchgenerators' ``MultiThreadedAugmenter``).
 """
 import random
+from enum import Enum
 from typing import Optional
 
 import numpy as np
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+
+
+# The seed stream of each loader's workers is fixed by what the loader serves, so that a run draws the same
+# batches whichever other loaders it builds: a method and its ...SelfTraining variant share their pretraining,
+# and a resumed run, which builds only the loaders of the stages left, draws what the uninterrupted one would.
+# nnU-Net's train and validation loaders are 0 and 1, the unlabelled images 2, each stage's own loader after.
+UNLABELED_STREAM = 2
+
+
+def stage_stream(data: Enum) -> int:
+    """The seed stream of the stage loader that serves ``data`` (a ``training.schedule.Data``)."""
+    return UNLABELED_STREAM + 1 + list(type(data)).index(data)
 
 
 def seed_process(seed: int) -> None:
@@ -42,11 +55,11 @@ class WorkerSeeded:
         return getattr(self.loader, name)
 
 
-def seeded_workers(loader, processes: int, seed: int, loader_index: int, pin_memory: bool,
+def seeded_workers(loader, processes: int, seed: int, stream: int, pin_memory: bool,
                    rank: Optional[int] = None) -> MultiThreadedAugmenter:
-    """``processes`` workers over ``loader``, each with its own seed derived from (seed, loader_index) and,
-    under DDP, the rank; their batches come back in a fixed order; as many batches cached as nnU-Net caches."""
-    entropy = [seed, loader_index] + ([] if rank is None else [rank])
+    """``processes`` workers over ``loader``, each with its own seed derived from (seed, stream) and, under
+    DDP, the rank; their batches come back in a fixed order; as many batches cached as nnU-Net caches."""
+    entropy = [seed, stream] + ([] if rank is None else [rank])
     seeds = [int(s) for s in np.random.SeedSequence(entropy).generate_state(processes)]
     return MultiThreadedAugmenter(WorkerSeeded(loader, seeds), None, processes, max(2, 6 // processes), seeds,
                                   pin_memory=pin_memory)

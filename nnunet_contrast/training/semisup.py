@@ -19,7 +19,8 @@ from nnunet_contrast.data.split import fold_split, read_split
 from nnunet_contrast.data.unlabeled import unlabeled_folder
 from nnunet_contrast.settings import Budget, Settings, resolve_settings
 from nnunet_contrast.training.checkpoint_io import EXTRAS_KEY, extras_added_on_save, loaded_checkpoint_served
-from nnunet_contrast.training.seeding import random_state, seed_process, seeded_workers, set_random_state
+from nnunet_contrast.training.seeding import (UNLABELED_STREAM, random_state, seed_process, seeded_workers,
+                                              set_random_state)
 
 SETTINGS_FILE = "nnunet_contrast_settings.json"
 
@@ -61,7 +62,6 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.unlabeled_keys: List[str] = []
         self.dataloader_unlabeled: Optional[ImagesOnly] = None
         self.last_unlabeled_keys = None  # the case of each image of the last unlabelled batch
-        self.image_loaders_built = 0  # each seeded loader's workers get seeds of their own
         self.resumed_random_state: Optional[dict] = None
         self.rank_random_states: List[dict] = []  # every rank's, gathered for the checkpoint rank 0 writes
 
@@ -170,13 +170,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def get_dataloaders(self):
         train, val = (self.seeded_augmenter(loader, index) for index, loader in enumerate(super().get_dataloaders()))
         dataset = self.unlabeled_dataset() if self.uses_unlabeled and self.reads_unlabeled_batches() else None
-        self.dataloader_unlabeled = self.build_image_loader(dataset, self.unlabeled_batch_size) \
+        self.dataloader_unlabeled = self.build_image_loader(dataset, self.unlabeled_batch_size, UNLABELED_STREAM) \
             if dataset is not None else None
         return train, val
 
-    def build_image_loader(self, dataset, batch_size: int, loader_class=nnUNetDataLoader,
+    def build_image_loader(self, dataset, batch_size: int, stream: int, loader_class=nnUNetDataLoader,
                            **loader_kwargs) -> ImagesOnly:
-        """nnU-Net's training augmentation and worker processes over ``dataset``, images only.
+        """nnU-Net's training augmentation and worker processes over ``dataset``, images only; a seeded run's
+        workers draw from seed stream ``stream`` (``training/seeding.py``).
 
         Foreground oversampling is off: it would pick crops using labels that may be hidden.
         """
@@ -191,11 +192,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         loader = loader_class(dataset, batch_size, initial_patch_size, patch_size, self.label_manager,
                               oversample_foreground_percent=0.0, transforms=transforms, **loader_kwargs)
         processes = get_allowed_n_proc_DA()
-        self.image_loaders_built += 1
         if processes == 0:
             return ImagesOnly(SingleThreadedAugmenter(loader, None))
         if self.settings.run.seed >= 0:
-            return ImagesOnly(self.seeded_workers(loader, processes, 1 + self.image_loaders_built))
+            return ImagesOnly(self.seeded_workers(loader, processes, stream))
         return ImagesOnly(NonDetMultiThreadedAugmenter(loader, None, processes, max(6, processes // 2), None,
                                                        pin_memory=self.device.type == "cuda", wait_time=0.002))
 
@@ -208,17 +208,17 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         elif self.is_ddp:
             torch.seed()
 
-    def seeded_workers(self, loader, processes: int, loader_index: int):
-        return seeded_workers(loader, processes, self.settings.run.seed, loader_index, self.device.type == "cuda",
+    def seeded_workers(self, loader, processes: int, stream: int):
+        return seeded_workers(loader, processes, self.settings.run.seed, stream, self.device.type == "cuda",
                               self.local_rank if self.is_ddp else None)
 
-    def seeded_augmenter(self, augmenter, loader_index: int):
+    def seeded_augmenter(self, augmenter, stream: int):
         """nnU-Net's train (0) or validation (1) augmenter, replaced by seeded workers over the same
         loader when the run is seeded (nnU-Net starts its own unseeded)."""
         if self.settings.run.seed < 0 or not isinstance(augmenter, NonDetMultiThreadedAugmenter):
             return augmenter
         augmenter._finish()
-        seeded = self.seeded_workers(augmenter.generator, augmenter.num_processes, loader_index)
+        seeded = self.seeded_workers(augmenter.generator, augmenter.num_processes, stream)
         next(seeded)  # started, as nnU-Net starts its own
         return seeded
 
