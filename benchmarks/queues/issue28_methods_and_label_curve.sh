@@ -17,6 +17,12 @@ for method in SupConLocal PseudoLabelContrast PseudoLabelContrastInter GlobalLoc
     run "$method fold 0"              --folds 0 --trainers nnUNetTrainer$method $TWO
     run "${method}SelfTraining fold 0" --folds 0 --trainers nnUNetTrainer${method}SelfTraining $TWO
 done
+# 2. folds 1 and 2 for each variant that beats SelfTraining on fold 0, or the two best: after the first 12
+# runs (04eec61) SupConLocalSelfTraining (+0.0006) and GlobalContrastSelfTraining (+0.0005); replace them if
+# CrossLevel's or IDEAL's variant does better on fold 0
+for variant in SupConLocalSelfTraining GlobalContrastSelfTraining; do
+    run "$variant folds 1-2" --folds 1 2 --trainers nnUNetTrainer$variant $TWO
+done
 # 3. the upper bound of each fold in these plans (LabeledOnly on all labels), then the label curve
 for fold in 0 1 2; do
     run "upper bound fold $fold" --folds $fold --trainers $LO --fractions 2 $D96
@@ -28,6 +34,3 @@ for volumes in 5 10; do
     done
 done
 run "the maintainers' recipe, 2 volumes, fold 2" --folds 2 --trainers $LO --recipe $TWO
-# 2. folds 1 and 2 for each variant that beats SelfTraining on fold 0 (or the two best): add them here once
-# the fold-0 table is known, e.g.
-#   run "XSelfTraining folds 1-2" --folds 1 2 --trainers nnUNetTrainerXSelfTraining $TWO
