@@ -149,10 +149,17 @@ def first_draws(plans, monkeypatch):
         batches = [next(loader)["data"] for loader in (trainer.dataloader_train, trainer.dataloader_val)
                    for _ in range(3)] + [trainer.next_unlabeled_images() for _ in range(3)]
     finally:
-        for loader in (trainer.dataloader_train, trainer.dataloader_val):
-            loader._finish()
-        trainer.dataloader_unlabeled.finish()
+        finish_loaders(trainer)
     return weights, batches
+
+
+def finish_loaders(trainer) -> None:
+    """Stop the worker processes of nnU-Net's loaders and of ours."""
+    for loader in (trainer.dataloader_train, trainer.dataloader_val):
+        loader._finish()
+    for loader in trainer.extra_loaders() + [trainer.dataloader_unlabeled]:
+        if loader is not None:
+            loader.finish()
 
 
 def same_draws(a, b) -> bool:
@@ -175,11 +182,7 @@ def first_pretraining_batches(trainer_name, plans, monkeypatch, stages_done: int
         own = [s for s in trainer.schedule.stages if s.data in (Data.ALL_IMAGES, Data.PARTITIONS)]
         return [next(trainer.stage_loader(stage))["data"] for stage in own[stages_done:]]
     finally:
-        for loader in (trainer.dataloader_train, trainer.dataloader_val):
-            loader._finish()
-        for loader in trainer.extra_loaders() + [trainer.dataloader_unlabeled]:
-            if loader is not None:
-                loader.finish()
+        finish_loaders(trainer)
 
 
 def test_a_method_and_its_self_training_variant_and_a_resumed_run_draw_the_same_pretraining_batches(
