@@ -17,7 +17,7 @@ from nnunet_contrast.commands.benchmark.records import environment, load_records
 from nnunet_contrast.commands.benchmark import runs
 from nnunet_contrast.commands.benchmark.report import (by_cell, case_difference, case_rows, complete_mean, delta_table,
                                               dice_table, first_finetuning_dice, fraction_repeats, group_records, interval_text,
-                                              setting_labels, write_report)
+                                              setting_labels, trainer_style, write_report)
 from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
                                             wall_time)
 from nnunet_contrast.commands.cli import main
@@ -464,6 +464,15 @@ def test_the_plot_draws_a_mean_only_over_every_repeat_of_the_fraction(tmp_path, 
     assert complete_mean(dice(BASELINE), repeats) == pytest.approx((0.52 + 0.53) / 2)
     assert complete_mean(dice("nnUNetTrainerCrossLevel"), repeats) is None  # its point only, no mean of fold 0
     assert complete_mean({}, set()) is None
+
+
+def test_each_plotted_trainer_has_its_own_colour_and_marker_and_its_own_place_beside_the_fraction():
+    styles = [trainer_style(i, 22, f"nnUNetTrainer{i}") for i in range(22)]  # issue 28's report holds 22
+    assert len({(s["color"], s["marker"]) for s in styles}) == 22
+    shifts = [s["shift"] for s in styles]
+    assert shifts == sorted(set(shifts)) and shifts[0] * shifts[-1] == pytest.approx(1)  # centred on the fraction
+    assert 2 * shifts[-1] < 5 * shifts[0]  # the points at 2 and at 5 labelled cases do not overlap
+    assert trainer_style(0, 22, BASELINE)["linewidth"] > styles[1]["linewidth"]
 
 
 def test_the_report_says_where_fine_tuning_starts_after_pretraining(tmp_path, msd):

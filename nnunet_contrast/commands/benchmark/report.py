@@ -377,14 +377,26 @@ def complete_mean(values: Dict[Repeat, float], repeats: set) -> Optional[float]:
     return statistics.mean(values[k] for k in repeats) if repeats and repeats <= set(values) else None
 
 
+MARKERS = "oDs^v<>ph*"
+
+
+def trainer_style(index: int, count: int, trainer: str) -> dict:
+    """Colour and marker unique to each of up to 100 trainers, and a small sideways shift (a factor on the
+    log axis) so that the points of many trainers at one fraction stay apart."""
+    return dict(color=f"C{index % 10}", marker=MARKERS[index // 10 % len(MARKERS)],
+                linewidth=2.5 if trainer == BASELINE else 1.2, shift=1.012 ** (index - (count - 1) / 2))
+
+
 def plot_dice(records: Sequence[dict], path: Path) -> None:
     """Left: Dice against the (mean) number of labelled cases, so fractions and counts share one axis; right:
     the paired difference to the baseline. Each repeat (fold and kind) is a point; a line joins a trainer's
-    means where it ran every repeat of the fraction (``complete_mean``); the upper bound is the dashed line."""
+    means where it ran every repeat of the fraction (``complete_mean``); the upper bound is the dashed line.
+    The legend stands outside the panels: a benchmark can hold twenty trainers and more."""
     fractions, cells = fraction_order(records), by_cell(records)
-    fig, (dice_ax, gain_ax) = pyplot().subplots(1, 2, figsize=(13, 4.8), dpi=100)
-    for index, trainer in enumerate(method_order(records)):
-        style = dict(color=f"C{index % 10}", linewidth=2.5 if trainer == BASELINE else 1.2)
+    fig, (dice_ax, gain_ax) = pyplot().subplots(1, 2, figsize=(17, 5.5), dpi=100)
+    trainers = method_order(records)
+    for index, trainer in enumerate(trainers):
+        style = trainer_style(index, len(trainers), trainer)
         for ax, values_of in ((dice_ax, lambda f: {k: r["foreground_dice"] for k, r in cells[(trainer, f)].items()}),
                               (gain_ax, lambda f: gains(cells, trainer, f))):
             if ax is gain_ax and trainer == BASELINE:
@@ -405,8 +417,9 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
         ax.set_xlabel("labelled training cases (fraction)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    dice_ax.legend(fontsize=7)
-    fig.suptitle("points: each fold (and kind); lines: means over every repeat of the fraction", fontsize=9)
+    gain_ax.legend(*dice_ax.get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("small marks: each fold (and kind); large marks and lines: means over every repeat of the "
+                 "fraction, drawn only for a trainer that ran them all", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -417,13 +430,14 @@ def plot_points_and_means(ax, records, fractions, values_of, cells, label: str, 
     means = []
     for f in fractions:
         values = values_of(f)
-        x = mean_labelled_cases(records, f)
-        ax.plot([x] * len(values), list(values.values()), linestyle="none", marker="o", markersize=4, alpha=0.5,
-                color=style["color"])
+        x = mean_labelled_cases(records, f) * style["shift"]
+        ax.plot([x] * len(values), list(values.values()), linestyle="none", marker=style["marker"], markersize=4,
+                alpha=0.5, color=style["color"])
         mean = complete_mean(values, fraction_repeats(cells, f))
         if mean is not None:
             means.append((x, mean))
-    ax.plot(*zip(*means) if means else ([], []), marker="D", label=label, **style)
+    ax.plot(*zip(*means) if means else ([], []), label=label, markersize=7,
+            **{k: style[k] for k in ("color", "marker", "linewidth")})
 
 
 def plot_curves(record: dict, path: Path) -> None:
