@@ -4,14 +4,16 @@
 # that code work in the repository does not change what trains. Resumable: finished runs are skipped, a
 # stopped one continues with nnU-Net's --c. Start it again after a stop with the same arguments.
 #
-#   benchmarks/queue.sh VENV WORKDIR REPO RECORDS_NAME QUEUE
+#   benchmarks/queue.sh VENV WORKDIR REPO RECORDS_NAME QUEUE [QUEUE ...]
 #   e.g. benchmarks/queue.sh /work/bvenv /work/bench/scarce_fixed /work/main hippocampus_scarce_fixed_avx512 \
 #            /work/main/benchmarks/queues/issue26_scarce_fixed_teacher.sh
 #
-# QUEUE is a bash file of ``run "DESCRIPTION" BENCHMARK_ARGS...`` lines (benchmarks/queues/). Copy this
-# script and the queue out of the repository before starting them: bash reads a script while it runs.
+# QUEUE is a bash file of ``run "DESCRIPTION" BENCHMARK_ARGS...`` lines (benchmarks/queues/); several run one
+# after the other. Copy this script and the queues out of the repository before starting them: bash reads a
+# script while it runs. benchmarks/launch.sh does all of it: clone, venv, copies, start in the background.
 set -uo pipefail
-venv=$1 workdir=$2 repo=$3 records=$4 queue=$5
+venv=$1 workdir=$2 repo=$3 records=$4
+shift 4
 data=${DATA:-$repo/../shared/data/Task04_Hippocampus}
 export nnUNet_def_n_proc=2 nnUNet_n_proc_DA=2
 LO=nnUNetTrainerLabeledOnly ST=nnUNetTrainerSelfTraining CP=nnUNetTrainerCopyPaste
@@ -43,5 +45,5 @@ mkdir -p "$workdir" || exit 1
 # the benchmark refuses records of another kind)
 [ -d "$workdir/results" ] || cp -r "$repo/docs/benchmark/$records/results" "$workdir/" 2>/dev/null
 while pgrep -f "nnunet-contrast benchmark --workdir" > /dev/null; do sleep 30; done  # one benchmark at a time
-source "$queue"
+for queue in "$@"; do source "$queue"; done
 echo "queue finished $(date -Is)" >> "$workdir/../queue_$records.log"
