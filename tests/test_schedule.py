@@ -23,6 +23,16 @@ def test_stage_boundaries_and_lookup():
     assert schedule.index_of("b") == 1 and schedule.stage("b").epochs == 3
 
 
+def test_the_pretraining_ends_at_the_first_supervised_stage_after_unsupervised_ones():
+    contrast = (Term("global_contrast"),)
+    assert Schedule([stage("global", 1, terms=contrast), stage("local", 1, terms=contrast),
+                     stage("finetune", 2)]).pretraining_end == 2
+    assert Schedule([stage("global", 0, terms=contrast), stage("finetune", 2)]).pretraining_end is None  # no epochs
+    assert Schedule([stage("warmup", 1), stage("joint", 2, terms=(Term(SEGMENTATION), Term("contrast")))]
+                    ).pretraining_end is None  # supervised from the first epoch
+    assert Schedule([stage("dense", 1, terms=contrast)]).pretraining_end is None  # nothing to fine-tune
+
+
 def test_rounds_of_one_name_share_a_shade_and_an_optimizer():
     joint = (Term(SEGMENTATION), Term("contrast", 0.1))
     schedule = Schedule([stage("warmup", 1), stage("joint", 2, terms=joint, data=Data.LABELED_AND_UNLABELED),

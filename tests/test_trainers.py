@@ -9,7 +9,10 @@ import torch
 from conftest import (TEST_PLANS, assert_resume_matches_uninterrupted, corrupt_labels, losses_with_hidden_labels_corrupted,
                       make_plans, make_trainer,
                       ready_trainer, seed_everything, split_of_fold0, stage_terms, train_then_resume)
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
 from nnunet_contrast.errors import UserInputError
+from nnunet_contrast.training.method import PRETRAINED_CHECKPOINT
 from nnunet_contrast.training.schedule import Data
 from nnunet_contrast.training.semisup import SemiSupervisedTrainer
 
@@ -70,6 +73,30 @@ def test_checkpoint_network_weights_are_a_plain_nnunet(hippocampus):
     assert checkpoint["network_weights"].keys() == trainer.network.state_dict().keys()
     assert set(checkpoint["nnunet_contrast"]["heads"]) == set(trainer.heads.state_dict())
     assert not list(Path(trainer.output_folder).glob("*.tmp*"))  # atomic saves leave no temporaries
+
+
+def test_a_pretraining_run_leaves_the_weights_it_fine_tunes_from_for_nnunets_pretrained_weights(hippocampus):
+    plans = make_plans(hippocampus, "nnUNetPlans_pretrained", "nnunet_contrast.budget.num_epochs=1",
+                       "nnunet_contrast.budget.num_iterations_per_epoch=1")
+    pretrained, finetuned = train_then_resume("nnUNetTrainerGlobalContrast", plans, stop_after_epochs=1)
+    path = Path(pretrained.output_folder) / PRETRAINED_CHECKPOINT
+    assert not path.exists()  # the first trainer stopped at the end of the pretraining
+    finetuned.run_training()
+    saved = torch.load(path, weights_only=False)["network_weights"]
+    after_pretraining = pretrained.network.state_dict()
+    assert saved.keys() == after_pretraining.keys()
+    for key, value in after_pretraining.items():
+        torch.testing.assert_close(saved[key], value)
+    assert any(not torch.equal(saved[k], v) for k, v in finetuned.network.state_dict().items())  # then fine-tuned
+    # Chaitanya et al. 2023, Table III: another method started from the pretrained weights, as nnUNetv2_train's
+    # -pretrained_weights loads them (all but the segmentation layers)
+    joint_plans = make_plans(hippocampus, "nnUNetPlans_pretrained_joint", "nnunet_contrast.budget.num_epochs=4")
+    other = make_trainer("nnUNetTrainerPseudoLabelContrast", joint_plans)
+    other.initialize()
+    load_pretrained_weights(other.network, str(path))
+    loaded = other.network.state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in loaded.items() if ".seg_layers." not in key)
+    assert not all(torch.equal(value, saved[key]) for key, value in loaded.items() if ".seg_layers." in key)
 
 
 class _NeedsUnlabeled(SemiSupervisedTrainer):

@@ -8,6 +8,7 @@ iterations and data loader, the log lines, progress.png's shading, checkpoint_be
 supervised stages only) and ``--c`` (mid-stage, with the stage's optimizer state).
 """
 import math
+from os.path import join
 from functools import cached_property
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -35,6 +36,7 @@ from nnunet_contrast.training.teaching import EmaTeaching
 from nnunet_contrast.training.step import JointPass, StepInputs, batch_part, full_resolution
 
 FINETUNE = "finetune"
+PRETRAINED_CHECKPOINT = "checkpoint_pretrained.pth"
 
 
 class ConstantSchedule:
@@ -188,6 +190,8 @@ class MethodTrainer(EmaTeaching, SemiSupervisedTrainer):
 
     def enter_stage(self, index: int) -> None:
         """Called at the first epoch of each stage (not when ``--c`` resumes inside it)."""
+        if index == self.schedule.pretraining_end:
+            self.save_pretrained()
         previous, self.stage_index = self.stage_index, index
         stage = self.current_stage
         if previous is None or not self.schedule.shares_optimizer(previous, index):
@@ -206,6 +210,16 @@ class MethodTrainer(EmaTeaching, SemiSupervisedTrainer):
             rounds = [i for i, s in enumerate(self.schedule.stages) if s.labeller == Labeller.SNAPSHOT]
             self.print_to_log_file(f"Pseudo-labelling round {rounds.index(index) + 1}/{len(rounds)}: labels from "
                                    f"the network as of epoch {self.current_epoch}")
+
+    def save_pretrained(self) -> None:
+        """The run as its pretraining leaves it, before any fine-tuning step: the weights nnU-Net's
+        ``-pretrained_weights`` starts another trainer from (e.g. Chaitanya et al. 2023's "pretrained
+        initialisation + proposed method", Table III)."""
+        path = join(self.output_folder, PRETRAINED_CHECKPOINT)
+        self.save_checkpoint(path)
+        if not self.disable_checkpointing:
+            self.print_to_log_file(f"Pretraining done: its weights are in {path} (any trainer starts from them "
+                                   f"with nnUNetv2_train ... -pretrained_weights {path})")
 
     def new_snapshot(self) -> PseudoLabeler:
         """The pseudo-labeller of a ``Labeller.SNAPSHOT`` round: a frozen copy of the network."""

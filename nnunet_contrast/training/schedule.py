@@ -6,7 +6,7 @@ progress.png shading, checkpoint_best and ``--c``.
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 
 class Data(Enum):
@@ -181,6 +181,13 @@ class Schedule:
     @property
     def total_epochs(self) -> int:
         return self.starts[-1] + self.stages[-1].epochs
+
+    @property
+    def pretraining_end(self) -> Optional[int]:
+        """The first supervised stage where stages without nnU-Net's segmentation loss come before it (the
+        run pretrains), else None."""
+        first = next((i for i, s in enumerate(self.stages) if s.supervised), None)
+        return first or None
 
     def index_at(self, epoch: int) -> int:
         """The stage of ``epoch`` (the last stage after the end, as nnU-Net may train on with ``--c``)."""
