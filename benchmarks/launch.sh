@@ -10,63 +10,71 @@
 #            hippocampus_scarce_fixed_avx512 benchmarks/queues/issue28_methods_and_label_curve.sh \
 #            benchmarks/queues/issue29_3d_fullres.sh
 #
-# Beside WORKDIR it keeps clone-COMMIT (the clone), queue-COMMIT (the copies bash reads while they run) and
-# launch_RECORDS_NAME.out (this runner's own output); each run's output goes to queue_RECORDS_NAME.log.
-# VENV (default: bench-venv beside WORKDIR) is made and filled on first use (nnU-Net and torch: minutes).
-# Only committed code is cloned: commit first.
+# Beside WORKDIR it keeps clone-COMMIT (the clone), queue-COMMIT-RECORDS_NAME (the copies bash reads while they
+# run), WORKDIR.lock and launch_RECORDS_NAME.out (the runner's own output); each run's output goes to
+# queue_RECORDS_NAME.log. VENV (default: bench-venv beside WORKDIR) is made and filled on first use (nnU-Net and
+# torch: minutes). Only committed code and queue files run: commit first.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n 8,11p "$0"; exit 2; }
 workdir=$(realpath -m "$1") records=$2
 shift 2
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
-commit=$(git -C "$repo" rev-parse --short=7 HEAD)
 base=$(dirname "$workdir")
 venv=$(realpath -m "${VENV:-$base/bench-venv}")
 data=$(realpath -m "${DATA:-$repo/../shared/data/Task04_Hippocampus}")
-queues=()
+refuse() { echo "launch: $1" >&2; exit 2; }
+
+queues=()  # the committed queue files, as paths inside the repository
 for queue in "$@"; do
-    [ -f "$queue" ] || { echo "launch: no queue file $queue: name files of benchmarks/queues/" >&2; exit 2; }
-    queues+=("$(realpath "$queue")")
+    relative=$(realpath -m --relative-to="$repo" "$queue")
+    git -C "$repo" cat-file -e "HEAD:$relative" 2>/dev/null || refuse "$queue is no committed file of $repo: commit it"
+    queues+=("$relative")
 done
-[ -d "$data" ] || { echo "launch: no dataset at $data: set DATA to the MSD task folder" >&2; exit 2; }
-if pgrep -f "queue.sh [^ ]+ $workdir " > /dev/null; then
-    echo "launch: a queue already runs in $workdir (pgrep -af queue.sh): stop it first or let it finish" >&2
-    exit 2
-fi
-
+[ -d "$data" ] || refuse "no dataset at $data: set DATA to the MSD task folder"
 mkdir -p "$base"
-clone=$base/clone-$commit
-[ -d "$clone" ] || git clone -q "$repo" "$clone"
-git -C "$clone" -c advice.detachedHead=false checkout -q "$commit"
-[ -x "$venv/bin/python" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q "$clone"; }
-installed() { (cd / && "$venv/bin/python" -c \
-    "from nnunet_contrast.commands.benchmark.records import source_commit; print(source_commit())"); }
-[ "$(installed)" = "$commit" ] || "$venv/bin/pip" install -q --no-deps --force-reinstall "$clone"
-[ "$(installed)" = "$commit" ] || { echo "launch: $venv holds $(installed), not $commit" >&2; exit 1; }
+flock -n "$workdir.lock" true || refuse "a queue already runs in $workdir ($workdir.lock is held): let it finish or stop it"
+git -C "$repo" diff --quiet HEAD -- . ':!docs/benchmark' || echo "launch: uncommitted changes stay out of the run"
 
-# a records name belongs to one processor kind: refuse here rather than in every run of the queue
-(cd / && "$venv/bin/python" - "$repo/docs/benchmark/$records/results" <<'EOF') || exit 2
+commit=$(git -C "$repo" rev-parse --short=7 HEAD)
+clone=$base/clone-$commit
+[ -d "$clone" ] || { git clone -q --no-checkout "$repo" "$clone" && git -C "$clone" fetch -q "$repo" HEAD &&
+                     git -C "$clone" -c advice.detachedHead=false checkout -q FETCH_HEAD; }
+described=$(git -C "$clone" describe --always --dirty --abbrev=7)  # how the installed package names its commit
+installed() { (cd / && "$venv/bin/python" -c \
+    "from nnunet_contrast.commands.benchmark.records import source_commit; print(source_commit())" 2>/dev/null) || true; }
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q "$clone"  # the package of this commit and any dependency the venv lacks
+[ "$(installed)" = "$described" ] || "$venv/bin/pip" install -q --force-reinstall --no-deps "$clone"
+[ "$(installed)" = "$described" ] || { echo "launch: $venv holds '$(installed)', not $described" >&2; exit 1; }
+
+# a records name belongs to one processor kind and one torch and nnU-Net: refuse here rather than in every run
+(cd / && "$venv/bin/python" - "$repo/docs/benchmark/$records/results" <<'PY') || exit 2
 import json, sys
 from pathlib import Path
 
 import torch
 
-from nnunet_contrast.commands.benchmark.records import cpu_description, kind
+from nnunet_contrast.commands.benchmark.records import cpu_description, environment, kind
 
-here = cpu_description(torch)
+here = {"processor kind": cpu_description(torch), **{k: environment()[k] for k in ("torch", "nnunetv2")}}
 for path in sorted(Path(sys.argv[1]).rglob("*.json"))[:1]:
-    theirs = kind(json.loads(path.read_text()))
-    if theirs != here:
-        sys.exit(f"launch: {sys.argv[1]} holds runs of another processor kind ({theirs}; this machine: {here}): "
-                 "name new records, e.g. with the kind in the name, and a new work folder")
-EOF
+    record = json.loads(path.read_text())
+    theirs = {"processor kind": kind(record), **{k: record["environment"].get(k) for k in ("torch", "nnunetv2")}}
+    differ = [f"{k} {theirs[k]} (here {here[k]})" for k in here if theirs[k] != here[k]]
+    if differ:
+        sys.exit(f"launch: {sys.argv[1]} holds runs of another {', '.join(differ)}: seeded runs repeat only "
+                 "there; name new records and a new work folder, or install that torch and nnunetv2")
+PY
 
-copies=$base/queue-$commit
-mkdir -p "$copies"
-cp "$repo/benchmarks/queue.sh" "$copies/"
+copies=$base/queue-$commit-$records
+rm -rf "$copies" && mkdir -p "$copies"
+cp "$clone/benchmarks/queue.sh" "$copies/"
 copied=()
-for queue in "${queues[@]}"; do cp "$queue" "$copies/" && copied+=("$copies/$(basename "$queue")"); done
+for queue in "${queues[@]}"; do
+    copied+=("$copies/$(printf '%02d' ${#copied[@]})-$(basename "$queue")")
+    cp "$clone/$queue" "${copied[-1]}"
+done
 cd "$clone"
 DATA=$data nohup setsid bash "$copies/queue.sh" "$venv" "$workdir" "$repo" "$records" "${copied[@]}" \
     > "$base/launch_$records.out" 2>&1 < /dev/null &
-echo "launch: queue started at $commit (pid $!); runs log to $base/queue_$records.log"
+echo "launch: queue started at $described (pid $!); runs log to $base/queue_$records.log"

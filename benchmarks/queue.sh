@@ -41,6 +41,8 @@ run() {  # run DESCRIPTION ARGS...: one benchmark call, then its records kept
 }
 
 mkdir -p "$workdir" || exit 1
+exec 9> "$workdir.lock"  # one runner per work folder (its runs' processes keep the lock until they end)
+flock -n 9 || { echo "queue: another runner holds $workdir.lock: let it finish or stop it" >&2; exit 2; }
 # a new machine of the records' processor kind: its records count as done (runs of this kind repeat to the digit;
 # the benchmark refuses records of another kind)
 [ -d "$workdir/results" ] || cp -r "$repo/docs/benchmark/$records/results" "$workdir/" 2>/dev/null

@@ -214,7 +214,7 @@ class MethodTrainer(EmaTeaching, SemiSupervisedTrainer):
     def save_pretrained(self) -> None:
         """The run as its pretraining leaves it, before any fine-tuning step: the weights nnU-Net's
         ``-pretrained_weights`` starts another trainer from (e.g. Chaitanya et al. 2023's "pretrained
-        initialisation + proposed method", Table III)."""
+        initialisation + proposed method", Table III; not IDEAL, whose network has a second decoder)."""
         path = join(self.output_folder, PRETRAINED_CHECKPOINT)
         self.save_checkpoint(path)
         if not self.disable_checkpointing:
