@@ -52,15 +52,13 @@ installed() { (cd / && "$venv/bin/python" -c \
 import json, sys
 from pathlib import Path
 
-import torch
+from nnunet_contrast.commands.benchmark.records import environment
 
-from nnunet_contrast.commands.benchmark.records import cpu_description, environment, kind
-
-here = {"processor kind": cpu_description(torch), **{k: environment()[k] for k in ("torch", "nnunetv2")}}
+names = {"cpu": "processor kind", "torch": "torch", "nnunetv2": "nnunetv2"}  # "cpu" is what records.kind reads
+here = environment()
 for path in sorted(Path(sys.argv[1]).rglob("*.json"))[:1]:
-    record = json.loads(path.read_text())
-    theirs = {"processor kind": kind(record), **{k: record["environment"].get(k) for k in ("torch", "nnunetv2")}}
-    differ = [f"{k} {theirs[k]} (here {here[k]})" for k in here if theirs[k] != here[k]]
+    theirs = json.loads(path.read_text())["environment"]
+    differ = [f"{name} {theirs.get(k)} (here {here[k]})" for k, name in names.items() if theirs.get(k) != here[k]]
     if differ:
         sys.exit(f"launch: {sys.argv[1]} holds runs of another {', '.join(differ)}: seeded runs repeat only "
                  "there; name new records and a new work folder, or install that torch and nnunetv2")
