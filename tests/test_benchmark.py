@@ -4,11 +4,13 @@ The fake runner stands in for nnU-Net's and our commands: it writes the files ea
 leaves behind (split file, plans file, a fold's validation summary, settings and final checkpoint)
 with made-up scores, so the logic around the commands is tested, not nnU-Net.
 """
+import contextlib
 import csv
 import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.data.split import make_split
 
 TRAINERS = [BASELINE, "nnUNetTrainerCrossLevel"]
+PRETRAINING = ("nnUNetTrainerGlobalLocalContrast",)  # the fake trainers that save checkpoint_pretrained.pth
 NNUNET_FOLDS = [{"train": [f"case_{i:03d}" for i in range(40) if i % 5 != f], "val": [f"case_{i:03d}" for i in
                                                                                        range(40) if i % 5 == f]}
                 for f in range(5)]
@@ -41,9 +44,11 @@ class FakeRunner:
 
     def __init__(self, benchmark: Benchmark):
         self.benchmark, self.commands, self.stop_training, self.settings = benchmark, [], None, {}
+        self.env = {}
 
     def __call__(self, command, env, log):
         self.commands.append(command)
+        self.env = env
         handler = {"nnUNetv2_convert_MSD_dataset": self.convert, "split": self.split, "plans": self.plans,
                    "nnUNetv2_train": self.train}.get(command[0] if command[0] != "nnunet-contrast" else command[1])
         if handler:
@@ -74,7 +79,13 @@ class FakeRunner:
         trainer, plans, fold = command[command.index("-tr") + 1], command[command.index("-p") + 1], int(command[3])
         fraction = plans.rsplit("_l", 1)[1]
         folder = self.benchmark.fold_folder(Run(trainer, fraction, fold))
+        if "nnUNet_results" in self.env:  # where nnU-Net writes: the results folder of its environment
+            folder = Path(self.env["nnUNet_results"]) / folder.relative_to(self.benchmark.results_root(Run(trainer, fraction, fold)))
+        if "-pretrained_weights" in command:
+            assert Path(command[command.index("-pretrained_weights") + 1]).is_file() and "--c" not in command
         (folder / "validation").mkdir(parents=True, exist_ok=True)
+        if trainer in PRETRAINING:  # saved as the fine-tuning starts
+            torch.save({"network_weights": {}}, folder / "checkpoint_pretrained.pth")
         logging = {"epoch_start_timestamps": [0.0, 100.0, 200.0], "epoch_end_timestamps": [50.0, 120.0, 230.0],
                    "train_losses": [1.0, 0.5, 0.2], "val_losses": [0.9, 0.6, 0.4], "mean_fg_dice": [0.3, 0.6, 0.7],
                    "ema_fg_dice": [0.03, 0.09, 0.15], "stage": [0, 1, 1], "cross_level_contrast_loss": [2.0, 1.0, float("nan")], "lrs": [0.1, 0.1, 0.1],
@@ -220,6 +231,51 @@ def test_a_stopped_training_continues_with_c_and_is_recorded_once(tmp_path, msd,
     assert trains[0][-1] == "--c" and trains[0][trains[0].index("-tr") + 1] == BASELINE
     assert "--c" not in trains[1]
     assert not any(c[0] == "nnUNetv2_convert_MSD_dataset" or "split" in c for c in resumed.commands)
+
+
+PAIR = "nnUNetTrainerPseudoLabelContrast@nnUNetTrainerGlobalLocalContrast"
+
+
+def test_a_row_from_another_trainers_pretraining_trains_both_in_a_results_folder_of_its_own(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerPseudoLabelContrast", PAIR], fractions=["0.05"],
+                               folds=[0], upper_bound=False)
+    runner = FakeRunner(benchmark)
+    execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+    run = Run(PAIR, "0.05", 0)
+    source = benchmark.fold_folder(run, "nnUNetTrainerGlobalLocalContrast")
+    trains = [(c[c.index("-tr") + 1], c[-2:]) for c in train_commands(runner.commands)]
+    assert [t for t, _ in trains] == [BASELINE, "nnUNetTrainerPseudoLabelContrast", "nnUNetTrainerGlobalLocalContrast",
+                                      "nnUNetTrainerPseudoLabelContrast"]
+    assert trains[3][1] == ["-pretrained_weights", str(source / "checkpoint_pretrained.pth")]
+    assert source.is_relative_to(benchmark.workdir / "pretrained" / "nnUNetTrainerGlobalLocalContrast")
+    own = benchmark.fold_folder(Run("nnUNetTrainerPseudoLabelContrast", "0.05", 0))
+    assert benchmark.fold_folder(run) != own and (own / "validation").is_dir()  # TARGET's own row stays apart
+    assert {r["trainer"] for r in load_records(benchmark.workdir)} == {BASELINE, "nnUNetTrainerPseudoLabelContrast", PAIR}
+
+
+def test_a_stopped_row_from_a_pretraining_continues_with_c_and_without_the_weights(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=[PAIR], fractions=["0.05"], folds=[0], upper_bound=False)
+    execute(benchmark.steps()[:-3], {}, runner=FakeRunner(benchmark), out=lambda line: None)  # the baseline
+    trained = []
+    for stop in ("in training", "in training", None):  # the source after its pretraining, the target, no stop
+        runner = FakeRunner(benchmark)
+        runner.stop_training = stop
+        with pytest.raises(UserInputError) if stop else contextlib.nullcontext():
+            execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
+        trained += [(c[c.index("-tr") + 1], c[-2:]) for c in train_commands(runner.commands)]
+    weights = ["-pretrained_weights", str(benchmark.fold_folder(Run(PAIR, "0.05", 0), "nnUNetTrainerGlobalLocalContrast")
+                                          / "checkpoint_pretrained.pth")]
+    assert trained == [("nnUNetTrainerGlobalLocalContrast", ["-device", "cpu"]),  # stopped once it had pretrained
+                       ("nnUNetTrainerPseudoLabelContrast", weights), ("nnUNetTrainerPseudoLabelContrast", ["cpu", "--c"])]
+    assert [r["trainer"] for r in load_records(benchmark.workdir) if r["trainer"] != BASELINE] == [PAIR]
+
+
+def test_a_row_from_a_trainer_without_pretraining_says_so(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerPseudoLabelContrast@nnUNetTrainerCrossLevel"],
+                               fractions=["0.05"], folds=[0], upper_bound=False)
+    with pytest.raises(UserInputError, match=r"^nnUNetTrainerCrossLevel saved no checkpoint_pretrained.pth: it has no "
+                                             r"pretraining stage; after '@' name a trainer that pretrains"):
+        execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
 
 
 def test_records_hold_scores_split_and_cost(tmp_path, msd):
@@ -527,6 +583,9 @@ def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):
 
 @pytest.mark.parametrize("arguments, message", [
     (["--trainers", "nnUNetTrainerNope"], "not a trainer of this project"),
+    (["--trainers", "nnUNetTrainerPseudoLabelContrast@nnUNetTrainerNope"], "--trainers nnUNetTrainerNope: not a trainer"),
+    (["--trainers", "nnUNetTrainerGlobalContrast@nnUNetTrainerGlobalContrast"], "is TARGET@SOURCE, two different"),
+    (["--trainers", "nnUNetTrainerCrossLevel@nnUNetTrainerIDEAL@nnUNetTrainerGlobalContrast"], "is TARGET@SOURCE"),
     (["--fractions", "1.5"], "outside (0, 1]"),
     (["--budget", "nope"], "not a preset of plans/"),
     (["--set", "nope"], "is not KEY=VALUE"),

@@ -69,11 +69,20 @@ def project_trainers() -> List[str]:
     return sorted(names)
 
 
-def check_trainers(names: List[str], option: str) -> None:
+def check_trainers(names: List[str], option: str, pairs: bool = False) -> None:
+    """Every name a trainer of this project; with ``pairs`` also TARGET@SOURCE (the benchmark's rows of a trainer
+    started from another's pretraining), each side a trainer."""
+    from nnunet_contrast.commands.benchmark.steps import FROM
+
     trainers = project_trainers()
-    unknown = [n for n in names if n not in trainers]
+    parts = [part for n in names for part in (n.split(FROM) if pairs else [n])]
+    unknown = [part for part in parts if part not in trainers]
     if unknown:
         raise UserInputError(f"{option} {' '.join(unknown)}: not a trainer of this project; choose from {trainers}")
+    malformed = [n for n in names if n.count(FROM) > 1 or (FROM in n and len(set(n.split(FROM))) == 1)]
+    if malformed:
+        raise UserInputError(f"{option} {malformed[0]}: a row from a pretraining is TARGET{FROM}SOURCE, two different "
+                             f"trainers, e.g. nnUNetTrainerPseudoLabelContrast{FROM}nnUNetTrainerGlobalLocalContrast")
 
 
 def check_assignments(texts: Optional[List[str]]) -> None:
@@ -105,7 +114,7 @@ def cmd_benchmark(args) -> None:
     from nnunet_contrast.settings import all_preset_names
 
     trainers = args.trainers or project_trainers()
-    check_trainers(trainers, "--trainers")
+    check_trainers(trainers, "--trainers", pairs=True)
     if args.budget not in all_preset_names():
         raise UserInputError(f"--budget {args.budget} is not a preset of plans/: choose one of {all_preset_names()}")
     check_assignments(args.set)
@@ -214,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled fractions (0.05) or counts (10) of each fold's training cases "
                         f"(default {' '.join(DEFAULT_FRACTIONS)})")
     p.add_argument("--folds", nargs="+", type=int, default=[0], help="nnU-Net folds (default 0)")
-    p.add_argument("--trainers", nargs="+", help="default: every trainer of this project")
+    p.add_argument("--trainers", nargs="+", help="default: every trainer of this project; TARGET@SOURCE: TARGET "
+                                                 "trained from SOURCE's checkpoint_pretrained.pth (-pretrained_weights)")
     p.add_argument("--budget", default=DEFAULT_BUDGET, help=f"preset of plans/ (default {DEFAULT_BUDGET})")
     p.add_argument("-c", "--configuration", default=DEFAULT_CONFIGURATION,
                    help=f"nnU-Net's configuration the runs train (default {DEFAULT_CONFIGURATION}; e.g. 3d_fullres)")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from nnunet_contrast.commands.benchmark.recipe import MaintainersRecipe
-from nnunet_contrast.commands.benchmark.steps import ALL_LABELS, BASELINE, RECIPE, Run, Step
+from nnunet_contrast.commands.benchmark.steps import ALL_LABELS, BASELINE, FROM, RECIPE, Run, Step
 from nnunet_contrast.commands.plans import set_options
 from nnunet_contrast.errors import UserInputError
 from nnunet_contrast.settings import SETTINGS_KEY
@@ -226,11 +226,12 @@ class Benchmark:
         """One of nnU-Net's folders: the work folder's for an MSD task, the user's own for ``--dataset``."""
         return self.workdir / variable if self.msd is not None else Path(os.environ[variable])
 
-    def environment(self) -> dict:
-        """What the commands run with: nnU-Net's folders (see ``nnunet_folder``) and small-machine pools."""
+    def environment(self, create: bool = True) -> dict:
+        """What the commands run with: nnU-Net's folders (see ``nnunet_folder``; created unless ``create`` is
+        False) and small-machine pools."""
         from nnunet_contrast.nnunet_env import nnunet_environment
 
-        return nnunet_environment(self.workdir if self.msd is not None else None)
+        return nnunet_environment(self.workdir if self.msd is not None else None, create)
 
     @property
     def preprocessed(self) -> Path:
@@ -254,12 +255,19 @@ class Benchmark:
     def recipe(self):
         return MaintainersRecipe(self)
 
-    def fold_folder(self, run: Run) -> Path:
+    def results_root(self, run: Run) -> Path:
+        """nnU-Net's results folder of a run. A row TARGET@SOURCE trains SOURCE, then TARGET, in one of its own
+        (``WORKDIR/pretrained/SOURCE``): TARGET's fold folder is not that of TARGET's own row."""
+        if run.pretrained_by:
+            return self.workdir / "pretrained" / run.pretrained_by
+        return self.nnunet_folder("nnUNet_results")
+
+    def fold_folder(self, run: Run, trainer: Optional[str] = None) -> Path:
+        """nnU-Net's fold folder of the run's trainer (or of ``trainer`` in the run's results folder)."""
         if run.trainer == RECIPE:
             return self.recipe.fold_folder(run)
-        plans = self.plans(run)
-        return (self.nnunet_folder("nnUNet_results") / self.dataset / f"{run.trainer}__{plans}__{self.configuration}" /
-                f"fold_{run.fold}")
+        name = f"{trainer or run.nnunet_trainer}__{self.plans(run)}__{self.configuration}"
+        return self.results_root(run) / self.dataset / name / f"fold_{run.fold}"
 
     def run_file(self, folder: str, run: Run, suffix: str) -> Path:
         """``WORKDIR/folder/PLANS/TRAINER_foldF.suffix``: records, logs and wall times of a run."""
@@ -358,13 +366,35 @@ class Benchmark:
             return self.recipe.steps(run) + [record]
         if self.recorded(run) and not (self.with_recipe and run.trainer == BASELINE):
             return [record]  # recorded (here, or a record of this kind copied in): the recipe needs the model
-        fold = self.fold_folder(run)
-        train = Step(f"train {run.trainer} {run.fraction} fold {run.fold}", fold / "validation" / "summary.json",
-                     ["nnUNetv2_train", self.dataset_id, self.configuration, str(run.fold), "-tr", run.trainer, "-p",
-                      self.plans(run), "-device", self.device],
-                     resume_if=(fold / "checkpoint_latest.pth", fold / "checkpoint_final.pth"),
-                     log=self.run_file("logs", run, "log"))
-        return [train, record]
+        if run.pretrained_by:
+            return self.pretrained_steps(run) + [record]
+        return [self.train_step(run), record]
+
+    def train_step(self, run: Run, trainer: Optional[str] = None, **step) -> Step:
+        """``nnUNetv2_train`` of the run's trainer (or of ``trainer`` in the run's results folder), continued with
+        ``--c`` where stopped; ``step``: other fields of the Step (what marks it done, its log)."""
+        trainer = trainer or run.nnunet_trainer
+        fold = self.fold_folder(run, trainer)
+        step = {"done": fold / "validation" / "summary.json", "log": self.run_file("logs", run, "log"), **step}
+        return Step(f"train {trainer} {run.fraction} fold {run.fold}",
+                    command=["nnUNetv2_train", self.dataset_id, self.configuration, str(run.fold), "-tr", trainer,
+                             "-p", self.plans(run), "-device", self.device],
+                    resume_if=(fold / "checkpoint_latest.pth", fold / "checkpoint_final.pth"), **step)
+
+    def pretrained_steps(self, run: Run) -> List[Step]:
+        """A row TARGET@SOURCE, as a user runs it (README, "The nnU-Net workflow"): SOURCE trains until it has
+        saved its ``checkpoint_pretrained.pth``, then TARGET trains from it with ``-pretrained_weights``; both in
+        the row's results folder, on the same plans and fold."""
+        from nnunet_contrast.training.method import PRETRAINED_CHECKPOINT
+
+        source = run.pretrained_by  # nnU-Net makes the results folder it writes to
+        env = {**self.environment(create=False), "nnUNet_results": str(self.results_root(run))}
+        pretrained = self.fold_folder(run, source) / PRETRAINED_CHECKPOINT
+        missing = (f"{source} saved no {PRETRAINED_CHECKPOINT}: it has no pretraining stage; after '{FROM}' name a "
+                   f"trainer that pretrains (SupConLocal, GlobalLocalContrast, GlobalContrast or a variant of them)")
+        return [self.train_step(run, source, done=pretrained, env=env, missing=missing,
+                                log=self.run_file("logs", run, "source.log")),
+                self.train_step(run, env=env, start_only=("-pretrained_weights", str(pretrained)))]
 
     # -- the unlabelled scans of the MSD task -------------------------------------------------------
     def unlabeled_scans(self) -> List[Path]:
@@ -487,5 +517,6 @@ def execute(steps: Sequence[Step], env: dict, runner=subprocess_runner, dry_run:
             step.done.parent.mkdir(parents=True, exist_ok=True)
             step.done.touch()
         if not step.done.exists():
-            raise UserInputError(f"'{shlex.join(command)}' finished without writing {step.done}: see its output")
+            raise UserInputError(step.missing or f"'{shlex.join(command)}' finished without writing {step.done}: "
+                                                 f"see its output")
     return count
