@@ -251,6 +251,7 @@ def test_a_row_from_another_trainers_pretraining_trains_both_in_a_results_folder
     own = benchmark.fold_folder(Run("nnUNetTrainerPseudoLabelContrast", "0.05", 0))
     assert benchmark.fold_folder(run) != own and (own / "validation").is_dir()  # TARGET's own row stays apart
     assert {r["trainer"] for r in load_records(benchmark.workdir)} == {BASELINE, "nnUNetTrainerPseudoLabelContrast", PAIR}
+    assert f"| {PAIR} |" in write_report(benchmark.workdir).read_text()
 
 
 def test_a_stopped_row_from_a_pretraining_continues_with_c_and_without_the_weights(tmp_path, msd):
