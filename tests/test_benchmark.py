@@ -84,6 +84,10 @@ class FakeRunner:
         if "-pretrained_weights" in command:
             assert Path(command[command.index("-pretrained_weights") + 1]).is_file() and "--c" not in command
         (folder / "validation").mkdir(parents=True, exist_ok=True)
+        if self.stop_training == "in pretraining":
+            self.stop_training = None
+            torch.save({"logging": {}}, folder / "checkpoint_latest.pth")
+            raise UserInputError("stopped in the pretraining")
         if trainer in PRETRAINING:  # saved as the fine-tuning starts
             torch.save({"network_weights": {}}, folder / "checkpoint_pretrained.pth")
         logging = {"epoch_start_timestamps": [0.0, 100.0, 200.0], "epoch_end_timestamps": [50.0, 120.0, 230.0],
@@ -234,23 +238,33 @@ def test_a_stopped_training_continues_with_c_and_is_recorded_once(tmp_path, msd,
 
 
 PAIR = "nnUNetTrainerPseudoLabelContrast@nnUNetTrainerGlobalLocalContrast"
+PAIR_ST = "nnUNetTrainerPseudoLabelContrastSelfTraining@nnUNetTrainerGlobalLocalContrast"
 
 
-def test_a_row_from_another_trainers_pretraining_trains_both_in_a_results_folder_of_its_own(tmp_path, msd):
-    benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerPseudoLabelContrast", PAIR], fractions=["0.05"],
-                               folds=[0], upper_bound=False)
+def test_rows_from_another_trainers_pretraining_train_it_once_in_a_results_folder_of_their_own(tmp_path, msd):
+    benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerPseudoLabelContrast", PAIR, PAIR_ST],
+                               fractions=["0.05"], folds=[0], upper_bound=False)
+    printed = []
+    execute(benchmark.steps(), {}, runner=refuse, dry_run=True, out=printed.append)
+    root = benchmark.workdir / "pretrained" / "nnUNetTrainerGlobalLocalContrast"
+    assert sum(line.startswith(f"$ nnUNet_results={root} nnUNetv2_train") for line in printed) == 4
+    assert not benchmark.workdir.exists()
     runner = FakeRunner(benchmark)
     execute(benchmark.steps(), {}, runner=runner, out=lambda line: None)
     run = Run(PAIR, "0.05", 0)
     source = benchmark.fold_folder(run, "nnUNetTrainerGlobalLocalContrast")
     trains = [(c[c.index("-tr") + 1], c[-2:]) for c in train_commands(runner.commands)]
-    assert [t for t, _ in trains] == [BASELINE, "nnUNetTrainerPseudoLabelContrast", "nnUNetTrainerGlobalLocalContrast",
-                                      "nnUNetTrainerPseudoLabelContrast"]
-    assert trains[3][1] == ["-pretrained_weights", str(source / "checkpoint_pretrained.pth")]
-    assert source.is_relative_to(benchmark.workdir / "pretrained" / "nnUNetTrainerGlobalLocalContrast")
+    weights = ["-pretrained_weights", str(source / "checkpoint_pretrained.pth")]
+    assert trains[1:] == [("nnUNetTrainerPseudoLabelContrast", ["-device", "cpu"]),
+                          ("nnUNetTrainerGlobalLocalContrast", ["-device", "cpu"]),  # once for both rows
+                          ("nnUNetTrainerPseudoLabelContrast", weights),
+                          ("nnUNetTrainerPseudoLabelContrastSelfTraining", weights)]
+    assert source.is_relative_to(root)
     own = benchmark.fold_folder(Run("nnUNetTrainerPseudoLabelContrast", "0.05", 0))
     assert benchmark.fold_folder(run) != own and (own / "validation").is_dir()  # TARGET's own row stays apart
-    assert {r["trainer"] for r in load_records(benchmark.workdir)} == {BASELINE, "nnUNetTrainerPseudoLabelContrast", PAIR}
+    records = {r["trainer"]: r for r in load_records(benchmark.workdir)}
+    assert set(records) == {BASELINE, "nnUNetTrainerPseudoLabelContrast", PAIR, PAIR_ST}
+    assert "source_wall_seconds" in records[PAIR] and "source_wall_seconds" not in records[BASELINE]
     assert f"| {PAIR} |" in write_report(benchmark.workdir).read_text()
 
 
@@ -258,7 +272,8 @@ def test_a_stopped_row_from_a_pretraining_continues_with_c_and_without_the_weigh
     benchmark = make_benchmark(tmp_path, msd, trainers=[PAIR], fractions=["0.05"], folds=[0], upper_bound=False)
     execute(benchmark.steps()[:-3], {}, runner=FakeRunner(benchmark), out=lambda line: None)  # the baseline
     trained = []
-    for stop in ("in training", "in training", None):  # the source after its pretraining, the target, no stop
+    # the source before and after its pretraining, the target, then no stop
+    for stop in ("in pretraining", "in training", "in training", None):
         runner = FakeRunner(benchmark)
         runner.stop_training = stop
         with pytest.raises(UserInputError) if stop else contextlib.nullcontext():
@@ -266,7 +281,8 @@ def test_a_stopped_row_from_a_pretraining_continues_with_c_and_without_the_weigh
         trained += [(c[c.index("-tr") + 1], c[-2:]) for c in train_commands(runner.commands)]
     weights = ["-pretrained_weights", str(benchmark.fold_folder(Run(PAIR, "0.05", 0), "nnUNetTrainerGlobalLocalContrast")
                                           / "checkpoint_pretrained.pth")]
-    assert trained == [("nnUNetTrainerGlobalLocalContrast", ["-device", "cpu"]),  # stopped once it had pretrained
+    assert trained == [("nnUNetTrainerGlobalLocalContrast", ["-device", "cpu"]),
+                       ("nnUNetTrainerGlobalLocalContrast", ["cpu", "--c"]),  # stopped once it had pretrained
                        ("nnUNetTrainerPseudoLabelContrast", weights), ("nnUNetTrainerPseudoLabelContrast", ["cpu", "--c"])]
     assert [r["trainer"] for r in load_records(benchmark.workdir) if r["trainer"] != BASELINE] == [PAIR]
 
@@ -274,8 +290,8 @@ def test_a_stopped_row_from_a_pretraining_continues_with_c_and_without_the_weigh
 def test_a_row_from_a_trainer_without_pretraining_says_so(tmp_path, msd):
     benchmark = make_benchmark(tmp_path, msd, trainers=["nnUNetTrainerPseudoLabelContrast@nnUNetTrainerCrossLevel"],
                                fractions=["0.05"], folds=[0], upper_bound=False)
-    with pytest.raises(UserInputError, match=r"^nnUNetTrainerCrossLevel saved no checkpoint_pretrained.pth: it has no "
-                                             r"pretraining stage; after '@' name a trainer that pretrains"):
+    with pytest.raises(UserInputError, match=r"^nnUNetTrainerCrossLevel saved no checkpoint_pretrained.pth: its schedule "
+                                             r"has no pretraining stage .*; after '@' name a trainer that pretrains"):
         execute(benchmark.steps(), {}, runner=FakeRunner(benchmark), out=lambda line: None)
 
 
@@ -583,8 +599,11 @@ def test_unlabelled_scans_are_the_test_scans_without_a_label(tmp_path, msd):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--trainers", "nnUNetTrainerNope"], "not a trainer of this project"),
-    (["--trainers", "nnUNetTrainerPseudoLabelContrast@nnUNetTrainerNope"], "--trainers nnUNetTrainerNope: not a trainer"),
+    (["--trainers", "nnUNetTrainerNope"], "nnUNetTrainerNope is not a trainer of this project"),
+    (["--trainers", "nnUNetTrainerPseudoLabelContrast@nnUNetTrainerNope"], "nnUNetTrainerNope is not a trainer of"),
+    (["--trainers", "nnUNetTrainerPseudoLabelContrast@"], "an empty name is not a trainer"),
+    (["--trainers", "nnUNetTrainerIDEAL@nnUNetTrainerGlobalContrast"], "nnUNetTrainerIDEAL builds a network of its own"),
+    (["--trainers", "nnUNetTrainerCrossLevel@nnUNetTrainerIDEALSelfTraining"], "nnUNetTrainerIDEALSelfTraining builds"),
     (["--trainers", "nnUNetTrainerGlobalContrast@nnUNetTrainerGlobalContrast"], "is TARGET@SOURCE, two different"),
     (["--trainers", "nnUNetTrainerCrossLevel@nnUNetTrainerIDEAL@nnUNetTrainerGlobalContrast"], "is TARGET@SOURCE"),
     (["--fractions", "1.5"], "outside (0, 1]"),

@@ -50,7 +50,11 @@ def cmd_plans(args) -> None:
 
 
 def project_trainers() -> List[str]:
-    """Names of the nnU-Net trainer classes that our trainers/ folder defines (variants included), found
+    return sorted(project_trainer_classes())
+
+
+def project_trainer_classes() -> dict:
+    """Name -> class of the nnU-Net trainers that our trainers/ folder defines (variants included), found
     by importing its modules, as nnU-Net's ``recursive_find_python_class`` finds a trainer there."""
     import importlib.util
     import inspect
@@ -59,30 +63,45 @@ def project_trainers() -> List[str]:
 
     from nnunet_contrast.resources import bundled_dir
 
-    names = []
+    classes = {}
     for path in sorted(bundled_dir("trainers").glob("nnUNetTrainer*.py")):
         spec = importlib.util.spec_from_file_location(f"nnunet_contrast_trainers_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        names += [name for name, value in vars(module).items() if inspect.isclass(value) and
-                  issubclass(value, nnUNetTrainer) and value.__module__ == module.__name__]
-    return sorted(names)
+        classes.update({name: value for name, value in vars(module).items() if inspect.isclass(value) and
+                        issubclass(value, nnUNetTrainer) and value.__module__ == module.__name__})
+    return classes
 
 
 def check_trainers(names: List[str], option: str, pairs: bool = False) -> None:
     """Every name a trainer of this project; with ``pairs`` also TARGET@SOURCE (the benchmark's rows of a trainer
-    started from another's pretraining), each side a trainer."""
-    from nnunet_contrast.commands.benchmark.steps import FROM
+    started from another's pretraining): two different trainers, both of nnU-Net's own network."""
+    from nnunet_contrast.commands.benchmark.steps import FROM, Run
 
-    trainers = project_trainers()
-    parts = [part for n in names for part in (n.split(FROM) if pairs else [n])]
-    unknown = [part for part in parts if part not in trainers]
-    if unknown:
-        raise UserInputError(f"{option} {' '.join(unknown)}: not a trainer of this project; choose from {trainers}")
-    malformed = [n for n in names if n.count(FROM) > 1 or (FROM in n and len(set(n.split(FROM))) == 1)]
-    if malformed:
-        raise UserInputError(f"{option} {malformed[0]}: a row from a pretraining is TARGET{FROM}SOURCE, two different "
-                             f"trainers, e.g. nnUNetTrainerPseudoLabelContrast{FROM}nnUNetTrainerGlobalLocalContrast")
+    classes = project_trainer_classes()
+    for name in names:
+        sides = name.split(FROM) if pairs else [name]
+        unknown = [side for side in sides if side not in classes]
+        if unknown:
+            raise UserInputError(f"{option} {name}: {unknown[0] or 'an empty name'} is not a trainer of this project; "
+                                 f"choose from {sorted(classes)}")
+        if len(sides) > 2 or (len(sides) == 2 and sides[0] == sides[1]):
+            raise UserInputError(f"{option} {name}: a row from a pretraining is TARGET{FROM}SOURCE, two different "
+                                 f"trainers, e.g. nnUNetTrainerPseudoLabelContrast{FROM}nnUNetTrainerGlobalLocalContrast")
+        run = Run(name, "", 0)
+        if run.pretrained_by:
+            check_plain_network(classes, (run.nnunet_trainer, run.pretrained_by), f"{option} {name}")
+
+
+def check_plain_network(classes: dict, names, where: str) -> None:
+    """nnU-Net's -pretrained_weights moves weights between networks that nnU-Net's trainer builds; a trainer
+    that builds its own (IDEAL's second decoder) can give or take none."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    own = [n for n in names if classes[n].build_network_architecture is not nnUNetTrainer.build_network_architecture]
+    if own:
+        raise UserInputError(f"{where}: {own[0]} builds a network of its own (nnU-Net's plus a second decoder), "
+                             f"which -pretrained_weights cannot move weights to or from: name another trainer")
 
 
 def check_assignments(texts: Optional[List[str]]) -> None:

@@ -360,6 +360,7 @@ def cost_table(records: Sequence[dict]) -> List[str]:
     for r in sorted(records, key=lambda r: (r["trainer"], r["labelled_cases"], *repeat_of(r, names))):
         wall = "" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"
         wall += f" + {r['stopped_calls']} killed call(s)" if r.get("stopped_calls") else ""
+        wall += f" (SOURCE's run: {r['source_wall_seconds']:.0f})" if r.get("source_wall_seconds") is not None else ""
         repeat = repeat_label(repeat_of(r, names))
         lines.append(f"| {r['trainer']} | {r['fraction']} | {repeat} | {r['epochs']} | {wall} | "
                      f"{r['training_seconds']:.0f} | {r['seconds_per_iteration']:.3f} |")

@@ -16,6 +16,7 @@ Work folder::
     logs/PLANS/TRAINER_foldF.log                        each training's output
     results/PLANS/TRAINER_foldF.json                    one record per finished run
     results.csv                                         every record, one line each
+    pretrained/SOURCE/                                  nnU-Net's results of the rows TARGET@SOURCE (``pretrained_steps``)
 
 ``PLANS`` is ``nnUNetPlans_bench-BUDGET-DIGEST_sSEED_tTRAINSEED_lFRACTION``: the digest covers the
 budget preset's content and the ``--set`` arguments, so runs of two budgets, two split seeds or two
@@ -53,6 +54,7 @@ except ImportError:  # Windows: no work-folder lock
     fcntl = None
 
 DEFAULT_FRACTIONS = ("0.01", "0.05", "0.1", "0.2")
+SOURCE_LOG = "source.log"  # a row TARGET@SOURCE's log of its SOURCE run: logs/PLANS/TARGET@SOURCE_foldF.source.log
 DEFAULT_BUDGET = "benchmark_cpu"
 
 
@@ -370,30 +372,30 @@ class Benchmark:
             return self.pretrained_steps(run) + [record]
         return [self.train_step(run), record]
 
-    def train_step(self, run: Run, trainer: Optional[str] = None, **step) -> Step:
-        """``nnUNetv2_train`` of the run's trainer (or of ``trainer`` in the run's results folder), continued with
-        ``--c`` where stopped; ``step``: other fields of the Step (what marks it done, its log)."""
+    def train_step(self, run: Run, trainer: Optional[str] = None, done: Optional[Path] = None,
+                   log_suffix: str = "log", **fields) -> Step:
+        """``nnUNetv2_train`` of the run's trainer (or of ``trainer`` in the run's results folder), done when nnU-Net's
+        validation summary (or ``done``) exists, continued with ``--c`` where stopped; ``fields``: the Step's others."""
         trainer = trainer or run.nnunet_trainer
         fold = self.fold_folder(run, trainer)
-        step = {"done": fold / "validation" / "summary.json", "log": self.run_file("logs", run, "log"), **step}
-        return Step(f"train {trainer} {run.fraction} fold {run.fold}",
-                    command=["nnUNetv2_train", self.dataset_id, self.configuration, str(run.fold), "-tr", trainer,
-                             "-p", self.plans(run), "-device", self.device],
-                    resume_if=(fold / "checkpoint_latest.pth", fold / "checkpoint_final.pth"), **step)
+        return Step(f"train {trainer} {run.fraction} fold {run.fold}", done or fold / "validation" / "summary.json",
+                    ["nnUNetv2_train", self.dataset_id, self.configuration, str(run.fold), "-tr", trainer,
+                     "-p", self.plans(run), "-device", self.device],
+                    resume_if=(fold / "checkpoint_latest.pth", fold / "checkpoint_final.pth"),
+                    log=self.run_file("logs", run, log_suffix), **fields)
 
     def pretrained_steps(self, run: Run) -> List[Step]:
-        """A row TARGET@SOURCE, as a user runs it (README, "The nnU-Net workflow"): SOURCE trains until it has
-        saved its ``checkpoint_pretrained.pth``, then TARGET trains from it with ``-pretrained_weights``; both in
-        the row's results folder, on the same plans and fold."""
+        """A row TARGET@SOURCE, as a user runs it (README, "The nnU-Net workflow"): SOURCE's whole run, then TARGET's
+        from the ``checkpoint_pretrained.pth`` SOURCE saved as its fine-tuning began (``-pretrained_weights``); both
+        in the row's results folder, on the same plans and fold. Several rows of one SOURCE share its run."""
         from nnunet_contrast.training.method import PRETRAINED_CHECKPOINT
 
         source = run.pretrained_by  # nnU-Net makes the results folder it writes to
         env = {**self.environment(create=False), "nnUNet_results": str(self.results_root(run))}
         pretrained = self.fold_folder(run, source) / PRETRAINED_CHECKPOINT
-        missing = (f"{source} saved no {PRETRAINED_CHECKPOINT}: it has no pretraining stage; after '{FROM}' name a "
-                   f"trainer that pretrains (SupConLocal, GlobalLocalContrast, GlobalContrast or a variant of them)")
-        return [self.train_step(run, source, done=pretrained, env=env, missing=missing,
-                                log=self.run_file("logs", run, "source.log")),
+        missing = (f"{source} saved no {PRETRAINED_CHECKPOINT}: its schedule has no pretraining stage (the 'Stages' line "
+                   f"of its log); after '{FROM}' name a trainer that pretrains, e.g. nnUNetTrainerGlobalLocalContrast")
+        return [self.train_step(run, source, pretrained, SOURCE_LOG, env=env, missing=missing),
                 self.train_step(run, env=env, start_only=("-pretrained_weights", str(pretrained)))]
 
     # -- the unlabelled scans of the MSD task -------------------------------------------------------
@@ -426,6 +428,8 @@ class Benchmark:
 
         record = run_record(run, self.fold_folder(run), self.preprocessed, self.budget_of(run), self.seed, self.device,
                             *wall_time(self.run_file("logs", run, "log")))
+        if run.pretrained_by:  # the run of SOURCE it started from, timed apart (the wall time is TARGET's)
+            record["source_wall_seconds"] = wall_time(self.run_file("logs", run, SOURCE_LOG))[0]
         self.record_path(run).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.record_path(run), record)
         write_csv(self.workdir)
@@ -507,7 +511,8 @@ def execute(steps: Sequence[Step], env: dict, runner=subprocess_runner, dry_run:
                 step.action()
             continue
         command = step.command_now()
-        out("$ " + shlex.join(command) + (f"   > {step.log}" if step.log else ""))
+        changed = [f"{k}={v}" for k, v in (step.env or {}).items() if k == "nnUNet_results" and env.get(k) != v]
+        out("$ " + shlex.join(changed + command) + (f"   > {step.log}" if step.log else ""))
         if dry_run:
             continue
         if step.before is not None:
