@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
-from conftest import TEST_PLANS, assert_summary_is_the_dice_of_the_files, make_trainer
+from conftest import TEST_PLANS, assert_summary_is_the_dice_of_the_files, make_trainer, run_cmd
 
 TRAINERS = ["nnUNetTrainerSupConLocal", "nnUNetTrainerLabeledOnly", "nnUNetTrainerPseudoLabelContrast",
             "nnUNetTrainerGlobalLocalContrast", "nnUNetTrainerIDEAL", "nnUNetTrainerSelfTraining"]
@@ -137,6 +137,21 @@ def test_stock_trainer_takes_a_supconlocal_checkpoint_as_pretrained_weights(hipp
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
     loaded = {k: v for k, v in stock.network.state_dict().items() if ".seg_layers." not in k}
     assert len(loaded) > 0 and all(torch.equal(value, saved[key]) for key, value in loaded.items())
+
+
+def test_a_trainer_starts_from_another_trainers_pretraining_with_nnunets_pretrained_weights(hippocampus, trained,
+                                                                                             tmp_path):
+    """Chaitanya et al. 2023's "pretrained initialisation + proposed method" as the README and the benchmark's
+    rows TARGET@SOURCE run it: nnUNetv2_train ... -pretrained_weights GlobalLocalContrast's checkpoint_pretrained.pth
+    (into another results folder: the shared PseudoLabelContrast model stays)."""
+    pretrained = hippocampus.model_folder("nnUNetTrainerGlobalLocalContrast") / "fold_0" / "checkpoint_pretrained.pth"
+    result = run_cmd(["nnUNetv2_train", "4", "2d", "0", "-tr", "nnUNetTrainerPseudoLabelContrast", "-p", TEST_PLANS,
+                      "-device", "cpu", "-pretrained_weights", pretrained],
+                     {**hippocampus.env, "nnUNet_results": str(tmp_path)})
+    assert "Below is the list of overlapping blocks in pretrained model and nnUNet architecture" in result.stdout
+    assert "Training done" in result.stdout
+    assert (tmp_path / hippocampus.model_folder("nnUNetTrainerPseudoLabelContrast").relative_to(
+        hippocampus.env["nnUNet_results"]) / "fold_0" / "checkpoint_final.pth").is_file()
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerLabeledOnly", "nnUNetTrainerIDEAL"])
