@@ -19,7 +19,7 @@ from nnunet_contrast.commands.benchmark.records import environment, load_records
 from nnunet_contrast.commands.benchmark import runs
 from nnunet_contrast.commands.benchmark.report import (by_cell, case_difference, case_rows, complete_mean, delta_table,
                                               dice_table, first_finetuning_dice, fraction_repeats, group_records, interval_text,
-                                              setting_labels, trainer_style, write_report)
+                                              setting_labels, style_indices, trainer_style, write_report)
 from nnunet_contrast.commands.benchmark.runs import (ALL_LABELS, BASELINE, Benchmark, Budget, Run, execute, subprocess_runner,
                                             wall_time)
 from nnunet_contrast.commands.cli import main
@@ -546,6 +546,18 @@ def test_each_plotted_trainer_has_its_own_colour_and_marker_and_its_own_place_be
     assert shifts == sorted(set(shifts)) and shifts[0] * shifts[-1] == pytest.approx(1)  # centred on the fraction
     assert 2 * shifts[-1] < 5 * shifts[0]  # the points at 2 and at 5 labelled cases do not overlap
     assert trainer_style(0, 22, BASELINE)["linewidth"] > styles[1]["linewidth"]
+
+
+def test_a_trainer_keeps_its_plot_style_when_later_trainers_join():
+    def record(trainer, date):
+        return {"trainer": trainer, "upper_bound": False, "environment": {"date": date}}
+
+    records = [record("nnUNetTrainerB", "2026-12-01T10:00:00"), record("nnUNetTrainerC", "2026-12-02T10:00:00"),
+               record(BASELINE, "2026-12-03T10:00:00")]
+    before = style_indices(records)
+    assert before == {BASELINE: 0, "nnUNetTrainerB": 1, "nnUNetTrainerC": 2}
+    after = style_indices(records + [record("nnUNetTrainerA", "2026-12-04T10:00:00")])  # first by name, last by date
+    assert after == {**before, "nnUNetTrainerA": 3}
 
 
 def test_the_report_says_where_fine_tuning_starts_after_pretraining(tmp_path, msd):

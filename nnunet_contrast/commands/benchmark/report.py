@@ -388,6 +388,16 @@ def trainer_style(index: int, count: int, trainer: str) -> dict:
                 linewidth=2.5 if trainer == BASELINE else 1.2, shift=1.012 ** (index - (count - 1) / 2))
 
 
+def style_indices(records: Sequence[dict]) -> Dict[str, int]:
+    """Each trainer's style index: the baseline's 0, the others' in the order of their first record, so that a
+    trainer keeps its colour and marker when later ones join the report."""
+    first = {}
+    for r in sorted(records, key=lambda r: r["environment"]["date"]):
+        first.setdefault(r["trainer"], len(first))
+    order = sorted(method_order(records), key=lambda t: (t != BASELINE, first[t]))
+    return {trainer: index for index, trainer in enumerate(order)}
+
+
 def plot_dice(records: Sequence[dict], path: Path) -> None:
     """Left: Dice against the (mean) number of labelled cases, so fractions and counts share one axis; right:
     the paired difference to the baseline. Each repeat (fold and kind) is a point; a line joins a trainer's
@@ -395,9 +405,9 @@ def plot_dice(records: Sequence[dict], path: Path) -> None:
     The legend stands outside the panels: a benchmark can hold twenty trainers and more."""
     fractions, cells = fraction_order(records), by_cell(records)
     fig, (dice_ax, gain_ax) = pyplot().subplots(1, 2, figsize=(17, 5.5), dpi=100)
-    trainers = method_order(records)
-    for index, trainer in enumerate(trainers):
-        style = trainer_style(index, len(trainers), trainer)
+    trainers, indices = method_order(records), style_indices(records)
+    for trainer in trainers:
+        style = trainer_style(indices[trainer], len(trainers), trainer)
         for ax, values_of in ((dice_ax, lambda f: {k: r["foreground_dice"] for k, r in cells[(trainer, f)].items()}),
                               (gain_ax, lambda f: gains(cells, trainer, f))):
             if ax is gain_ax and trainer == BASELINE:
