@@ -12,3 +12,6 @@ for target in PseudoLabelContrast PseudoLabelContrastSelfTraining; do
     run "$target from GlobalLocalContrast's pretraining, fold 0" --folds 0 \
         --trainers nnUNetTrainer$target@nnUNetTrainerGlobalLocalContrast $TWO
 done
+# Table III's "PI. + proposed method" is the inter form of the contrast (Table I's inter row is its comparison)
+run "PseudoLabelContrastInter from GlobalLocalContrast's pretraining, fold 0" --folds 0 \
+    --trainers nnUNetTrainerPseudoLabelContrastInter@nnUNetTrainerGlobalLocalContrast $TWO
