@@ -76,7 +76,7 @@ def project_trainer_classes() -> dict:
 def check_trainers(names: List[str], option: str, pairs: bool = False) -> None:
     """Every name a trainer of this project; with ``pairs`` also TARGET@SOURCE (the benchmark's rows of a trainer
     started from another's pretraining): two different trainers, both of nnU-Net's own network."""
-    from nnunet_contrast.commands.benchmark.steps import FROM, Run
+    from nnunet_contrast.commands.benchmark.steps import FROM
 
     classes = project_trainer_classes()
     for name in names:
@@ -88,9 +88,8 @@ def check_trainers(names: List[str], option: str, pairs: bool = False) -> None:
         if len(sides) > 2 or (len(sides) == 2 and sides[0] == sides[1]):
             raise UserInputError(f"{option} {name}: a row from a pretraining is TARGET{FROM}SOURCE, two different "
                                  f"trainers, e.g. nnUNetTrainerPseudoLabelContrast{FROM}nnUNetTrainerGlobalLocalContrast")
-        run = Run(name, "", 0)
-        if run.pretrained_by:
-            check_plain_network(classes, (run.nnunet_trainer, run.pretrained_by), f"{option} {name}")
+        if len(sides) == 2:
+            check_plain_network(classes, sides, f"{option} {name}")
 
 
 def check_plain_network(classes: dict, names, where: str) -> None:

@@ -511,8 +511,9 @@ def execute(steps: Sequence[Step], env: dict, runner=subprocess_runner, dry_run:
                 step.action()
             continue
         command = step.command_now()
-        changed = [f"{k}={v}" for k, v in (step.env or {}).items() if k == "nnUNet_results" and env.get(k) != v]
-        out("$ " + shlex.join(changed + command) + (f"   > {step.log}" if step.log else ""))
+        results = (step.env or {}).get("nnUNet_results")  # shown where the step trains in a folder of its own
+        shown = [f"nnUNet_results={results}"] if results and results != env.get("nnUNet_results") else []
+        out("$ " + shlex.join(shown + command) + (f"   > {step.log}" if step.log else ""))
         if dry_run:
             continue
         if step.before is not None:
