@@ -7,10 +7,15 @@ peak GPU memory, and how long the steps waited for their batches (nnU-Net's load
 each beside nnUNetTrainerLabeledOnly's. A trainer without a 3D form shows its one-line refusal.
 
     python benchmarks/gpu_check.py --workdir DIR [--msd Task04_Hippocampus] [--iterations 20]
-        [--configurations 2d 3d_fullres] [--trainers ...] [--device cuda] [--out gpu_check.json]
+        [--configurations 2d 3d_fullres] [--trainers ...] [-p nnUNetResEncUNetMPlans] [--device cuda]
+        [--out gpu_check.json]
 
-Without ``--msd`` it runs on the embedded sample. ``--device cpu`` runs the same checks on the CPU (no autocast,
-no compile: nnU-Net turns both off there), which is how this script itself is tested.
+Without ``--msd`` it runs on the embedded sample; ``-p`` starts from nnU-Net's residual-encoder plans (planned
+here with their planner) instead of the default ones. Each pretraining stage runs one epoch of ``--iterations``
+(the papers' presets pretrain for 40 to 70 epochs). ``--device cpu`` runs the same checks on the CPU (no
+autocast, no compile: nnU-Net turns both off there), which is how tests/test_gpu_check.py tests this script.
+Each trainer and configuration is one nnU-Net run of its own, with nnU-Net's validation at its end and a
+prediction: on a short GPU lease, name a few ``--trainers`` per call.
 """
 import argparse
 import json
@@ -24,36 +29,48 @@ from nnunet_contrast.commands.plans import set_options
 from nnunet_contrast.nnunet_env import command_path
 
 CONFIGURATIONS = ("2d", "3d_fullres")
-PLANS = "nnUNetPlans_gpucheck"
+# the source plans (nnU-Net's -p) and the planner that writes them; ours add "_gpucheck_CONFIGURATION"
+PLANNERS = {"nnUNetPlans": None, "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
+            "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL"}
 BASELINE = "nnUNetTrainerLabeledOnly"
 
 
 def budget(iterations: int) -> list:
-    """Four epochs of ``iterations`` (two of each stage where a method has two), pretraining epochs as long."""
-    stages = [f"nnunet_contrast.{section}.pretrain_iterations_per_epoch={iterations}"
-              for section in ("supconlocal", "globallocal", "ideal")]
+    """Four epochs of ``iterations`` (two of each stage where a method has two), and one epoch as long of each
+    pretraining stage (the papers' presets pretrain for 40 to 70 epochs)."""
+    pretraining = [f"nnunet_contrast.{section}.{epochs}=1" for section, epochs in
+                   (("supconlocal", "global_epochs"), ("supconlocal", "local_epochs"), ("globallocal", "global_epochs"),
+                    ("globallocal", "local_epochs"), ("ideal", "pretrain_epochs"))]
+    lengths = [f"nnunet_contrast.{section}.pretrain_iterations_per_epoch={iterations}"
+               for section in ("supconlocal", "globallocal", "ideal")]
     return ["nnunet_contrast.budget.num_epochs=4", f"nnunet_contrast.budget.num_iterations_per_epoch={iterations}",
             "nnunet_contrast.budget.num_val_iterations_per_epoch=2", "nnunet_contrast.budget.save_every=4",
             "nnunet_contrast.selftraining.warmup_fraction=0.5", "nnunet_contrast.pseudolabel.warmup_fraction=0.5",
-            "nnunet_contrast.run.seed=0", *stages]
+            "nnunet_contrast.run.seed=0", *pretraining, *lengths]
 
 
-def prepare(workdir: Path, msd, configurations, iterations: int) -> dict:
+def plans_name(source: str, configuration: str) -> str:
+    return f"{source}_gpucheck_{configuration}"
+
+
+def prepare(workdir: Path, msd, configurations, iterations: int, source: str) -> dict:
     from nnunet_contrast.commands.demo import prepare_dataset, run
 
     env = prepare_dataset(workdir, "0.25", [], "nnUNetPlans_demo", msd_source=Path(msd) if msd else None)
     env["nnUNet_compile"] = os.environ.get("nnUNet_compile", "true")  # nnU-Net's default on CUDA
+    if PLANNERS[source]:
+        run(["nnUNetv2_plan_experiment", "-d", "4", "-pl", PLANNERS[source]], env)
     for configuration in configurations:
         if configuration != "2d":
             run(["nnUNetv2_preprocess", "-d", "4", "-c", configuration, "-np", "2"], env)
             run(["nnunet-contrast", "add-unlabeled", "-d", "4", "-i", str(workdir / "unlabeled"), "-c", configuration],
                 env)
-        run(["nnunet-contrast", "plans", "-d", "4", "-c", configuration, *set_options(budget(iterations)), "-o",
-             f"{PLANS}_{configuration}", "--force"], env)
+        run(["nnunet-contrast", "plans", "-d", "4", "-p", source, "-c", configuration,
+             *set_options(budget(iterations)), "-o", plans_name(source, configuration), "--force"], env)
     return env
 
 
-def measure_one(trainer: str, configuration: str, device: str) -> dict:
+def measure_one(trainer: str, configuration: str, plans: str, device: str) -> dict:
     """In this process: nnU-Net's run_training, with the time of each step and of the waits for batches."""
     import torch
     from nnunetv2.run.run_training import run_training
@@ -85,7 +102,7 @@ def measure_one(trainer: str, configuration: str, device: str) -> dict:
     nnUNetTrainer.on_train_epoch_start = epoch_start
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run_training("4", configuration, 0, trainer, f"{PLANS}_{configuration}", device=torch.device(device))
+    run_training("4", configuration, 0, trainer, plans, device=torch.device(device))
     epochs = split_epochs(steps)
     later = [s for epoch in epochs[1:] for s in epoch] or [s for epoch in epochs for s in epoch]
     return {"trainer": trainer, "configuration": configuration,
@@ -136,30 +153,39 @@ def split_epochs(steps):
     return [e for e in epochs if e]
 
 
-def run_one(trainer: str, configuration: str, env: dict, device: str, log: Path) -> dict:
+def run_one(trainer: str, configuration: str, plans: str, env: dict, device: str, log: Path) -> dict:
     """A fresh process per run (its own CUDA context and peak memory); a refusal is its one error line."""
-    command = [sys.executable, __file__, "--one", trainer, configuration, "--device", device]
+    command = [sys.executable, __file__, "--one", trainer, configuration, plans, "--device", device]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     log.write_text(result.stdout + result.stderr)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode == 0 and lines:
         return json.loads(lines[-1])
-    error = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    return {"trainer": trainer, "configuration": configuration, "error": error[-1] if error else "no output"}
+    return {"trainer": trainer, "configuration": configuration, "error": last_line(result.stderr)}
 
 
-def predict(trainer: str, configuration: str, env: dict, device: str, workdir: Path) -> bool:
-    out = workdir / "predictions" / f"{trainer}_{configuration}"
+def predict(trainer: str, configuration: str, plans: str, env: dict, device: str, workdir: Path,
+            fold: int = 0) -> bool:
+    out = workdir / "predictions" / f"{trainer}_{configuration}_fold{fold}"
     result = subprocess.run([command_path("nnUNetv2_predict"), "-i", str(workdir / "heldout"), "-o", str(out), "-d", "4", "-c",
-                             configuration, "-tr", trainer, "-p", f"{PLANS}_{configuration}", "-f", "0", "-device",
-                             device, "-chk", "checkpoint_final.pth"], env=env, capture_output=True, text=True)
+                             configuration, "-tr", trainer, "-p", plans, "-f", str(fold),
+                             "-device", device, "-chk", "checkpoint_final.pth"], env=env, capture_output=True, text=True)
     return result.returncode == 0 and any(out.glob("*.nii.gz"))
 
 
-def two_gpus(trainer: str, configuration: str, env: dict) -> bool:
+def two_gpus(trainer: str, configuration: str, plans: str, env: dict, workdir: Path) -> str:
+    """Fold 1 with ``-num_gpus 2`` (nnU-Net's DDP), then nnUNetv2_predict with that model."""
     result = subprocess.run([command_path("nnUNetv2_train"), "4", configuration, "1", "-tr", trainer, "-p",
-                             f"{PLANS}_{configuration}", "-num_gpus", "2"], env=env, capture_output=True, text=True)
-    return result.returncode == 0
+                             plans, "-num_gpus", "2"], env=env, capture_output=True, text=True)
+    (workdir / f"{trainer}_{configuration}_2gpus.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        return "failed: " + last_line(result.stderr)
+    return "trained, predicted" if predict(trainer, configuration, plans, env, "cuda", workdir, fold=1) else "trained, predict failed"
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
 
 
 def table(results) -> str:
@@ -189,7 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trainers", nargs="+")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    parser.add_argument("--one", nargs=2, metavar=("TRAINER", "CONFIGURATION"), help=argparse.SUPPRESS)
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", choices=list(PLANNERS),
+                        help="nnU-Net's plans to start from (default nnUNetPlans; ResEnc: nnUNetResEncUNetMPlans)")
+    parser.add_argument("--one", nargs=3, metavar=("TRAINER", "CONFIGURATION", "PLANS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(*args.one, args.device)))
@@ -199,21 +227,23 @@ def main(argv=None) -> int:
     trainers = args.trainers or project_trainers()
     trainers = [BASELINE] + [t for t in trainers if t != BASELINE]
     workdir = args.workdir.resolve()
-    env = prepare(workdir, args.msd, args.configurations, args.iterations)
+    env = prepare(workdir, args.msd, args.configurations, args.iterations, args.plans)
     import torch
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     results = []
     for configuration in args.configurations:
+        plans = plans_name(args.plans, configuration)
         for trainer in trainers:
-            result = run_one(trainer, configuration, env, args.device, workdir / f"{trainer}_{configuration}.log")
+            result = run_one(trainer, configuration, plans, env, args.device, workdir / f"{trainer}_{configuration}.log")
             if "error" not in result:
-                result["predicted"] = predict(trainer, configuration, env, args.device, workdir)
+                result["predicted"] = predict(trainer, configuration, plans, env, args.device, workdir)
                 if gpus >= 2:
-                    result["two_gpus"] = two_gpus(trainer, configuration, env)
+                    result["two_gpus"] = two_gpus(trainer, configuration, plans, env, workdir)
             results.append(result)
             print(json.dumps(result), flush=True)
     header = {"device": torch.cuda.get_device_name(0) if gpus else args.device, "gpus": gpus,
               "torch": torch.__version__, "nnUNet_compile": env["nnUNet_compile"], "iterations": args.iterations,
+              "plans": args.plans,
               "date": time.strftime("%Y-%m-%d")}
     args.out.write_text(json.dumps({"machine": header, "results": results}, indent=2) + "\n")
     print(json.dumps(header))

@@ -1,6 +1,7 @@
 """A real nnU-Net dataset for integration tests: the embedded Hippocampus sample converted,
 planned and preprocessed (2d) by nnU-Net's own commands, once per test session."""
 import json
+import math
 import os
 import pickle
 import random
@@ -257,6 +258,30 @@ def every_stage_once(trainer_name: str, plans: str, configuration: str, networks
             terms[stage.name] = {k: v.item() for k, v in stage_terms(trainer, stage.name, batch).items()}
     trainer.on_train_end()
     return terms
+
+
+def train_each_stage_once(trainer) -> None:
+    """One training step of each stage (nnU-Net's one step for a trainer without a schedule): finite terms and
+    weights, and the weights of what the stage trains changed."""
+    from nnunet_contrast.training.schedule import ENCODER, NETWORK
+
+    stages = trainer.schedule.stages if hasattr(trainer, "schedule") else [None]
+    try:
+        for index, stage in enumerate(stages):
+            if stage is not None:
+                trainer.current_epoch = trainer.schedule.starts[index]
+                trainer.start_stage_epoch(index)
+            before = [p.detach().clone() for p in trainer.network.parameters()]
+            output = trainer.train_step(next(trainer.dataloader_train))
+            values = {k: float(v) for k, v in output.items()}
+            name = stage.name if stage else "nnU-Net"
+            assert all(math.isfinite(v) for v in values.values()), (name, values)
+            after = list(trainer.network.parameters())
+            assert all(torch.isfinite(p).all() for p in after)
+            if stage is None or {NETWORK, ENCODER} & set(stage.trains):
+                assert any(not torch.equal(b, a) for b, a in zip(before, after)), name
+    finally:
+        trainer.on_train_end()
 
 
 def self_training_losses(trainer_name, plans, stage, configuration="2d"):

@@ -308,9 +308,10 @@ def test_progress_png_gets_a_contrast_panel(tmp_path):
 
 
 # ----------------------------------------------------------------------------- AMP safety
-def test_losses_stay_float32_under_autocast():
-    """Under mixed precision (bf16 autocast on the CPU stands in for CUDA's fp16) the losses are
-    computed in float32 and equal their float32 values."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_losses_stay_float32_under_autocast(dtype):
+    """Under mixed precision (CUDA's float16; bfloat16 on the CPU) the losses are computed in float32 and equal
+    their float32 values."""
     from nnunet_contrast.losses import NTXentLoss, SupConLocalLoss
 
     torch.manual_seed(0)
@@ -323,10 +324,10 @@ def test_losses_stay_float32_under_autocast():
         for m in ("block", "stride", "exact", "full")]
     for loss in losses:
         reference = loss()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             mixed = loss()
         assert mixed.dtype == torch.float32
-        # the inputs themselves pass through a bf16 matmul/conv; the losses add no further error
+        # the inputs themselves pass through a low-precision matmul/conv; the losses add no further error
         torch.testing.assert_close(mixed, reference, rtol=2e-2, atol=2e-2)
 
 

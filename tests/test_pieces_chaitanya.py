@@ -358,11 +358,12 @@ def class_mean_inputs():
     return embeddings, labels, (torch.tensor(image), torch.tensor(pixel), torch.tensor(label))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["class_mean_intra", "class_mean_inter", "region_local",
                                   "region_local_groups", "ntxent_groups"])
-def test_chaitanya_losses_stay_float32_under_autocast(name):
-    """bfloat16 inputs under bf16 autocast give a float32 loss equal to the loss of the same
-    values in float32 (the losses upcast before computing)."""
+def test_chaitanya_losses_stay_float32_under_autocast(name, dtype):
+    """float16 (CUDA's autocast) and bfloat16 inputs under autocast give a float32 loss equal to the loss of the
+    same values in float32 (the losses upcast before computing)."""
     g = torch.Generator().manual_seed(10)
     embeddings, labels, anchors = class_mean_inputs()
     r0, r1 = torch.randn(3, 5, 9, generator=g), torch.randn(3, 5, 9, generator=g)
@@ -376,9 +377,9 @@ def test_chaitanya_losses_stay_float32_under_autocast(name):
         "ntxent_groups": lambda t: NTXentLoss(0.1)(t(z0), t(z1), torch.tensor([0, 0, 1, 1, 2, 2])),
     }
     loss = calls[name]
-    reference = loss(lambda v: v.to(torch.bfloat16).float())  # the same bf16-representable values
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = loss(lambda v: v.to(torch.bfloat16))
+    reference = loss(lambda v: v.to(dtype).float())  # the same values, representable in ``dtype``
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = loss(lambda v: v.to(dtype))
     assert reference.dtype == mixed.dtype == torch.float32
     assert reference > 0
     torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)

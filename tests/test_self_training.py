@@ -97,6 +97,21 @@ def test_masked_loss_matches_its_equation_with_deep_supervision(batch_dice):
     assert lib[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_loss_computes_in_float32_from_low_precision_logits(dtype):
+    """Logits of an autocast forward (CUDA's float16; bfloat16 on the CPU), with excluded pixels: a float32 loss
+    equal to that of the same values in float32."""
+    full, half = randn(0, 2, 3, 6, 4), randn(1, 2, 3, 3, 2)
+    labels = random_labels(2, (2, 6, 4), 3)
+    labels[0, :2] = EXCLUDED
+    loss = MaskedSegmentationLoss(True, [0.6, 0.4])
+    reference = loss([full.to(dtype).float(), half.to(dtype).float()], labels)
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = loss([full.to(dtype), half.to(dtype)], labels)
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_masked_loss_without_deep_supervision_and_a_zero_weight_level():
     logits, labels = randn(3, 3, 2, 5, 5), random_labels(4, (3, 5, 5), 2)
     lib = grad_of(lambda a: MaskedSegmentationLoss(True)(a, labels), logits)
