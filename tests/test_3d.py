@@ -60,17 +60,19 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d
         assert reference[stage][term] > 0 and changed[stage][term] != reference[stage][term], (stage, term)
 
 
-def test_partitions_of_slices_are_refused_in_3d_in_one_line(preprocessed_3d):
+@pytest.mark.parametrize("setting", ["global_strategy=GD", "local_strategy=LD"])
+def test_partitions_of_slices_are_refused_in_3d_in_one_line(preprocessed_3d, setting):
     """G^D / L^D need a 2D slice's position in its volume; in 3D the refusal names G^R / L^R, before nnU-Net
     writes anything."""
-    trainer, plans = "nnUNetTrainerGlobalLocalContrast", "nnUNetPlans_test3d_gd"
+    trainer, plans = "nnUNetTrainerGlobalLocalContrast", f"nnUNetPlans_test3d_{setting[-2:].lower()}"
     preprocessed_3d.run("nnunet-contrast", "plans", "-d", "4", "-c", "3d_fullres", "-p", PLANS_3D, "-o", plans,
-                        "--set", "nnunet_contrast.globallocal.global_strategy=GD")
+                        "--set", f"nnunet_contrast.globallocal.{setting}", "--force")
     result = preprocessed_3d.run("nnUNetv2_train", "4", "3d_fullres", "0", "-tr", trainer, "-p", plans, "-device", "cpu",
                                  check=False)
     assert result.returncode != 0
-    assert f"{trainer}: global_strategy=GD group 2D slices by their position in the volume" in result.stderr
-    assert "set nnunet_contrast.globallocal.global_strategy=GR and local_strategy=LR in the plans" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"{trainer}: {setting} group 2D slices by their position in the volume" in last
+    assert last.endswith("set nnunet_contrast.globallocal.global_strategy=GR and local_strategy=LR in the plans")
     assert not (preprocessed_3d.results / f"{trainer}__{plans}__3d_fullres").exists()
 
 

@@ -1,6 +1,6 @@
 """nnU-Net's residual-encoder plans (``nnUNetPlannerResEncM``, recommended by nnU-Net since 2024) on the embedded
 sample: every trainer builds its network, taps, heads and second decoder on the ResidualEncoderUNet and takes a
-step of each of its stages, in 2d and in 3d_fullres (SupConLocal's and GlobalLocalContrast's 3D steps in
+training step of each of its stages in 2d, and computes each stage's terms in 3d_fullres (SupConLocal's and GlobalLocalContrast's 3D steps in
 test_3d.py's hidden-label test, SelfTraining's in test_cuda_paths.py).
 The EMA teacher on these networks: test_ema_teacher.py."""
 import json
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESENC, RESENC_PLANS, RESENC_PLANS_3D, every_stage_once, ready_trainer
+from conftest import (RESENC, RESENC_PLANS, RESENC_PLANS_3D, every_stage_once, make_trainer, ready_trainer,
+                      train_each_stage_once)
 from nnunet_contrast.commands.cli import project_trainers
 
 # every piece a trainer adds to nnU-Net: its method's stages and heads (the `...SelfTraining` variants put the
@@ -28,9 +29,11 @@ TRAINERS_3D = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerCopyPaste",
 
 
 @pytest.mark.parametrize("trainer", TRAINERS_2D)
-def test_every_trainer_runs_each_stage_on_resenc_2d(preprocessed_3d, trainer):
-    terms = every_stage_once(trainer, RESENC_PLANS, "2d", RESENC)
-    assert all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
+def test_every_trainer_trains_each_stage_on_resenc_2d(preprocessed_3d, trainer):
+    """A real step of each stage (forward, backward, the stage's optimizer) on the residual encoder."""
+    built = ready_trainer(trainer, RESENC_PLANS, "2d")
+    assert type(built.network).__name__ in RESENC
+    train_each_stage_once(built)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS_3D)
@@ -66,3 +69,15 @@ def test_a_joint_methods_self_training_variant_runs_each_stage_on_resenc_2d(prep
     terms = every_stage_once("nnUNetTrainerIDEALSelfTraining", RESENC_PLANS, "2d", RESENC)
     assert {"segmentation", "cross_pseudo_supervision", "pseudo_label"} <= terms["finetune"].keys()
     assert all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
+
+
+@pytest.mark.parametrize("trainer", project_trainers())
+def test_every_trainer_builds_its_3d_network_and_heads_on_resenc(preprocessed_3d, trainer):
+    """Every trainer and variant, the ones whose steps run above through a sibling's included."""
+    built = make_trainer(trainer, RESENC_PLANS_3D, configuration="3d_fullres")
+    built.initialize()
+    assert type(built.network).__name__ in RESENC and built.network.encoder.conv_op.__name__ == "Conv3d"
+    assert type(built.network.encoder).__name__ == "ResidualEncoder"
+    for head in getattr(built, "heads", {}).values():
+        convolutions = [m for m in head.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+        assert all(isinstance(m, torch.nn.Conv3d) for m in convolutions), head
