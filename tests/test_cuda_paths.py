@@ -8,12 +8,15 @@ the loss tests.)
 The compiler backend is ``aot_eager`` by default: TorchDynamo traces the network and AOTAutograd builds its
 forward and backward graphs, as for inductor, without inductor's C++ code generation (on this project's 2-core
 machine, beside a benchmark: 99 s for the first step of the 2D U-Net, forward and backward, and 169 s more for
-a second batch size). ``NNUNET_CONTRAST_COMPILE_BACKEND=inductor`` runs nnU-Net's own backend here;
+a second batch size). ``NNUNET_CONTRAST_COMPILE_BACKEND=inductor`` runs nnU-Net's own backend here for all of
+them; one self-training step always runs with it;
 ``benchmarks/gpu_check.py`` runs it on CUDA with float16 autocast. Each compiled trainer records the graphs the
 backend compiled, and whether the CPU's autocast was on as it did: a network that silently ran uncompiled (for
 example past TorchDynamo's recompile limit) fails the test."""
 import functools
+import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -45,7 +48,7 @@ TRAINERS_3D = [("nnUNetTrainerIDEAL", PLANS_3D, PLAIN), ("nnUNetTrainerSelfTrain
 
 
 def compiled_trainer(name: str, monkeypatch, plans: str = TEST_PLANS, configuration: str = "2d",
-                     autocast_dtype=torch.bfloat16):
+                     autocast_dtype=torch.bfloat16, backend: str = BACKEND):
     """The trainer initialised through nnU-Net's compile path (as on CUDA), its steps under CPU autocast; its
     ``compiled`` lists, per graph the backend compiled, whether autocast was on."""
     seed_everything(0)
@@ -54,7 +57,7 @@ def compiled_trainer(name: str, monkeypatch, plans: str = TEST_PLANS, configurat
 
     def recording_backend(graph, example_inputs):
         compiled.append(torch.is_autocast_enabled("cpu"))
-        return lookup_backend(BACKEND)(graph, example_inputs)
+        return lookup_backend(backend)(graph, example_inputs)
 
     trainer = make_trainer(name, plans, configuration=configuration)
     monkeypatch.setattr(trainer, "_do_i_compile", lambda: True)
@@ -73,6 +76,25 @@ def test_every_stage_steps_with_a_compiled_network_under_autocast(hippocampus, m
     assert type(trainer.network).__name__ == "OptimizedModule"
     train_each_stage_once(trainer)
     assert compiled_where(trainer) == TRAINERS[trainer_name], trainer.compiled
+
+
+def test_the_self_training_step_compiles_with_nnunets_own_backend(hippocampus, monkeypatch):
+    """inductor, nnU-Net's backend (``torch.compile``'s default), generating C++ for the CPU: the student's and the
+    teacher's forward passes of one self-training step, under autocast (the stage whose own step runs the
+    compiled network; the other tests use aot_eager, which traces the same graphs without generating code)."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"inductor generates C++ on the CPU and finds no compiler here ({compiler} is not on PATH; set CXX)")
+    trainer = compiled_trainer("nnUNetTrainerSelfTraining", monkeypatch, backend="inductor")
+    try:
+        index = trainer.schedule.index_of("selftrain")
+        trainer.current_epoch = trainer.schedule.starts[index]
+        trainer.start_stage_epoch(index)
+        values = {k: float(v) for k, v in trainer.train_step(next(trainer.dataloader_train)).items()}
+    finally:
+        trainer.on_train_end()
+    assert all(math.isfinite(v) for v in values.values()) and values["pseudo_label"] > 0, values
+    assert compiled_where(trainer) is True, trainer.compiled
 
 
 def compiled_where(trainer):
