@@ -26,8 +26,7 @@ from conftest import (PLAIN, PLANS_3D, RESENC, RESENC_PLANS_3D, TEST_PLANS, make
                       seed_everything, train_each_stage_once)
 
 BACKEND = os.environ.get("NNUNET_CONTRAST_COMPILE_BACKEND", "aot_eager")
-# one trainer of each kind of stage, and where its steps run the compiled network: None, nowhere (IDEAL trains
-# encoder and decoders as the plain modules: it compiles for nnU-Net's validation and inference only); False, in
+# one trainer of each kind of stage, and where its steps run the compiled network: None, nowhere; False, in
 # nnU-Net's own step only (without autocast on the CPU), its own steps reading decoder features or running encoder
 # and decoder apart through the plain module (a compiled graph does not run forward hooks registered after its
 # compilation); True, in one of its own steps, under autocast
@@ -37,8 +36,8 @@ TRAINERS = {
     "nnUNetTrainerGlobalLocalContrast": False,  # G^D on partitions, L^R on the first decoder blocks, encoder frozen
     "nnUNetTrainerPseudoLabelContrast": False,  # the snapshot labeller, contrast on decoder features of both batches
     "nnUNetTrainerCrossLevel": True,  # the network on sub-patches of other shapes: a second graph
-    "nnUNetTrainerIDEAL": None,  # dense contrast, then a second decoder on the shared encoder
-    "nnUNetTrainerIDEALSelfTraining": None,  # the EMA teacher of the two-decoder network joins the fine-tuning
+    "nnUNetTrainerIDEAL": True,  # dense contrast (plain), then both decoders on the shared encoder (compiled)
+    "nnUNetTrainerIDEALSelfTraining": True,  # the EMA teacher of the two-decoder network joins the fine-tuning
     "nnUNetTrainerSelfTraining": True,  # the EMA teacher's copy of the network, the student's CutMix batch
     "nnUNetTrainerCopyPaste": True,  # labelled structures pasted into unlabelled images
 }

@@ -337,6 +337,21 @@ def assert_mean_of_softmax(log_probs, first, second):
     torch.testing.assert_close(log_probs.exp().sum(1), torch.ones_like(log_probs[:, 0]), rtol=1e-5, atol=1e-6)
 
 
+def test_dual_forward_returns_each_decoders_logits_while_both_outputs_is_set():
+    """IDEAL's training reads both decoders through ``forward``, the one method a compiled network runs."""
+    model = dual().eval()
+    x = x_input()
+    with torch.no_grad():
+        model.both_outputs = True
+        first, second = model(x)
+        model.both_outputs = False
+        reference_first, reference_second = model.forward_both(x)
+        mean = model(x)
+    for got, expected in zip([*first, *second], [*reference_first, *reference_second]):
+        torch.testing.assert_close(got, expected)
+    assert_mean_of_softmax(mean[0], first[0], second[0])
+
+
 def test_dual_forward_is_mean_probability_per_resolution():
     model = dual().eval()
     x = x_input()

@@ -94,8 +94,15 @@ class nnUNetTrainerIDEAL(MethodTrainer):
 
     # ------------------------------------------------------------ fine-tuning
     def joint_forward(self, images: torch.Tensor, features: bool) -> JointPass:
-        """Both decoders over labelled and unlabelled images: nnU-Net's loss applies to each."""
-        return JointPass(list(unwrap_network(self.network).forward_both(images)), None)
+        """Both decoders over labelled and unlabelled images (nnU-Net's loss applies to each), through the network
+        as nnU-Net holds it: compiled on CUDA."""
+        plain = unwrap_network(self.network)
+        plain.both_outputs = True
+        try:
+            first, second = self.network(images)
+        finally:
+            plain.both_outputs = False
+        return JointPass([first, second], None)
 
     def cross_pseudo_supervision_loss(self, inputs: StepInputs) -> torch.Tensor:
         """Each decoder learns the other's argmax on the unlabelled images (0 without an unlabelled batch)."""

@@ -6,7 +6,9 @@ training, validation, ``nnUNetv2_predict``, ensembling and ``find_best_configura
 they use the plain U-Net. Its ``forward`` returns ONE segmentation: per output resolution, the
 logarithm of the mean of both decoders' softmax. nnU-Net applies a softmax to network outputs, and
 ``softmax(log(p)) = p`` for probabilities ``p``, so the probabilities nnU-Net exports are exactly
-the mean of both decoders' probabilities. ``forward_both`` gives each decoder's own logits.
+the mean of both decoders' probabilities. ``forward_both`` gives each decoder's own logits, and so does
+``forward`` while ``both_outputs`` is set: IDEAL's training calls the network as nnU-Net holds it (compiled
+by ``torch.compile`` on CUDA), which runs ``forward`` only.
 """
 import copy
 import math
@@ -71,6 +73,7 @@ class DualDecoderUNet(nn.Module):
         self.encoder = unet.encoder
         self.decoder = unet.decoder
         self.decoder_bilinear = bilinear_decoder_like(unet.decoder, initialize)
+        self.both_outputs = False
 
     def forward_both(self, x: torch.Tensor) -> Tuple[Output, Output]:
         """(logits of the transposed-conv decoder, logits of the bilinear decoder); lists from the
@@ -79,8 +82,10 @@ class DualDecoderUNet(nn.Module):
         self.decoder_bilinear.deep_supervision = self.decoder.deep_supervision
         return self.decoder(skips), self.decoder_bilinear(skips)
 
-    def forward(self, x: torch.Tensor) -> Output:
+    def forward(self, x: torch.Tensor) -> Union[Output, Tuple[Output, Output]]:
         first, second = self.forward_both(x)
+        if self.both_outputs:
+            return first, second
         if isinstance(first, (list, tuple)):
             return [mean_probability_logits(a, b) for a, b in zip(first, second)]
         return mean_probability_logits(first, second)
