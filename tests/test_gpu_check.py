@@ -2,6 +2,7 @@
 session runs in one command prepares the sample, trains each trainer a few iterations through nnU-Net's
 run_training, times its steps and the waits for its batches, predicts with the model and writes its table."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,10 +34,14 @@ def small_sample(folder: Path) -> Path:
 def test_gpu_check_trains_times_and_predicts_each_trainer_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     trainers = ["nnUNetTrainerLabeledOnly", "nnUNetTrainerSupConLocal"]
+    # as a user's shell: without the other end-to-end tests' single-threaded loading (nnUNet_n_proc_DA=0, which
+    # nnU-Net's planner passes to torch.set_num_threads) and their dataset folders
+    hidden = ("nnUNet_n_proc_DA", "nnUNet_def_n_proc", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    env = {key: value for key, value in os.environ.items() if key not in hidden}
     result = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "work"), "--device", "cpu",
                              "--msd", str(small_sample(tmp_path / "Task04_Hippocampus")), "--iterations", "2",
                              "--configurations", "2d", "--trainers", *trainers, "--out", str(out)],
-                            capture_output=True, text=True)
+                            env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["machine"]["device"] == "cpu" and report["machine"]["plans"] == "nnUNetPlans"
