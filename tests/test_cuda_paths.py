@@ -47,7 +47,7 @@ TRAINERS_3D = [("nnUNetTrainerIDEAL", PLANS_3D, PLAIN), ("nnUNetTrainerSelfTrain
 
 
 def compiled_trainer(name: str, monkeypatch, plans: str = TEST_PLANS, configuration: str = "2d",
-                     autocast_dtype=torch.bfloat16, backend: str = BACKEND):
+                     backend: str = BACKEND):
     """The trainer initialised through nnU-Net's compile path (as on CUDA), its steps under CPU autocast; its
     ``compiled`` lists, per graph the backend compiled, whether autocast was on."""
     seed_everything(0)
@@ -63,7 +63,7 @@ def compiled_trainer(name: str, monkeypatch, plans: str = TEST_PLANS, configurat
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording_backend))
     trainer.initialize()
     monkeypatch.undo()
-    monkeypatch.setattr(trainer, "autocast_context", lambda: torch.autocast("cpu", dtype=autocast_dtype))
+    monkeypatch.setattr(trainer, "autocast_context", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     trainer.compiled = compiled
     return trainer
