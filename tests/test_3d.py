@@ -42,15 +42,21 @@ def test_labels_of_unlabelled_cases_never_reach_a_3d_self_training_loss(preproce
 
 
 @pytest.mark.parametrize("trainer, labelled_terms", [
-    # the 3D loader of labelled and unlabelled batches, as PseudoLabelContrast, IDEAL and CrossLevel read it:
     # SupConLocal's global stage reads unlabelled volumes, its local stage and fine-tuning the labelled ones
     ("nnUNetTrainerSupConLocal", {"local": "local_contrast", "finetune": "segmentation"}),
-    # the 3D loader of every case's images: GlobalLocalContrast's G^R and L^R read no label
+    # G^R and L^R read every case's images and no label
     ("nnUNetTrainerGlobalLocalContrast", {"finetune": "segmentation"}),
+    ("nnUNetTrainerGlobalContrast", {"finetune": "segmentation"}),
+    # the stages that read labelled and unlabelled volumes together: pseudo-labels, cells and the second decoder
+    ("nnUNetTrainerPseudoLabelContrast", {"warmup": "segmentation", "joint": "segmentation"}),
+    ("nnUNetTrainerIDEAL", {"finetune": "segmentation"}),
+    ("nnUNetTrainerCrossLevel", {"contrast": "segmentation", "consistency": "segmentation"}),
+    ("nnUNetTrainerCopyPaste", {"warmup": "segmentation", "selftrain": "segmentation"}),
 ])
 def test_labels_of_unlabelled_cases_never_reach_a_3d_method_loss(preprocessed_3d, tmp_path, trainer, labelled_terms):
     """A step of each stage of each method in 3D, on nnU-Net's ResidualEncoderUNet (the ResEnc M plans): finite
-    terms that never read an unlabelled case's label."""
+    terms that never read an unlabelled case's label. (The ``...SelfTraining`` variants put SelfTraining's stages,
+    checked above, after these.)"""
     split = split_of_fold0(preprocessed_3d)
     reference, hidden, changed = losses_with_hidden_labels_corrupted(
         preprocessed_3d, tmp_path, lambda: every_stage_once(trainer, RESENC_PLANS_3D, "3d_fullres", RESENC),

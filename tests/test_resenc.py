@@ -1,7 +1,7 @@
 """nnU-Net's residual-encoder plans (``nnUNetPlannerResEncM``, recommended by nnU-Net since 2024) on the embedded
 sample: every trainer builds its network, taps, heads and second decoder on the ResidualEncoderUNet and takes a
-training step of each of its stages in 2d, and computes each stage's terms in 3d_fullres (SupConLocal's and GlobalLocalContrast's 3D steps in
-test_3d.py's hidden-label test, SelfTraining's in test_cuda_paths.py).
+training step of each of its stages in 2d; each stage's terms in 3d_fullres on ResEnc: test_3d.py's hidden-label
+tests (SelfTraining's compiled step: test_cuda_paths.py).
 The EMA teacher on these networks: test_ema_teacher.py."""
 import json
 import math
@@ -21,12 +21,6 @@ from nnunet_contrast.commands.cli import project_trainers
 SAME_STEPS = ("nnUNetTrainerCopyPaste", "nnUNetTrainerGlobalContrast")
 TRAINERS_2D = [t for t in project_trainers() if (not t.endswith("SelfTraining") or t == "nnUNetTrainerSelfTraining")
                and t not in SAME_STEPS]
-# SupConLocal's and GlobalLocalContrast's 3D steps on ResEnc: test_3d.py's hidden-label test, which runs them there;
-# SelfTraining's, and nnU-Net's own step (its warm-up, LabeledOnly's only step): test_cuda_paths.py, compiled and under
-# autocast
-TRAINERS_3D = ["nnUNetTrainerCopyPaste",
-               "nnUNetTrainerGlobalContrast", "nnUNetTrainerPseudoLabelContrast", "nnUNetTrainerIDEAL",
-               "nnUNetTrainerCrossLevel"]
 
 
 @pytest.mark.parametrize("trainer", TRAINERS_2D)
@@ -35,12 +29,6 @@ def test_every_trainer_trains_each_stage_on_resenc_2d(preprocessed_3d, trainer):
     built = ready_trainer(trainer, RESENC_PLANS, "2d")
     assert type(built.network).__name__ in RESENC
     train_each_stage_once(built)
-
-
-@pytest.mark.parametrize("trainer", TRAINERS_3D)
-def test_trainers_with_a_3d_form_run_each_stage_on_resenc_3d_fullres(preprocessed_3d, trainer):
-    terms = every_stage_once(trainer, RESENC_PLANS_3D, "3d_fullres", RESENC)
-    assert terms and all(math.isfinite(v) for stage in terms.values() for v in stage.values()), terms
 
 
 @pytest.mark.parametrize("plans, configuration, image_shape", [(RESENC_PLANS, "2d", (3, 60, 45)),
