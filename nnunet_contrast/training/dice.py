@@ -20,7 +20,7 @@ def label_counts(predicted: torch.Tensor, target: torch.Tensor, num_classes: int
 
 
 def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, background: int = 0) -> torch.Tensor:
-    """Per-image Dice of two label maps (B, H, W), averaged over the foreground classes present in
+    """Per-image Dice of two label maps (B, *spatial), averaged over the foreground classes present in
     either; 1 where neither has foreground."""
     tp, fp, fn = label_counts(a, b, num_classes, per_image=True)
     foreground = [c for c in range(num_classes) if c != background]

@@ -77,7 +77,7 @@ class PseudoLabeler(FrozenNetwork):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, H, W) long pseudo-labels."""
+        """(B, C, *spatial) images (2D or 3D) -> (B, *spatial) long pseudo-labels."""
         logits = self.logits(images)
         labels = logits.argmax(1)
         if self.min_flip_agreement > 0:
