@@ -187,14 +187,15 @@ def test_foreground_dice_matches_naive_loop(background):
 
 # ----------------------------------------------------------------------------- pseudo-labeler
 class PositionBiased(nn.Module):
-    """Two-class logits: background 0.5, foreground = the image + 1 on the first ``columns`` columns.
-    A zero image is labelled by position alone, so flipping it moves its foreground; an image of
-    large magnitude is labelled pixel-wise, which flipping does not change."""
+    """Two-class logits: background 0.5, foreground = the image + 1 on the first ``first`` positions along the
+    axis the bonus of shape ``bonus_shape`` varies on (the last one by default: columns; (8, 1, 1): a volume's
+    depth). A zero image is labelled by position alone, so flipping it moves its foreground; an image of large
+    magnitude is labelled pixel-wise, which flipping does not change."""
 
-    def __init__(self, width=8, columns=5):
+    def __init__(self, bonus_shape=(8,), first=5):
         super().__init__()
-        bonus = torch.zeros(width)
-        bonus[:columns] = 1.0
+        bonus = torch.zeros(bonus_shape)
+        bonus[:first] = 1.0
         self.register_buffer("bonus", bonus)
 
     def forward(self, x):
@@ -228,30 +229,16 @@ def test_confidence_filter_excludes_flip_inconsistent_images(threshold, excluded
     assert torch.equal(PseudoLabeler(PositionBiased(), min_flip_agreement=threshold)(x), expected)
 
 
-class DepthBiased(nn.Module):
-    """PositionBiased in 3D: foreground = the volume + 1 on the first ``slices`` of its 8 depth slices, so only a
-    flip along depth moves a zero volume's foreground."""
-
-    def __init__(self, slices=3):
-        super().__init__()
-        bonus = torch.zeros(8, 1, 1)
-        bonus[:slices] = 1.0
-        self.register_buffer("bonus", bonus)
-
-    def forward(self, x):
-        foreground = x[:, 0] + self.bonus
-        return torch.stack([torch.full_like(foreground, 0.5), foreground], 1)
-
-
 def test_confidence_filter_flips_a_volume_along_depth_too():
-    """Volume 0: zero (foreground slices 0-2, flipped back 5-7: Dice 0), excluded; volume 1: a block of +10 in -10
-    (flip-consistent), kept as its argmax."""
+    """Volume 0: zero (foreground slices 0-2 of its depth, flipped back 5-7: Dice 0), excluded; volume 1: a block of
+    +10 in -10 (flip-consistent), kept as its argmax."""
+    depth_biased = PositionBiased((8, 1, 1), first=3)
     x = torch.full((2, 1, 8, 4, 5), -10.0)
     x[0] = 0.0
     x[1, 0, 2:5, 1:3, 1:4] = 10.0
-    expected = (x[:, 0] + DepthBiased().bonus > 0.5).long()
+    expected = (x[:, 0] + depth_biased.bonus > 0.5).long()
     expected[0] = EXCLUDED
-    labels = PseudoLabeler(DepthBiased(), min_flip_agreement=0.1)(x)
+    labels = PseudoLabeler(depth_biased, min_flip_agreement=0.1)(x)
     assert labels.shape == (2, 8, 4, 5) and torch.equal(labels, expected)
     assert foreground_dice(labels[1:], expected[1:], 2).item() == 1.0 and (labels[1] == 1).sum() == 3 * 2 * 3
 
