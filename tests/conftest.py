@@ -308,11 +308,12 @@ def preprocessed_folders(hippocampus, configuration="2d"):
 def losses_with_hidden_labels_corrupted(hippocampus, backup: Path, losses, hidden_cases, control, configuration="2d"):
     """``losses()`` three times: on the sample as it is; with the labels of ``hidden_cases`` (training
     cases) and of the added unlabelled scan overwritten; then after ``control(folder, backup)`` changes
-    something that must matter. Everything is restored afterwards. Returns the three results."""
+    something that must matter. Everything is restored afterwards. Returns the three results. (No separate
+    determinism check: losses that moved from call to call would fail ``hidden == reference``, which every
+    caller asserts beside the control.)"""
     folders = preprocessed_folders(hippocampus, configuration)
     data, added = folders.values()
     reference = losses()
-    assert reference == losses()  # deterministic, so equality with it is meaningful
     try:
         corrupt_labels(data, hidden_cases, backup)
         corrupt_labels(added, ["hippocampus_118"], backup)

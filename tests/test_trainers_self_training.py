@@ -56,9 +56,10 @@ def test_labels_of_unlabelled_cases_never_reach_a_self_training_loss(hippocampus
 
 def test_true_labels_of_labelled_cases_do_reach_the_segmentation_term(hippocampus, tmp_path, every_pixel_plans):
     split = split_of_fold0(hippocampus)
-    reference, _, changed = losses_with_hidden_labels_corrupted(
+    reference, hidden, changed = losses_with_hidden_labels_corrupted(
         hippocampus, tmp_path, lambda: self_training_losses("nnUNetTrainerCopyPaste", every_pixel_plans, "selftrain"),
         split["unlabeled"], lambda folder, saved: corrupt_labels(folder, split["labeled"], saved))
+    assert hidden == reference  # deterministic, so the changes below come from the labelled cases' labels
     # both terms change: the segmentation term reads the true labels (in copy-paste also of the labelled boxes
     # pasted into unlabelled images); the pseudo-label term through the changed labelled crops those images hold
     assert changed[SEGMENTATION] != reference[SEGMENTATION] and changed[PSEUDO_LABEL] != reference[PSEUDO_LABEL]
