@@ -240,7 +240,7 @@ def test_confidence_filter_flips_a_volume_along_depth_too():
     expected[0] = EXCLUDED
     labels = PseudoLabeler(depth_biased, min_flip_agreement=0.1)(x)
     assert labels.shape == (2, 8, 4, 5) and torch.equal(labels, expected)
-    assert foreground_dice(labels[1:], expected[1:], 2).item() == 1.0 and (labels[1] == 1).sum() == 3 * 2 * 3
+    assert (labels[1] == 1).sum() == 3 * 2 * 3  # volume 1 has foreground, so keeping it is not vacuous
 
 
 def test_confidence_filter_keeps_flip_equivariant_predictions():
